@@ -1,0 +1,283 @@
+"""The Backend interface every client uses, and the choice of transport.
+
+`CONVEYOR_API` selects the transport:
+
+- unset → the embedded SQLite store `sqlite:///$CONVEYOR_HOME/conveyor.db`
+  (`CONVEYOR_HOME` defaults to `~/.conveyor`);
+- `sqlite:///path` or `postgresql://...` → `SqlBackend`, straight to the database;
+- `http://host:port` → `HttpBackend`, to a `controller serve` process
+  (token from `CONVEYOR_API_TOKEN`).
+
+Both implementations pass the same contract tests: same results, same errors.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from controller.models import (
+    DEFAULT_LEASE_S,
+    HeartbeatReply,
+    LogLine,
+    QueueInfo,
+    Scalar,
+    TaskRecord,
+    TaskSpec,
+    TaskStatus,
+    WorkerInfo,
+)
+
+#: Longest a single claim call may wait for work, in seconds.
+MAX_CLAIM_WAIT_S = 60.0
+
+_UNSET: Any = object()
+
+
+class Backend(abc.ABC):
+    """Everything a client can ask of the control plane."""
+
+    url: str = ""
+
+    # ----------------------------------------------------------------- tasks
+    @abc.abstractmethod
+    def create_task(self, spec: TaskSpec | Mapping[str, Any]) -> TaskRecord:
+        """Create a task in status created and return it."""
+
+    @abc.abstractmethod
+    def get_task(self, task_id: str) -> TaskRecord:
+        """Return one task; NotFoundError if there is none with that id."""
+
+    @abc.abstractmethod
+    def query_tasks(
+        self,
+        *,
+        project: str | None = None,
+        name: str | None = None,
+        status: Sequence[TaskStatus | str] | TaskStatus | str | None = None,
+        tags: Sequence[str] | None = None,
+        parent: str | None = None,
+        type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """Tasks matching every given filter (all `tags` present), newest first."""
+
+    @abc.abstractmethod
+    def edit_task(
+        self, task_id: str, changes: Mapping[str, Any], *, force: bool = False
+    ) -> TaskRecord:
+        """Change definition fields of a task in status created.
+
+        Nested records (script, container, execution, runtime) are merged key by key;
+        hyperparams are merged by section; other fields are replaced. `force=True`
+        allows the edit in any status: the running task itself uses it to record its
+        script, parameters and outputs. ConflictError otherwise.
+        """
+
+    @abc.abstractmethod
+    def clone_task(
+        self,
+        task_id: str,
+        *,
+        name: str | None = None,
+        project: str | None = None,
+        parent: str | None = _UNSET,
+    ) -> TaskRecord:
+        """A copy of the task's definition with a new id, in status created.
+
+        The parent is kept unless given (None clears it). Outputs, logs and runtime are
+        not copied.
+        """
+
+    @abc.abstractmethod
+    def delete_task(self, task_id: str, *, force: bool = False) -> None:
+        """Delete a task with its log and scalars. An active task needs `force`."""
+
+    @abc.abstractmethod
+    def set_status(
+        self,
+        task_id: str,
+        status: TaskStatus | str,
+        *,
+        reason: str = "",
+        message: str = "",
+        worker_id: str | None = None,
+    ) -> TaskRecord:
+        """Move a task to `status` if the status rules allow it.
+
+        IllegalTransitionError (HTTP 409) names the current and requested status. With
+        `worker_id`, the change is refused unless that worker holds the task, so a worker
+        whose lease expired cannot overwrite what happened since.
+        """
+
+    # ----------------------------------------------------------- logs/metrics
+    @abc.abstractmethod
+    def append_log(self, task_id: str, lines: Sequence[LogLine | Mapping[str, Any] | str]) -> int:
+        """Append lines to a task's log; returns the log's new length in lines."""
+
+    @abc.abstractmethod
+    def get_log(
+        self, task_id: str, *, offset: int = 0, limit: int | None = None, tail: int | None = None
+    ) -> list[LogLine]:
+        """Lines from line number `offset` on (at most `limit`), or the last `tail` lines."""
+
+    @abc.abstractmethod
+    def report_scalars(self, task_id: str, scalars: Sequence[Scalar | Mapping[str, Any]]) -> None:
+        """Record scalar values (title, series, iteration, value)."""
+
+    @abc.abstractmethod
+    def get_scalars(
+        self, task_id: str, *, title: str | None = None, series: str | None = None
+    ) -> list[Scalar]:
+        """Scalars of a task, ordered by title, series, iteration."""
+
+    # ---------------------------------------------------------------- queues
+    @abc.abstractmethod
+    def create_queue(self, name: str) -> QueueInfo:
+        """Create a queue (ConflictError if it exists)."""
+
+    @abc.abstractmethod
+    def list_queues(self) -> list[QueueInfo]:
+        """Every queue with its length, by name."""
+
+    @abc.abstractmethod
+    def get_queue(self, name: str) -> QueueInfo:
+        """One queue; NotFoundError if unknown."""
+
+    @abc.abstractmethod
+    def delete_queue(self, name: str, *, force: bool = False) -> None:
+        """Delete a queue; a non-empty queue needs `force` (its tasks go back to created)."""
+
+    @abc.abstractmethod
+    def enqueue(
+        self, task_id: str, queue: str | None = None, *, priority: int | None = None
+    ) -> TaskRecord:
+        """Put a created (or finished: a re-run) task on a queue.
+
+        The queue defaults to the task's `execution.queue`, else "default"; a higher
+        priority is served first, equal priorities first come first served.
+        """
+
+    @abc.abstractmethod
+    def dequeue(self, task_id: str) -> TaskRecord:
+        """Take a queued task off its queue, back to created."""
+
+    @abc.abstractmethod
+    def queue_tasks(self, name: str) -> list[TaskRecord]:
+        """The tasks waiting in a queue, in the order they will be claimed."""
+
+    def queue_length(self, name: str) -> int:
+        """How many tasks wait in a queue."""
+        return self.get_queue(name).length
+
+    @abc.abstractmethod
+    def claim(
+        self,
+        queues: Sequence[str],
+        worker_id: str,
+        *,
+        wait_s: float = 0.0,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> TaskRecord | None:
+        """Atomically take the next task and mark it in_progress, owned by `worker_id`.
+
+        Queues are tried in the given order; within a queue, highest priority first,
+        then oldest. Waits up to `wait_s` seconds for work and returns as soon as a task
+        is enqueued on one of the queues; None if nothing came. Expired leases are swept
+        first. The claim holds a lease of `lease_s` seconds that heartbeats extend.
+        """
+
+    # --------------------------------------------------------------- workers
+    @abc.abstractmethod
+    def register_worker(
+        self, worker_id: str, *, hostname: str = "", queues: Sequence[str] = (), slots: int = 1
+    ) -> WorkerInfo:
+        """Register (or re-register) a worker."""
+
+    @abc.abstractmethod
+    def heartbeat(
+        self,
+        worker_id: str,
+        *,
+        resources: Mapping[str, Any] | None = None,
+        current_tasks: Sequence[str] | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> HeartbeatReply:
+        """Mark a worker alive, extend the leases of its tasks, return tasks to abort."""
+
+    @abc.abstractmethod
+    def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker (its tasks keep their leases until they expire)."""
+
+    @abc.abstractmethod
+    def list_workers(self) -> list[WorkerInfo]:
+        """Registered workers with last-seen time and current tasks."""
+
+    # ------------------------------------------------------------- lifecycle
+    @abc.abstractmethod
+    def abort_task(self, task_id: str, *, message: str = "") -> TaskRecord:
+        """Abort a task.
+
+        queued/created → stopped at once; in_progress → stopping (the worker sees it in its
+        next heartbeat answer and reports stopped once the process is gone).
+        """
+
+    @abc.abstractmethod
+    def reset_task(self, task_id: str) -> TaskRecord:
+        """Bring a task that is not active back to created, clearing its log, scalars,
+        artifacts and runtime (for a fresh re-run)."""
+
+    @abc.abstractmethod
+    def expire_leases(self) -> list[str]:
+        """Fail every active task whose lease expired; returns their ids."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def conveyor_home() -> Path:
+    """The folder of the embedded store, caches and logs (`CONVEYOR_HOME`)."""
+    return Path(os.environ.get("CONVEYOR_HOME") or Path.home() / ".conveyor").expanduser()
+
+
+def default_api_url() -> str:
+    """`CONVEYOR_API`, else the embedded SQLite file under CONVEYOR_HOME."""
+    url = os.environ.get("CONVEYOR_API", "").strip()
+    if url:
+        return url
+    return f"sqlite:///{conveyor_home() / 'conveyor.db'}"
+
+
+def backend_from_url(url: str | None = None, *, token: str | None = None) -> Backend:
+    """Open the Backend a URL names (default: `default_api_url()`)."""
+    url = url or default_api_url()
+    if url.startswith(("http://", "https://")):
+        from controller.client import HttpBackend
+
+        return HttpBackend(url, token=token if token is not None else os.environ.get("CONVEYOR_API_TOKEN"))
+    if url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
+        from controller.store import SqlBackend
+
+        return SqlBackend(url)
+    from controller.errors import InvalidInputError
+
+    raise InvalidInputError(
+        f"unsupported CONVEYOR_API {url!r}: use sqlite:///path, postgresql://... or http://host:port",
+        field="CONVEYOR_API",
+    )
+
+
+_backends: dict[tuple[str, str | None], Backend] = {}
+
+
+def get_backend() -> Backend:
+    """The process-wide Backend for the current `CONVEYOR_API` (opened once, reused)."""
+    key = (default_api_url(), os.environ.get("CONVEYOR_API_TOKEN"))
+    backend = _backends.get(key)
+    if backend is None:
+        backend = _backends[key] = backend_from_url(key[0], token=key[1])
+    return backend

@@ -1,0 +1,575 @@
+"""SqlBackend: the Backend straight on SQLite or PostgreSQL (SQLAlchemy Core).
+
+One code path serves both databases. Every change runs in one transaction that first
+reads the task row (locked with FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE already
+serializes writers), asks the status rules in `controller.models`, then writes. A refused
+request raises before anything is written, so bad input never changes the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from controller.backend import _UNSET, Backend
+from controller.errors import (
+    ConflictError,
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+)
+from controller.models import (
+    DEFAULT_LEASE_S,
+    EDITABLE_FIELDS,
+    LEGAL_TRANSITIONS,
+    MAX_LOG_LINES_PER_CALL,
+    LogLine,
+    Scalar,
+    StatusChange,
+    StatusReason,
+    TaskRecord,
+    TaskSpec,
+    TaskStatus,
+)
+from controller.store import schema
+from controller.store.engine import (
+    EnqueueListener,
+    Prepared,
+    create_engines,
+    init_schema,
+    normalize_url,
+    prepared,
+)
+from controller.store.queueing import QueueingMixin
+from controller.store.records import (
+    body_of,
+    dumps,
+    row_to_record,
+    validate,
+)
+
+T = schema.tasks
+MAX_QUERY_LIMIT = 10_000
+_ACTIVE = (TaskStatus.in_progress.value, TaskStatus.stopping.value)
+#: status → the statuses it may be reached from (inverse of LEGAL_TRANSITIONS).
+PREDECESSORS: dict[TaskStatus, tuple[str, ...]] = {
+    target: tuple(s.value for s, targets in LEGAL_TRANSITIONS.items() if target in targets)
+    for target in TaskStatus
+}
+# Definition parts merged key by key on edit (the rest is replaced whole).
+_MERGED_FIELDS = ("script", "container", "execution", "runtime", "configuration", "artifacts")
+
+
+class SqlBackend(QueueingMixin, Backend):
+    """The task store on a database URL (`sqlite:///file.db` or `postgresql://...`)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine, self._read_engine = create_engines(url)
+        self.dialect = self._engine.dialect.name
+        init_schema(self._engine)
+        self._listener = EnqueueListener(normalize_url(url))
+        self._work_arrived = threading.Condition()
+        self._listener.add(self._wake_waiters)
+        self._last_sweep = 0.0
+        self._known_queues: dict[str, float] = {}
+
+    # ------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self._engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self._read_engine.connect() as conn:
+            yield conn
+
+    def _row(self, conn: sa.Connection, task_id: str, *, for_update: bool = False) -> sa.Row:
+        select = _SELECT_TASK_FOR_UPDATE if for_update and self.dialect == "postgresql" else _SELECT_TASK
+        row = select.run(conn, {"id": task_id}).first()
+        if row is None:
+            raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+        return row
+
+    def _fetch(self, conn: sa.Connection, task_id: str) -> TaskRecord:
+        return row_to_record(self._row(conn, task_id))
+
+    def _change_status(
+        self,
+        conn: sa.Connection,
+        task_id: str,
+        status: TaskStatus,
+        reason: str,
+        message: str,
+        *,
+        body: dict[str, Any] | None = None,
+        worker_id: str | None = None,
+        lease_s: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+        drop_queue_entry: bool = True,
+    ) -> sa.Row:
+        """Apply one legal status change (the one place that does) and return the new row.
+
+        The rule is checked in the UPDATE itself (`status IN (legal predecessors)`), so
+        the change is atomic on both databases; when it matches nothing the current row
+        is read to raise the precise error.
+        """
+        now = time.time()
+        values: dict[str, Any] = dict(
+            status=status.value, status_reason=reason, status_message=message, updated_at=now
+        )
+        if status == TaskStatus.in_progress:
+            values.update(started_at=now, finished_at=None)
+            if worker_id:
+                values.update(worker=worker_id, lease_expires_at=now + (lease_s or DEFAULT_LEASE_S))
+        elif status.is_terminal:
+            values.update(finished_at=now, lease_expires_at=None)
+        elif status == TaskStatus.queued:
+            values.update(queued_at=now, started_at=None, finished_at=None, lease_expires_at=None, worker=None)
+        elif status == TaskStatus.created:
+            values.update(lease_expires_at=None)
+        if extra:
+            values.update(extra)
+        if body is not None:
+            values["body"] = dumps(body)
+        params = {f"v_{k}": v for k, v in values.items()}
+        params.update(_id=task_id, _worker=worker_id)
+        update = prepared(
+            ("status", status, tuple(values), bool(worker_id)),
+            lambda: _status_update(status, tuple(values), bool(worker_id)),
+        )
+        row = update.run(conn, params).first()
+        if row is None:
+            current = conn.execute(sa.select(T.c.status, T.c.worker).where(T.c.id == task_id)).first()
+            if current is None:
+                raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+            if worker_id and current.status in _ACTIVE and current.worker != worker_id:
+                raise ConflictError(
+                    f"task {task_id} is held by worker {current.worker!r}, not {worker_id!r}",
+                    field="worker_id",
+                )
+            raise IllegalTransitionError(current.status, status.value, task_id)
+        _INSERT_HISTORY.run(
+            conn, dict(task_id=task_id, status=status.value, reason=reason, message=message, time=now)
+        )
+        if drop_queue_entry and TaskStatus.queued.value in PREDECESSORS[status]:
+            _DROP_QUEUE_ENTRY.run(conn, {"task_id": task_id})
+        return row
+
+    def close(self) -> None:
+        """Release connections and stop the LISTEN thread."""
+        self._listener.close()
+        self._engine.dispose()
+        self._read_engine.dispose()
+
+    # --------------------------------------------------------------- tasks
+    def create_task(self, spec: TaskSpec | Mapping[str, Any]) -> TaskRecord:
+        """Create a task in status created and return it."""
+        spec = validate(TaskSpec, spec)
+        task_id = uuid.uuid4().hex
+        now = time.time()
+        data = spec.model_dump(mode="json")
+        body = body_of(data)
+        body["runtime"] = {}
+        with self._write() as conn:
+            if spec.parent:
+                self._row(conn, spec.parent)  # the parent must exist
+            conn.execute(
+                T.insert().values(
+                    id=task_id,
+                    name=spec.name,
+                    project=spec.project,
+                    type=spec.type.value,
+                    parent=spec.parent,
+                    status=TaskStatus.created.value,
+                    status_reason=StatusReason.created,
+                    status_message="",
+                    attempt=0,
+                    log_lines=0,
+                    created_at=now,
+                    updated_at=now,
+                    body=dumps(body),
+                )
+            )
+            self._write_tags(conn, task_id, spec.tags)
+            conn.execute(
+                schema.status_changes.insert().values(
+                    task_id=task_id, status="created", reason=StatusReason.created, message="", time=now
+                )
+            )
+            return self._fetch(conn, task_id)
+
+    def _write_tags(self, conn: sa.Connection, task_id: str, tags: Sequence[str]) -> None:
+        conn.execute(schema.task_tags.delete().where(schema.task_tags.c.task_id == task_id))
+        if tags:
+            conn.execute(schema.task_tags.insert(), [{"task_id": task_id, "tag": t} for t in tags])
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        """Return one task with its status history; NotFoundError if there is none."""
+        with self._read() as conn:
+            record = self._fetch(conn, task_id)
+            H = schema.status_changes
+            history = conn.execute(
+                sa.select(H.c.status, H.c.reason, H.c.message, H.c.time)
+                .where(H.c.task_id == task_id)
+                .order_by(H.c.id)
+            )
+            record.status_history = [
+                StatusChange(status=h.status, reason=h.reason, message=h.message, time=h.time)
+                for h in history
+            ]
+            return record
+
+    def query_tasks(
+        self,
+        *,
+        project: str | None = None,
+        name: str | None = None,
+        status: Sequence[TaskStatus | str] | TaskStatus | str | None = None,
+        tags: Sequence[str] | None = None,
+        parent: str | None = None,
+        type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """Tasks matching every given filter (all `tags` present), newest first."""
+        if not 0 < limit <= MAX_QUERY_LIMIT:
+            raise InvalidInputError(f"limit must be 1..{MAX_QUERY_LIMIT}, got {limit}", field="limit")
+        if offset < 0:
+            raise InvalidInputError(f"offset must be >= 0, got {offset}", field="offset")
+        query = sa.select(T)
+        if project is not None:
+            query = query.where(T.c.project == project)
+        if name is not None:
+            query = query.where(T.c.name == name)
+        if status:
+            statuses = [status] if isinstance(status, str | TaskStatus) else list(status)
+            try:
+                values = [TaskStatus(s).value for s in statuses]
+            except ValueError as exc:
+                raise InvalidInputError(f"unknown status: {exc}", field="status") from None
+            query = query.where(T.c.status.in_(values))
+        for tag in tags or ():
+            query = query.where(
+                T.c.id.in_(sa.select(schema.task_tags.c.task_id).where(schema.task_tags.c.tag == tag))
+            )
+        if parent is not None:
+            query = query.where(T.c.parent == parent)
+        if type is not None:
+            query = query.where(T.c.type == type)
+        query = query.order_by(T.c.created_at.desc(), T.c.id).limit(limit).offset(offset)
+        with self._read() as conn:
+            return [row_to_record(row) for row in conn.execute(query)]
+
+    def edit_task(
+        self, task_id: str, changes: Mapping[str, Any], *, force: bool = False
+    ) -> TaskRecord:
+        """Change definition fields of a created task (any status with `force`)."""
+        if not isinstance(changes, Mapping):
+            raise InvalidInputError("changes must be an object of field: value", field="changes")
+        unknown = sorted(set(changes) - EDITABLE_FIELDS)
+        if unknown:
+            raise InvalidInputError(
+                f"cannot edit field(s) {', '.join(unknown)}: editable fields are "
+                f"{', '.join(sorted(EDITABLE_FIELDS))}",
+                field=unknown[0],
+            )
+        with self._write() as conn:
+            row = self._row(conn, task_id, for_update=True)
+            if row.status != TaskStatus.created.value and not force:
+                raise ConflictError(
+                    f"task {task_id} is {row.status}: only a task in status created can be "
+                    "edited (reset it first)",
+                    field="status",
+                )
+            current = row_to_record(row).model_dump(mode="json")
+            merged = _merge_changes(current, changes)
+            spec = validate(TaskSpec, {k: merged[k] for k in TaskSpec.model_fields})
+            record = validate(TaskRecord, {**merged, **spec.model_dump(mode="json")})
+            if spec.parent and spec.parent != row.parent:
+                self._row(conn, spec.parent)
+            data = record.model_dump(mode="json")
+            conn.execute(
+                T.update()
+                .where(T.c.id == task_id)
+                .values(
+                    name=spec.name,
+                    project=spec.project,
+                    type=spec.type.value,
+                    parent=spec.parent,
+                    updated_at=time.time(),
+                    body=dumps(body_of(data)),
+                )
+            )
+            if "tags" in changes:
+                self._write_tags(conn, task_id, spec.tags)
+            return self._fetch(conn, task_id)
+
+    def clone_task(
+        self,
+        task_id: str,
+        *,
+        name: str | None = None,
+        project: str | None = None,
+        parent: str | None = _UNSET,
+    ) -> TaskRecord:
+        """A copy of the task's definition with a new id, in status created."""
+        source = self.get_task(task_id)
+        data = source.model_dump(mode="json", include=set(TaskSpec.model_fields))
+        if name is not None:
+            data["name"] = name
+        if project is not None:
+            data["project"] = project
+        if parent is not _UNSET:
+            data["parent"] = parent
+        return self.create_task(data)
+
+    def delete_task(self, task_id: str, *, force: bool = False) -> None:
+        """Delete a task with its log, scalars and queue entry."""
+        with self._write() as conn:
+            row = self._row(conn, task_id, for_update=True)
+            if TaskStatus(row.status).is_active and not force:
+                raise ConflictError(
+                    f"task {task_id} is {row.status}: abort it first, or delete with force",
+                    field="status",
+                )
+            for table in (schema.queue_entries, schema.task_tags, schema.log_lines, schema.scalars):
+                conn.execute(table.delete().where(table.c.task_id == task_id))
+            conn.execute(T.delete().where(T.c.id == task_id))
+
+    def set_status(
+        self,
+        task_id: str,
+        status: TaskStatus | str,
+        *,
+        reason: str = "",
+        message: str = "",
+        worker_id: str | None = None,
+    ) -> TaskRecord:
+        """Move a task to `status` if the status rules allow it."""
+        try:
+            status = TaskStatus(status)
+        except ValueError:
+            raise InvalidInputError(
+                f"unknown status {status!r}: one of {', '.join(s.value for s in TaskStatus)}",
+                field="status",
+            ) from None
+        if status == TaskStatus.queued:
+            return self.enqueue(task_id)
+        with self._write() as conn:
+            if status == TaskStatus.created:
+                row = self._row(conn, task_id, for_update=True)
+                if TaskStatus(row.status).is_terminal:
+                    return row_to_record(self._reset(conn, row))
+            row = self._change_status(
+                conn, task_id, status, reason or status.value, message, worker_id=worker_id
+            )
+            return row_to_record(row)
+
+    def abort_task(self, task_id: str, *, message: str = "") -> TaskRecord:
+        """Abort: created/queued → stopped; in_progress → stopping; stopping stays."""
+        with self._write() as conn:
+            current = TaskStatus(self._row(conn, task_id, for_update=True).status)
+            if current == TaskStatus.stopping:
+                return self._fetch(conn, task_id)
+            if current == TaskStatus.in_progress:
+                row = self._change_status(
+                    conn, task_id, TaskStatus.stopping, StatusReason.abort_requested,
+                    message or "abort requested",
+                )
+            else:
+                row = self._change_status(
+                    conn, task_id, TaskStatus.stopped, StatusReason.aborted, message or "aborted"
+                )
+            return row_to_record(row)
+
+    def reset_task(self, task_id: str) -> TaskRecord:
+        """Back to created, clearing log, scalars, artifacts, output models and runtime."""
+        with self._write() as conn:
+            row = self._row(conn, task_id, for_update=True)
+            if TaskStatus(row.status).is_active:
+                raise IllegalTransitionError(row.status, TaskStatus.created.value, task_id)
+            if row.status == TaskStatus.created.value:
+                raise IllegalTransitionError(row.status, TaskStatus.created.value, task_id)
+            return row_to_record(self._reset(conn, row))
+
+    def _reset(self, conn: sa.Connection, row: sa.Row) -> sa.Row:
+        body = json.loads(row.body)
+        body["runtime"] = {}
+        body["artifacts"] = {}
+        body.setdefault("models", {})["output"] = []
+        for table in (schema.log_lines, schema.scalars):
+            conn.execute(table.delete().where(table.c.task_id == row.id))
+        return self._change_status(
+            conn, row.id, TaskStatus.created, StatusReason.reset, "reset", body=body,
+            extra=dict(log_lines=0, worker=None, started_at=None, finished_at=None,
+                       queued_at=None, attempt=0),
+        )
+
+    # ------------------------------------------------------- logs, scalars
+    def append_log(self, task_id: str, lines: Sequence[LogLine | Mapping[str, Any] | str]) -> int:
+        """Append lines to a task's log; returns the log's new length in lines."""
+        if isinstance(lines, str | bytes) or not isinstance(lines, Sequence):
+            raise InvalidInputError("lines must be a list", field="lines")
+        if len(lines) > MAX_LOG_LINES_PER_CALL:
+            raise InvalidInputError(
+                f"at most {MAX_LOG_LINES_PER_CALL} log lines per call, got {len(lines)}",
+                field="lines",
+            )
+        now = time.time()
+        parsed = [
+            validate(LogLine, {"line": item} if isinstance(item, str) else item, what=f"lines.{i}")
+            for i, item in enumerate(lines)
+        ]
+        with self._write() as conn:
+            total = conn.execute(
+                T.update()
+                .where(T.c.id == task_id)
+                .values(log_lines=T.c.log_lines + len(parsed))
+                .returning(T.c.log_lines)
+            ).scalar()
+            if total is None:
+                raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+            if parsed:
+                first = total - len(parsed)
+                conn.execute(
+                    schema.log_lines.insert(),
+                    [
+                        dict(
+                            task_id=task_id,
+                            n=first + i,
+                            timestamp=item.timestamp or now,
+                            stream=item.stream[:16],
+                            line=item.line,
+                        )
+                        for i, item in enumerate(parsed)
+                    ],
+                )
+            return int(total)
+
+    def get_log(
+        self, task_id: str, *, offset: int = 0, limit: int | None = None, tail: int | None = None
+    ) -> list[LogLine]:
+        """Lines from line number `offset` on (at most `limit`), or the last `tail` lines."""
+        L = schema.log_lines
+        if offset < 0 or (limit is not None and limit < 0) or (tail is not None and tail < 0):
+            raise InvalidInputError("offset, limit and tail must be >= 0", field="offset")
+        with self._read() as conn:
+            total = conn.execute(sa.select(T.c.log_lines).where(T.c.id == task_id)).scalar()
+            if total is None:
+                raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+            if tail is not None:
+                offset = max(offset, total - tail)
+            query = sa.select(L).where(L.c.task_id == task_id, L.c.n >= offset).order_by(L.c.n)
+            if limit is not None:
+                query = query.limit(limit)
+            return [
+                LogLine(line=r.line, stream=r.stream, timestamp=r.timestamp, n=r.n)
+                for r in conn.execute(query)
+            ]
+
+    def report_scalars(self, task_id: str, scalars: Sequence[Scalar | Mapping[str, Any]]) -> None:
+        """Record scalar values (title, series, iteration, value)."""
+        if not isinstance(scalars, Sequence):
+            raise InvalidInputError("scalars must be a list", field="scalars")
+        now = time.time()
+        parsed = [validate(Scalar, s, what=f"scalars.{i}") for i, s in enumerate(scalars)]
+        with self._write() as conn:
+            self._row(conn, task_id)
+            if parsed:
+                conn.execute(
+                    schema.scalars.insert(),
+                    [dict(task_id=task_id, **s.model_dump(exclude={"timestamp"}),
+                          timestamp=s.timestamp or now) for s in parsed],
+                )
+
+    def get_scalars(
+        self, task_id: str, *, title: str | None = None, series: str | None = None
+    ) -> list[Scalar]:
+        """Scalars of a task, ordered by title, series, iteration."""
+        S = schema.scalars
+        query = sa.select(S).where(S.c.task_id == task_id)
+        if title is not None:
+            query = query.where(S.c.title == title)
+        if series is not None:
+            query = query.where(S.c.series == series)
+        query = query.order_by(S.c.title, S.c.series, S.c.iteration, S.c.id)
+        with self._read() as conn:
+            self._row(conn, task_id)
+            return [
+                Scalar(title=r.title, series=r.series, iteration=r.iteration, value=r.value,
+                       timestamp=r.timestamp)
+                for r in conn.execute(query)
+            ]
+
+
+def _literal(value: str) -> sa.ColumnElement:
+    # Only for our own status constants: rendered into the SQL so it stays prepared.
+    assert value.isidentifier()
+    return sa.literal_column(f"'{value}'")
+
+
+def _status_update(status: TaskStatus, keys: tuple[str, ...], check_worker: bool) -> sa.Executable:
+    """UPDATE tasks SET <keys> WHERE id = :_id AND status IN (legal predecessors)."""
+    values: dict[str, Any] = {key: sa.bindparam(f"v_{key}") for key in keys}
+    if status == TaskStatus.in_progress and "attempt" not in keys:
+        values["attempt"] = T.c.attempt + sa.literal_column("1")
+    condition = sa.and_(
+        T.c.id == sa.bindparam("_id"), T.c.status.in_([_literal(s) for s in PREDECESSORS[status]])
+    )
+    if check_worker:  # a worker may only change a task it holds (or a task nobody holds)
+        condition = sa.and_(
+            condition,
+            sa.or_(T.c.worker == sa.bindparam("_worker"), T.c.status.notin_([_literal(s) for s in _ACTIVE])),
+        )
+    return T.update().where(condition).values(values).returning(*T.c)
+
+
+_SELECT_TASK = Prepared(sa.select(T).where(T.c.id == sa.bindparam("id")))
+_SELECT_TASK_FOR_UPDATE = Prepared(sa.select(T).where(T.c.id == sa.bindparam("id")).with_for_update())
+_INSERT_HISTORY = Prepared(
+    schema.status_changes.insert().values(
+        {c: sa.bindparam(c) for c in ("task_id", "status", "reason", "message", "time")}
+    )
+)
+_DROP_QUEUE_ENTRY = Prepared(
+    schema.queue_entries.delete().where(schema.queue_entries.c.task_id == sa.bindparam("task_id"))
+)
+
+
+def _merge_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply edit changes to a json-mode record: nested parts merged, others replaced.
+
+    A key set to None inside a merged part (e.g. an artifact) removes it.
+    """
+    merged = dict(current)
+    for key, value in changes.items():
+        if key in _MERGED_FIELDS and isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            part = dict(merged[key])
+            for k, v in value.items():
+                if v is None and key in ("artifacts", "configuration"):
+                    part.pop(k, None)
+                else:
+                    part[k] = v
+            merged[key] = part
+        elif key == "hyperparams" and isinstance(value, Mapping):
+            sections = {s: dict(p) for s, p in merged.get("hyperparams", {}).items()}
+            for section, params in value.items():
+                if params is None:
+                    sections.pop(section, None)
+                elif isinstance(params, Mapping):
+                    sections.setdefault(section, {}).update(params)
+                else:
+                    sections[section] = params  # let validation name the bad section
+            merged["hyperparams"] = sections
+        else:
+            merged[key] = value
+    return merged
