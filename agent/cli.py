@@ -1,0 +1,245 @@
+"""`agent daemon | execute | list | stop`: the worker-side command line.
+
+Thin commands: parse, call one function of `agent.daemon`, print. Errors are one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+import psutil
+
+from agent.daemon import (
+    DEFAULT_SHUTDOWN_GRACE_S,
+    AgentDaemon,
+    agents_dir,
+    default_worker_id,
+    local_agents,
+)
+from agent.executor import DEFAULT_STOP_GRACE_S, ExecutionSettings
+from controller import __version__
+from controller.backend import backend_from_url, conveyor_home, default_api_url
+from controller.errors import ConveyorError
+from controller.models import DEFAULT_LEASE_S, TaskStatus
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _setup_logging(log_file: Path | None, verbose: bool) -> None:
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _settings(api: str, token: str | None, worker_id: str, grace: float) -> ExecutionSettings:
+    return ExecutionSettings(
+        worker_id=worker_id, api_url=api, api_token=token, home=conveyor_home(), stop_grace_s=grace
+    )
+
+
+def _daemonize(log_file: Path) -> None:
+    """Detach from the terminal (double fork); output goes to the log file."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.devnull, "rb") as devnull:
+        os.dup2(devnull.fileno(), 0)
+    with open(log_file, "ab") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+
+
+api_option = click.option(
+    "--api", envvar="CONVEYOR_API", default=None, show_envvar=True,
+    help="Control plane: sqlite:///path, postgresql://..., or http://host:port "
+    "(default: the embedded store under CONVEYOR_HOME).",
+)
+token_option = click.option(
+    "--token", envvar="CONVEYOR_API_TOKEN", default=None, show_envvar=True,
+    help="Bearer token for an http:// API.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="agent")
+def main() -> None:
+    """Conveyor agent: run pipeline steps pulled from queues."""
+
+
+@main.command()
+@click.option("--queue", "queues", multiple=True, required=True, metavar="QUEUE",
+              help="Queue to pull from; repeat (or give several, space separated) in priority order.")
+@click.argument("more_queues", nargs=-1, metavar="[QUEUE]...")
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=1, show_default=True,
+              envvar="CONVEYOR_AGENT_CONCURRENCY", help="Tasks run at once.")
+@click.option("--order-fairness", is_flag=True, help="Take from the queues round-robin instead of in order.")
+@click.option("--worker-id", envvar="CONVEYOR_WORKER_ID", default=None,
+              help="Worker id (default hostname:N).")
+@click.option("--foreground", is_flag=True, help="Log to the console instead of a file.")
+@click.option("--detached", is_flag=True, help="Run in the background (daemonize).")
+@click.option("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S, show_default=True,
+              help="Seconds running tasks may finish after SIGTERM before they are stopped.")
+@click.option("--stop-grace", type=float, default=DEFAULT_STOP_GRACE_S, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL when a step is stopped.")
+@click.option("--create-queue", is_flag=True, help="Create the queues if they do not exist.")
+@click.option("--lease", "lease_s", type=click.FloatRange(1, 3600), default=DEFAULT_LEASE_S,
+              show_default=True, envvar="CONVEYOR_AGENT_LEASE_S",
+              help="Seconds a claimed task stays ours without a heartbeat (if this agent dies, "
+              "its tasks fail after this long).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@api_option
+@token_option
+def daemon(
+    queues: tuple[str, ...], more_queues: tuple[str, ...], concurrency: int, order_fairness: bool,
+    worker_id: str | None, foreground: bool, detached: bool, shutdown_grace: float,
+    stop_grace: float, create_queue: bool, lease_s: float, verbose: bool, api: str | None,
+    token: str | None,
+) -> None:
+    """Pull tasks from queues and run them until stopped (SIGTERM, SIGINT or `agent stop`)."""
+    queue_names = [q for item in (*queues, *more_queues) for q in item.split()]
+    api = api or default_api_url()
+    home = conveyor_home()
+    try:
+        backend = backend_from_url(api, token=token)
+        known = {q.name for q in backend.list_queues()}
+        for name in queue_names:
+            if name not in known:
+                if not create_queue:
+                    _fail(f"no queue named {name!r}: create it (controller queues create {name}) "
+                          "or pass --create-queue")
+                backend.create_queue(name)
+        worker_id = worker_id or default_worker_id(home)
+    except ConveyorError as exc:
+        _fail(exc.message)
+    log_file = home / "logs" / f"agent-{worker_id.replace(':', '_').replace('/', '_')}.log"
+    if detached:
+        click.echo(f"agent {worker_id} detached; log: {log_file}", err=True)
+        backend.close()
+        _daemonize(log_file)
+        backend = backend_from_url(api, token=token)
+    _setup_logging(None if foreground and not detached else log_file, verbose)
+    agent = AgentDaemon(
+        backend, _settings(api, token, worker_id, stop_grace), queue_names,
+        concurrency=concurrency, order_fairness=order_fairness, shutdown_grace_s=shutdown_grace,
+        lease_s=lease_s,
+    )
+    agent.install_signal_handlers()
+    pid_file = agents_dir(home) / f"{worker_id.replace(':', '_').replace('/', '_')}.json"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(json.dumps({
+        "worker_id": worker_id, "pid": os.getpid(), "queues": queue_names, "api": api,
+        "started": time.time(), "log_file": str(log_file),
+    }))
+    if not foreground and not detached:
+        click.echo(f"agent {worker_id} on queue(s) {', '.join(queue_names)}; log: {log_file}", err=True)
+    try:
+        agent.run()
+    except ConveyorError as exc:
+        _fail(exc.message)
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+@main.command()
+@click.option("--id", "task_id", required=True, help="The task to run.")
+@click.option("--worker-id", envvar="CONVEYOR_WORKER_ID", default=None, help="Worker id (default hostname:N).")
+@click.option("--stop-grace", type=float, default=DEFAULT_STOP_GRACE_S, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL when the step is stopped.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@api_option
+@token_option
+def execute(task_id: str, worker_id: str | None, stop_grace: float, verbose: bool,
+            api: str | None, token: str | None) -> None:
+    """Run one task in the foreground (same code path as the daemon)."""
+    _setup_logging(None, verbose)
+    api = api or default_api_url()
+    try:
+        backend = backend_from_url(api, token=token)
+        worker_id = worker_id or default_worker_id(conveyor_home())
+        task = backend.get_task(task_id)
+        if task.status.is_terminal:
+            _fail(f"task {task_id} is {task.status.value}: reset it first (controller tasks reset {task_id})")
+        task = backend.set_status(task_id, TaskStatus.in_progress, reason="started",
+                                  message=f"run by agent execute on {worker_id}", worker_id=worker_id)
+        agent = AgentDaemon(backend, _settings(api, token, worker_id, stop_grace), [])
+        signal.signal(signal.SIGTERM, lambda *_: _abort_execute(agent))
+        signal.signal(signal.SIGINT, lambda *_: _abort_execute(agent))
+        status = agent.run_one(task)
+    except ConveyorError as exc:
+        _fail(exc.message)
+    final = backend.get_task(task_id)
+    click.echo(f"task {task_id}: {final.status.value} ({final.status_message})")
+    sys.exit(0 if status == TaskStatus.completed else 1)
+
+
+def _abort_execute(agent: AgentDaemon) -> None:
+    agent._abort_all("agent_shutdown")  # noqa: SLF001 - the CLI owns this daemon
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_agents(as_json: bool) -> None:
+    """Agent daemons running on this machine (for this CONVEYOR_HOME)."""
+    agents = local_agents(conveyor_home())
+    if as_json:
+        click.echo(json.dumps(agents, indent=2))
+        return
+    if not agents:
+        click.echo("no agent daemons running")
+        return
+    for a in agents:
+        click.echo(f"{a['worker_id']:<28} pid {a['pid']:<8} queues {', '.join(a['queues'])}  log {a.get('log_file', '')}")
+
+
+@main.command()
+@click.argument("worker_id", required=False)
+@click.option("--timeout", type=float, default=DEFAULT_SHUTDOWN_GRACE_S + 30, show_default=True,
+              help="Seconds to wait for the daemon to exit.")
+@click.option("--now", is_flag=True, help="Stop running tasks at once (sends the signal twice).")
+def stop(worker_id: str | None, timeout: float, now: bool) -> None:
+    """Stop a running daemon of this machine (the only one, or WORKER_ID)."""
+    agents = local_agents(conveyor_home())
+    if worker_id:
+        agents = [a for a in agents if a["worker_id"] == worker_id]
+        if not agents:
+            _fail(f"no agent daemon {worker_id!r} is running here")
+    elif len(agents) > 1:
+        _fail("several agent daemons are running; name one: " + ", ".join(a["worker_id"] for a in agents))
+    elif not agents:
+        _fail("no agent daemon is running here")
+    target = agents[0]
+    proc = psutil.Process(target["pid"])
+    proc.send_signal(signal.SIGTERM)
+    if now:
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+    click.echo(f"stopping agent {target['worker_id']} (pid {target['pid']})...", err=True)
+    try:
+        proc.wait(timeout=timeout)
+    except psutil.TimeoutExpired:
+        _fail(f"agent {target['worker_id']} is still running after {timeout:.0f} s")
+    click.echo(f"agent {target['worker_id']} stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""The agent daemon: pull tasks from queues and run them, for months, unattended.
+
+Read `AgentDaemon.run` top to bottom for the life of a daemon:
+
+1. register the worker (id `hostname:N`) and start heartbeating;
+2. while not asked to stop: wait for a free slot, long-poll `claim` on the queues (in
+   the given order, or rotating with `order_fairness`), and hand each task to a thread
+   running `executor.execute_task` (checkout → environment → run → report);
+3. on SIGTERM/SIGINT: stop claiming, let running tasks finish for `shutdown_grace_s`,
+   then stop them with reason "agent_shutdown"; a second signal stops them at once;
+4. unregister.
+
+Heartbeats carry psutil resources and the current tasks; their answer names tasks to
+abort (an abort requested through the API), which the step supervisor notices within
+its 0.2 s poll. A heartbeat runs every `HEARTBEAT_BUSY_S` while tasks run, so an abort
+is seen within 1 s, and every `HEARTBEAT_IDLE_S` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.executor import ExecutionSettings, execute_task
+from controller.backend import Backend
+from controller.errors import BackendUnavailableError, ConveyorError, NotFoundError
+from controller.models import DEFAULT_LEASE_S, StatusReason, TaskRecord, TaskStatus
+
+log = logging.getLogger("agent")
+
+#: Longest single long-poll claim; bounds how long a stop request waits for the claim.
+CLAIM_WAIT_S = 2.0
+HEARTBEAT_BUSY_S = 0.5
+HEARTBEAT_IDLE_S = 5.0
+DEFAULT_SHUTDOWN_GRACE_S = 30.0
+#: Back-off while the control plane cannot be reached.
+UNREACHABLE_RETRY_S = 2.0
+
+
+@dataclass
+class RunningTask:
+    """A task this daemon runs, and why it must stop (None: it need not)."""
+
+    task: TaskRecord
+    thread: threading.Thread | None = None
+    abort_reason: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+def agents_dir(home: Path) -> Path:
+    """Where running daemons leave their pid files."""
+    return home / "agents"
+
+
+def local_agents(home: Path) -> list[dict[str, Any]]:
+    """Daemons of this CONVEYOR_HOME that are alive: [{worker_id, pid, queues, ...}]."""
+    found = []
+    for path in sorted(agents_dir(home).glob("*.json")):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if psutil.pid_exists(info.get("pid", -1)):
+            found.append(info)
+        else:
+            path.unlink(missing_ok=True)  # left by a daemon that was killed
+    return found
+
+
+def default_worker_id(home: Path) -> str:
+    """`hostname:N` with the lowest N no live local daemon uses."""
+    host = socket.gethostname()
+    taken = {a["worker_id"] for a in local_agents(home)}
+    n = 0
+    while f"{host}:{n}" in taken:
+        n += 1
+    return f"{host}:{n}"
+
+
+def read_resources(home: Path) -> dict[str, Any]:
+    """CPU, memory and disk figures for a heartbeat."""
+    memory = psutil.virtual_memory()
+    try:
+        disk = psutil.disk_usage(str(home))
+        disk_free_gb = round(disk.free / 2**30, 2)
+        disk_percent = disk.percent
+    except OSError:
+        disk_free_gb = disk_percent = None
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "cpu_count": psutil.cpu_count(),
+        "memory_percent": memory.percent,
+        "memory_used_gb": round(memory.used / 2**30, 2),
+        "memory_total_gb": round(memory.total / 2**30, 2),
+        "disk_free_gb": disk_free_gb,
+        "disk_percent": disk_percent,
+        "load_avg": list(os.getloadavg()),
+    }
+
+
+class AgentDaemon:
+    """A worker that claims tasks from queues and runs up to `concurrency` at once."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: ExecutionSettings,
+        queues: Sequence[str],
+        *,
+        concurrency: int = 1,
+        order_fairness: bool = False,
+        shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.backend = backend
+        self.settings = settings
+        self.queues = list(dict.fromkeys(queues))
+        self.concurrency = concurrency
+        self.order_fairness = order_fairness
+        self.shutdown_grace_s = shutdown_grace_s
+        self.lease_s = lease_s
+        self._running: dict[str, RunningTask] = {}
+        self._lock = threading.Lock()
+        self._slot_free = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._immediate = threading.Event()
+        self._heartbeat_wake = threading.Event()
+        self._rotation = 0
+
+    @property
+    def worker_id(self) -> str:
+        """This daemon's worker id."""
+        return self.settings.worker_id
+
+    # ------------------------------------------------------------- the loop
+    def run(self) -> None:
+        """Register, claim and run tasks until asked to stop, then shut down cleanly."""
+        self._register()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        log.info("worker %s listening on queue(s) %s (concurrency %d)",
+                 self.worker_id, ", ".join(self.queues), self.concurrency)
+        try:
+            while not self._stop.is_set():
+                if not self._wait_for_free_slot():
+                    continue
+                task = self._claim_next()
+                if task is not None:
+                    self._start(task)
+        finally:
+            self._shutdown()
+            self._heartbeat_wake.set()
+            heartbeat.join(timeout=5)
+            self._unregister()
+
+    def run_one(self, task: TaskRecord) -> TaskStatus | None:
+        """Run one task this worker already holds, in the foreground (`agent execute`)."""
+        self._register()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        running = RunningTask(task=task)
+        with self._lock:
+            self._running[task.id] = running
+        heartbeat.start()
+        try:
+            return execute_task(self.backend, task, self.settings, lambda: running.abort_reason)
+        finally:
+            with self._lock:
+                self._running.pop(task.id, None)
+            self._stop.set()
+            self._heartbeat_wake.set()
+            heartbeat.join(timeout=5)
+            self._unregister()
+
+    def request_stop(self) -> None:
+        """Stop claiming and shut down (first call), or stop running tasks now (second)."""
+        if self._stop.is_set():
+            log.warning("second stop request: stopping running tasks now")
+            self._immediate.set()
+            self._abort_all(StatusReason.agent_shutdown)
+        else:
+            log.info("stop requested: no new tasks; waiting up to %.0f s for running ones",
+                     self.shutdown_grace_s)
+            self._stop.set()
+        with self._slot_free:
+            self._slot_free.notify_all()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT call `request_stop` (main thread only)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda _signum, _frame: self.request_stop())
+
+    # ------------------------------------------------------------ claiming
+    def _wait_for_free_slot(self) -> bool:
+        with self._slot_free:
+            if len(self._running) < self.concurrency:
+                return True
+            self._slot_free.wait(timeout=1.0)
+            return False
+
+    def _queue_order(self) -> list[str]:
+        if not self.order_fairness or len(self.queues) < 2:
+            return self.queues
+        self._rotation = (self._rotation + 1) % len(self.queues)
+        return self.queues[self._rotation :] + self.queues[: self._rotation]
+
+    def _claim_next(self) -> TaskRecord | None:
+        try:
+            return self.backend.claim(
+                self._queue_order(), self.worker_id, wait_s=CLAIM_WAIT_S, lease_s=self.lease_s
+            )
+        except BackendUnavailableError as exc:
+            log.warning("%s; retrying in %.0f s", exc, UNREACHABLE_RETRY_S)
+        except NotFoundError as exc:
+            log.error("%s; waiting for it to be created", exc)
+        except ConveyorError as exc:
+            log.error("claim failed: %s", exc)
+        self._stop.wait(UNREACHABLE_RETRY_S)
+        return None
+
+    def _start(self, task: TaskRecord) -> None:
+        running = RunningTask(task=task)
+        if self._immediate.is_set():
+            running.abort_reason = StatusReason.agent_shutdown
+        thread = threading.Thread(
+            target=self._run_task, args=(running,), name=f"task-{task.id[:8]}", daemon=True
+        )
+        running.thread = thread
+        with self._lock:
+            self._running[task.id] = running
+        log.info("task %s (%s) claimed from queue %s", task.id, task.name, task.execution.queue)
+        self._heartbeat_wake.set()
+        thread.start()
+
+    def _run_task(self, running: RunningTask) -> None:
+        task = running.task
+        try:
+            status = execute_task(self.backend, task, self.settings, lambda: running.abort_reason)
+            log.info("task %s ended: %s", task.id, status.value if status else "not reported")
+        except Exception:  # noqa: BLE001 - keep the daemon alive whatever a task does
+            log.exception("task %s crashed the executor", task.id)
+        finally:
+            with self._slot_free:
+                self._running.pop(task.id, None)
+                self._slot_free.notify_all()
+
+    # ------------------------------------------------------------ shutdown
+    def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.shutdown_grace_s
+        while True:
+            with self._lock:
+                threads = [r.thread for r in self._running.values() if r.thread]
+            if not threads:
+                return
+            if self._immediate.is_set() or time.monotonic() >= deadline:
+                self._abort_all(StatusReason.agent_shutdown)
+            for thread in threads:
+                thread.join(timeout=0.2)
+
+    def _abort_all(self, reason: str) -> None:
+        with self._lock:
+            for running in self._running.values():
+                running.abort_reason = running.abort_reason or reason
+
+    # ---------------------------------------------------- worker lifecycle
+    def _register(self) -> None:
+        self.backend.register_worker(
+            self.worker_id, hostname=socket.gethostname(), queues=self.queues, slots=self.concurrency
+        )
+
+    def _unregister(self) -> None:
+        try:
+            self.backend.unregister_worker(self.worker_id)
+        except ConveyorError as exc:
+            log.warning("could not unregister worker %s: %s", self.worker_id, exc)
+
+    def _heartbeat_loop(self) -> None:
+        psutil.cpu_percent(interval=None)  # prime: the next call measures since now
+        while True:
+            with self._lock:
+                current = list(self._running)
+            done = self._stop.is_set() and not current
+            if done:
+                return
+            self._heartbeat(current)
+            self._heartbeat_wake.wait(HEARTBEAT_BUSY_S if current else HEARTBEAT_IDLE_S)
+            self._heartbeat_wake.clear()
+
+    def _heartbeat(self, current: list[str]) -> None:
+        try:
+            reply = self.backend.heartbeat(
+                self.worker_id,
+                resources=read_resources(self.settings.home),
+                current_tasks=current,
+                lease_s=self.lease_s,
+            )
+        except NotFoundError:
+            log.warning("worker %s was forgotten by the control plane; registering again", self.worker_id)
+            try:
+                self._register()
+            except ConveyorError as exc:
+                log.warning("cannot register again: %s", exc)
+            return
+        except ConveyorError as exc:
+            log.warning("heartbeat failed: %s", exc)
+            return
+        with self._lock:
+            for task_id in reply.abort:
+                running = self._running.get(task_id)
+                if running is not None and running.abort_reason is None:
+                    log.info("task %s: abort requested", task_id)
+                    running.abort_reason = StatusReason.aborted

@@ -1,0 +1,19 @@
+"""Python environments the agent runs steps in (one cached virtualenv per package set)."""
+
+from agent.environments.venv import (
+    DEFAULT_DISK_BUDGET_BYTES,
+    EnvironmentBuildError,
+    VenvResult,
+    ensure_venv,
+    normalize_packages,
+    venv_key,
+)
+
+__all__ = [
+    "DEFAULT_DISK_BUDGET_BYTES",
+    "EnvironmentBuildError",
+    "VenvResult",
+    "ensure_venv",
+    "normalize_packages",
+    "venv_key",
+]

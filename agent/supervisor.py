@@ -1,0 +1,479 @@
+"""Run one step as a child process: stream its output, enforce its time limit, stop it.
+
+Decisions:
+
+- **Process tree.** The step runs in its own session and process group
+  (`start_new_session=True`) with `PR_SET_PDEATHSIG=SIGKILL` (Linux, set via ctypes in
+  `preexec_fn`), so the step dies with the agent. The death signal fires when the
+  *thread* that spawned the step ends; `run_step` blocks that thread until the step
+  ends, so that is the same moment. Descendants are tracked by scanning the process
+  table (one pass, psutil) every second and right before every signal; the set is
+  cumulative, so a descendant that left the group (`setsid`) and whose parent already
+  died is still known. Stopping = SIGTERM to the group and to every known descendant,
+  wait `grace_s`, then SIGKILL to the group and every known descendant still alive.
+  After a normal exit, leftovers (group members or known descendants still running)
+  are stopped the same way, so nothing of a step outlives it, and no background child
+  can keep its pipes open forever.
+- **Output.** One reader thread multiplexes stdout and stderr (selectors, non-blocking
+  reads), so it can be stopped even if an unknown process still holds a pipe. Bytes are
+  decoded incrementally as UTF-8 (bad bytes → U+FFFD). `\\n`, `\\r\\n` and a lone `\\r` end
+  a line; a line longer than `max_line_chars` (1 MiB, the store's limit) is cut into
+  chunks. Carriage-return progress bars: a `\\r`-terminated line that is still waiting
+  for delivery is *replaced* by the next line of the same stream, so a tqdm bar yields
+  at most one update per delivery interval instead of hundreds, and the final state
+  (the `\\n`-terminated line) is always kept. Empty `\\r`-terminated segments are dropped.
+  A partial line without a terminator is delivered when the step ends.
+- **Delivery.** A delivery thread calls `on_output(batch)` every `flush_interval_s`
+  (0.25 s), in batches of at most 10,000 lines and ~4 MiB, with dicts `{"line", "stream",
+  "timestamp"}` (fields of `controller.models.LogLine`). A failing or slow callback
+  never delays the time limit or aborts (the main thread does those); an exception is
+  remembered in `StepOutcome.output_error`. If the callback falls far behind
+  (`max_pending_chars`), reading pauses, so the step blocks on a full pipe instead of
+  the agent's memory growing without bound.
+- **Environment.** `PYTHONUNBUFFERED=1` is added unless set, so Python steps stream.
+- **Outcome.** `exit_code` is the return code (negative signal number when killed by
+  a signal); `reason` is a `StatusReason` value: completed / exit_code / signal /
+  time_limit / the string `should_abort()` returned / setup_failed (cannot start).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.watchdog import guard_process_group, release_process_group
+from controller.models import MAX_LOG_LINE_CHARS, MAX_LOG_LINES_PER_CALL, StatusReason
+
+OutputCallback = Callable[[list[dict[str, Any]]], None]
+
+_PR_SET_PDEATHSIG = 1
+_READ_SIZE = 64 * 1024
+_POLL_S = 0.2
+_SNAPSHOT_EVERY_S = 1.0
+#: Characters handed to one on_output call (one line may exceed it alone).
+MAX_CALL_CHARS = 4 * 1024 * 1024
+_LINE_END_RE = re.compile(r"\r\n|\n|\r")
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """How a step ended."""
+
+    exit_code: int | None
+    signal_name: str | None
+    reason: str
+    message: str
+    duration_s: float
+    output_error: str | None = None
+
+
+# ----------------------------------------------------------------- output
+class _Output:
+    """Pending log lines, shared by the reader and the delivery thread."""
+
+    def __init__(self, max_pending_chars: int):
+        self.cond = threading.Condition()
+        self.pending: list[dict[str, Any] | None] = []  # None: a superseded \r line
+        self.pending_chars = 0
+        self.max_pending_chars = max_pending_chars
+        self._cr_index: dict[str, int] = {}  # stream → index of its undelivered \r line
+
+    def add(self, stream: str, text: str, cr_terminated: bool) -> None:
+        if cr_terminated and not text:
+            return
+        entry = {"line": text, "stream": stream, "timestamp": time.time()}
+        with self.cond:
+            index = self._cr_index.pop(stream, None)
+            if index is not None:  # a progress update superseded before delivery
+                superseded = self.pending[index]
+                self.pending_chars -= len(superseded["line"]) if superseded else 0
+                self.pending[index] = None
+            if cr_terminated:
+                self._cr_index[stream] = len(self.pending)
+            self.pending.append(entry)
+            self.pending_chars += len(text)
+
+    def take(self) -> list[dict[str, Any]]:
+        with self.cond:
+            batch, self.pending, self.pending_chars = self.pending, [], 0
+            self._cr_index.clear()
+            self.cond.notify_all()
+        return [entry for entry in batch if entry is not None]
+
+    def wait_for_room(self, stop: threading.Event) -> None:
+        with self.cond:
+            while self.pending_chars > self.max_pending_chars and not stop.is_set():
+                self.cond.wait(0.1)
+
+
+class _StreamSplitter:
+    """Turns one stream's bytes into lines (see the module docstring)."""
+
+    def __init__(self, name: str, output: _Output, max_line_chars: int):
+        self.name = name
+        self.output = output
+        self.max_line_chars = max_line_chars
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.rest = ""
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        buf = self.rest + self.decoder.decode(data, final=final)
+        start = 0
+        for match in _LINE_END_RE.finditer(buf):
+            if match.group() == "\r" and match.end() == len(buf) and not final:
+                break  # maybe the first half of \r\n
+            self._emit(buf[start : match.start()], match.group() == "\r")
+            start = match.end()
+        rest = buf[start:]
+        while len(rest) > self.max_line_chars:
+            self.output.add(self.name, rest[: self.max_line_chars], False)
+            rest = rest[self.max_line_chars :]
+        if final and rest:
+            self._emit(rest, False)
+            rest = ""
+        self.rest = rest
+
+    def _emit(self, text: str, cr: bool) -> None:
+        while len(text) > self.max_line_chars:
+            self.output.add(self.name, text[: self.max_line_chars], False)
+            text = text[self.max_line_chars :]
+        self.output.add(self.name, text, cr)
+
+
+def _read_pipes(
+    pipes: dict[str, Any], output: _Output, max_line_chars: int, stop: threading.Event
+) -> None:
+    """Reader thread: read both pipes until EOF or `stop`, splitting into lines."""
+    selector = selectors.DefaultSelector()
+    splitters = {}
+    for name, pipe in pipes.items():
+        os.set_blocking(pipe.fileno(), False)
+        splitters[pipe.fileno()] = _StreamSplitter(name, output, max_line_chars)
+        selector.register(pipe.fileno(), selectors.EVENT_READ)
+    try:
+        while selector.get_map() and not stop.is_set():
+            for key, _ in selector.select(timeout=0.1):
+                try:
+                    data = os.read(key.fd, _READ_SIZE)
+                except BlockingIOError:
+                    continue
+                if data:
+                    splitters[key.fd].feed(data)
+                else:
+                    selector.unregister(key.fd)
+            output.wait_for_room(stop)
+    finally:
+        for splitter in splitters.values():
+            splitter.feed(b"", final=True)
+        selector.close()
+        for pipe in pipes.values():
+            pipe.close()
+
+
+def _chunks(batch: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Split a batch into calls of at most 10,000 lines and about MAX_CALL_CHARS."""
+    chunks: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    chars = 0
+    for entry in batch:
+        if current and (
+            len(current) >= MAX_LOG_LINES_PER_CALL or chars + len(entry["line"]) > MAX_CALL_CHARS
+        ):
+            chunks.append(current)
+            current, chars = [], 0
+        current.append(entry)
+        chars += len(entry["line"])
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _deliver(
+    output: _Output,
+    on_output: OutputCallback,
+    interval_s: float,
+    reader_done: threading.Event,
+    errors: list[str],
+) -> None:
+    """Delivery thread: hand batches to `on_output` until the reader is done and drained."""
+    while True:
+        finished = reader_done.wait(interval_s)
+        for chunk in _chunks(output.take()):
+            try:
+                on_output(chunk)
+            except Exception as exc:  # keep the step running; report at the end
+                errors.append(f"{type(exc).__name__}: {exc}")
+        if finished and not output.pending:
+            return
+
+
+# ----------------------------------------------------------------- process tree
+class _Tree:
+    """Every process seen descending from the step (cumulative, identity-checked)."""
+
+    def __init__(self, root_pid: int):
+        try:
+            self.root: psutil.Process | None = psutil.Process(root_pid)
+        except psutil.NoSuchProcess:
+            self.root = None
+        self.known: dict[int, psutil.Process] = {}
+
+    def snapshot(self) -> None:
+        roots = {p.pid for p in self.alive()}
+        if self.root is not None and self.root.is_running():  # not a reused pid
+            roots.add(self.root.pid)
+        children: dict[int, list[int]] = {}
+        for proc in psutil.process_iter(["ppid"]):
+            children.setdefault(proc.info["ppid"], []).append(proc.pid)
+        todo = list(roots)
+        while todo:
+            for pid in children.get(todo.pop(), []):
+                if pid not in self.known:
+                    try:
+                        self.known[pid] = psutil.Process(pid)
+                    except psutil.NoSuchProcess:
+                        continue
+                    todo.append(pid)
+
+    def alive(self) -> list[psutil.Process]:
+        out = []
+        for proc in self.known.values():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(proc)
+            except psutil.Error:
+                continue
+        return out
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while the process group has a member that is not a zombie.
+
+    Zombies are dead already; they count because their new parent (often PID 1 in a
+    container) may take a while to reap them.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if not os.path.isdir("/proc/self"):
+        return True
+    for pid in psutil.pids():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _signal_all(proc: subprocess.Popen[bytes], tree: _Tree, sig: signal.Signals) -> None:
+    tree.snapshot()
+    if proc.poll() is None or _group_alive(proc.pid):  # the group id is still ours
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+    for member in tree.alive():
+        try:
+            member.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def _all_gone(proc: subprocess.Popen[bytes], tree: _Tree) -> bool:
+    return proc.poll() is not None and not _group_alive(proc.pid) and not tree.alive()
+
+
+def _wait_gone(proc: subprocess.Popen[bytes], tree: _Tree, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not _all_gone(proc, tree):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _stop_tree(proc: subprocess.Popen[bytes], tree: _Tree, grace_s: float) -> None:
+    """SIGTERM everything, wait `grace_s`, SIGKILL whatever is left."""
+    _signal_all(proc, tree, signal.SIGTERM)
+    if _wait_gone(proc, tree, grace_s):
+        return
+    _signal_all(proc, tree, signal.SIGKILL)
+    _wait_gone(proc, tree, 5.0)
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the agent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds:g}"
+
+
+# ----------------------------------------------------------------- entry point
+def run_step(
+    argv: list[str],
+    cwd: Path,
+    env: Mapping[str, str] | None,
+    time_limit_s: float | None,
+    on_output: OutputCallback,
+    should_abort: Callable[[], str | None],
+    grace_s: float = 10.0,
+    *,
+    flush_interval_s: float = 0.25,
+    max_line_chars: int = MAX_LOG_LINE_CHARS,
+    max_pending_chars: int = 64 * 1024 * 1024,
+) -> StepOutcome:
+    """Run `argv` in `cwd` until it ends, its time limit passes or `should_abort()` says so.
+
+    `env` is the step's whole environment (None: the agent's). Output goes to
+    `on_output` in batches of LogLine-like dicts. Never raises for the step's own
+    failures; returns a StepOutcome (reason `setup_failed` if it cannot start).
+    """
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_pdeathsig_preexec(),
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return StepOutcome(
+            None,
+            None,
+            StatusReason.setup_failed,
+            f"cannot start {argv[0] if argv else 'step'}: {exc}",
+            0.0,
+        )
+    assert proc.stdout is not None and proc.stderr is not None
+
+    output = _Output(max_pending_chars)
+    stop_reading, reader_done = threading.Event(), threading.Event()
+    errors: list[str] = []
+
+    def reader() -> None:
+        try:
+            _read_pipes(
+                {"stdout": proc.stdout, "stderr": proc.stderr}, output, max_line_chars, stop_reading
+            )
+        finally:
+            reader_done.set()
+
+    threads = [
+        threading.Thread(target=reader, name=f"step-{proc.pid}-reader", daemon=True),
+        threading.Thread(
+            target=_deliver,
+            args=(output, on_output, flush_interval_s, reader_done, errors),
+            name=f"step-{proc.pid}-delivery",
+            daemon=True,
+        ),
+    ]
+    for thread in threads:
+        thread.start()
+
+    guard_process_group(proc.pid)  # killed by the watchdog if the agent dies
+    tree = _Tree(proc.pid)
+    deadline = started + time_limit_s if time_limit_s else None
+    stop_reason: str | None = None
+    ended_at: float | None = None
+    try:
+        next_snapshot = started + _SNAPSHOT_EVERY_S
+        while proc.poll() is None:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                stop_reason = StatusReason.time_limit
+                break
+            try:
+                abort = should_abort()
+            except Exception:  # a broken callback must not leave the step unsupervised
+                abort = None
+            if abort:
+                stop_reason = abort
+                break
+            if now >= next_snapshot:
+                tree.snapshot()
+                next_snapshot = now + _SNAPSHOT_EVERY_S
+            wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - now))
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                pass
+        if stop_reason is None:
+            ended_at = time.monotonic()
+        if stop_reason is not None or not _all_gone(proc, tree):
+            _stop_tree(proc, tree, grace_s)
+    finally:
+        if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): leave nothing behind
+            _stop_tree(proc, tree, 0.0)
+        release_process_group(proc.pid)
+        reader_done.wait(2.0)  # pipes close once every writer is gone
+        stop_reading.set()
+        for thread in threads:
+            thread.join(30.0)
+
+    duration = (ended_at or time.monotonic()) - started
+    code = proc.returncode
+    signal_name = _signal_name(-code) if code is not None and code < 0 else None
+    if stop_reason == StatusReason.time_limit:
+        reason, message = (
+            stop_reason,
+            f"time limit exceeded: the step ran longer than its limit of "
+            f"{_format_seconds(time_limit_s or 0)} s",
+        )
+    elif stop_reason is not None:
+        reason, message = stop_reason, f"stopped: {stop_reason.replace('_', ' ')}"
+    elif code == 0:
+        reason, message = StatusReason.completed, "exited with code 0"
+    elif signal_name is not None:
+        reason, message = StatusReason.signal, f"killed by {signal_name}"
+    else:
+        reason, message = StatusReason.exit_code, f"exited with code {code}"
+    return StepOutcome(code, signal_name, reason, message, duration, errors[0] if errors else None)

@@ -1,0 +1,508 @@
+"""`controller`: the Conveyor control plane on the command line.
+
+Each command parses its arguments, calls one Backend method and prints the answer: a
+fixed-width table (or readable sections) by default, the records as JSON with `--json`.
+Errors are one line on stderr, `error: <message>`, with exit code 1.
+
+The Backend comes from `--api` (or `CONVEYOR_API`): an `http://host:port` of a
+`controller serve` process, or a database URL; by default the embedded SQLite store under
+`CONVEYOR_HOME`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from controller import __version__
+from controller.backend import Backend, backend_from_url, conveyor_home, default_api_url
+from controller.cli_format import (
+    echo_json,
+    echo_log,
+    echo_table,
+    format_age,
+    format_task,
+    format_time,
+    next_offset,
+)
+from controller.errors import BackendUnavailableError, ConflictError, ConveyorError
+from controller.models import TaskStatus, TaskType
+
+#: Seconds between two polls of `tasks logs --follow`.
+FOLLOW_POLL_S = 0.5
+#: Log lines asked for per call.
+LOG_PAGE = 1000
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class CliError(click.ClickException):
+    """An error shown as one line, `error: <message>`, exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        """Print `error: <message>` on stderr."""
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "failed"
+
+
+@dataclass
+class State:
+    """What the group options chose; opens the Backend on first use."""
+
+    api: str | None
+    token: str | None
+    _backend: Backend | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The URL of the store or API the commands talk to."""
+        return self.api or default_api_url()
+
+    @property
+    def backend(self) -> Backend:
+        """The Backend for `url`, opened once and closed when the command ends."""
+        if self._backend is None:
+            url = self.url
+            if url == embedded_db_url():
+                conveyor_home().mkdir(parents=True, exist_ok=True)
+            self._backend = backend_from_url(url, token=self.token)
+            click.get_current_context().find_root().call_on_close(self._backend.close)
+        return self._backend
+
+
+def embedded_db_url() -> str:
+    """The embedded SQLite store under CONVEYOR_HOME."""
+    return f"sqlite:///{conveyor_home() / 'conveyor.db'}"
+
+
+class ConveyorGroup(click.Group):
+    """The root group: turns Conveyor errors of any subcommand into one-line errors."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; report ConveyorError, bad input and unreachable APIs briefly."""
+        try:
+            return super().invoke(ctx)
+        except BackendUnavailableError as err:
+            url = ctx.obj.url if isinstance(ctx.obj, State) else ""
+            message = _one_line(err.message)
+            if url and "://" not in message:  # say which API or store, once
+                message = f"cannot reach {url}: {message}"
+            raise CliError(message) from None
+        except ConveyorError as err:
+            raise CliError(_one_line(err.message)) from None
+        except ValidationError as err:
+            problems = [
+                f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()
+            ]
+            raise CliError("invalid input: " + "; ".join(problems)) from None
+        except BrokenPipeError:
+            raise
+        except OSError as err:  # requests' connection errors are OSErrors too
+            url = ctx.obj.url if isinstance(ctx.obj, State) else ""
+            raise CliError(
+                f"cannot reach {url}: {_one_line(str(err))}" if url else str(err)
+            ) from None
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def json_option(func: F) -> F:
+    """Add `--json`: print the records as JSON instead of a table."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print the records as JSON instead of a table."
+    )(func)
+
+
+# ---------------------------------------------------------------------- root group
+
+
+@click.group(cls=ConveyorGroup, context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--api",
+    envvar="CONVEYOR_API",
+    metavar="URL",
+    help="Control plane to use: http://host:port of a 'controller serve', or a database URL "
+    "(sqlite:///path, postgresql://...). [env: CONVEYOR_API; default: the embedded SQLite "
+    "store under CONVEYOR_HOME]",
+)
+@click.option(
+    "--token",
+    envvar="CONVEYOR_API_TOKEN",
+    metavar="TOKEN",
+    help="API token sent to an http:// API. [env: CONVEYOR_API_TOKEN]",
+)
+@click.version_option(__version__, "--version", prog_name="controller")
+@click.pass_context
+def cli(ctx: click.Context, api: str | None, token: str | None) -> None:
+    """Conveyor control plane: tasks, queues and workers."""
+    ctx.obj = State(api=(api or "").strip() or None, token=token or None)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="CONVEYOR_HOST",
+    help="Address to listen on. [env: CONVEYOR_HOST]",
+)
+@click.option(
+    "--port",
+    default=8008,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    envvar="CONVEYOR_PORT",
+    help="Port to listen on. [env: CONVEYOR_PORT]",
+)
+@click.option(
+    "--db",
+    "db_url",
+    envvar="CONVEYOR_DB",
+    metavar="URL",
+    help="Database of the store (sqlite:///path or postgresql://...). [env: CONVEYOR_DB; "
+    "default: --api if it is a database URL, else the embedded SQLite store]",
+)
+@click.option(
+    "--token",
+    "serve_token",
+    metavar="TOKEN",
+    help="Token clients must send. Default: the group's "
+    "--token / CONVEYOR_API_TOKEN; none means an open API.",
+)
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Server log level; 'info' and 'debug' also log every request.",
+)
+@pass_state
+def serve(
+    state: State, host: str, port: int, db_url: str | None, serve_token: str | None, log_level: str
+) -> None:
+    """Run the HTTP API server over a database."""
+    if not db_url:
+        api = state.api or default_api_url()
+        db_url = api if not api.startswith(("http://", "https://")) else embedded_db_url()
+    if db_url == embedded_db_url():
+        conveyor_home().mkdir(parents=True, exist_ok=True)
+    token = serve_token or state.token
+    from controller.server import serve as run_server
+
+    # The server prints "Conveyor API on http://HOST:PORT (...; store URL)" once the
+    # store is open, with the password of the URL hidden.
+    run_server(host=host, port=port, db_url=db_url, token=token, log_level=log_level.lower())
+
+
+# -------------------------------------------------------------------------- queues
+
+
+@cli.group(invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
+@json_option
+@click.pass_context
+def queues(ctx: click.Context, as_json: bool) -> None:
+    """List queues, or manage them with a subcommand."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(queues_list, as_json=as_json)
+
+
+@queues.command("list")
+@json_option
+@pass_state
+def queues_list(state: State, as_json: bool) -> None:
+    """List queues with their length and oldest waiting task."""
+    items = state.backend.list_queues()
+    if as_json:
+        echo_json(items)
+        return
+    rows = [[q.name, q.length, format_age(q.oldest_queued_at)] for q in items]
+    echo_table(["NAME", "LENGTH", "OLDEST WAITING"], rows, "No queues.", right=[1])
+
+
+@queues.command("show")
+@click.argument("name")
+@json_option
+@pass_state
+def queues_show(state: State, name: str, as_json: bool) -> None:
+    """Show the tasks waiting in queue NAME, in the order they will run."""
+    tasks = state.backend.queue_tasks(name)
+    if as_json:
+        echo_json(tasks)
+        return
+    rows = [[t.id, t.name, t.project, t.execution.priority, format_age(t.queued_at)] for t in tasks]
+    echo_table(
+        ["ID", "NAME", "PROJECT", "PRIORITY", "WAITING"], rows, f"Queue {name} is empty.", right=[3]
+    )
+
+
+@queues.command("create")
+@click.argument("name")
+@json_option
+@pass_state
+def queues_create(state: State, name: str, as_json: bool) -> None:
+    """Create queue NAME."""
+    queue = state.backend.create_queue(name)
+    if as_json:
+        echo_json(queue)
+    else:
+        click.echo(f"Created queue {queue.name}.")
+
+
+@queues.command("delete")
+@click.argument("name")
+@click.option(
+    "--force", is_flag=True, help="Delete even if tasks wait in it; they go back to status created."
+)
+@pass_state
+def queues_delete(state: State, name: str, force: bool) -> None:
+    """Delete queue NAME."""
+    try:
+        state.backend.delete_queue(name, force=force)
+    except ConflictError as err:
+        if force:
+            raise
+        raise CliError(f"{_one_line(err.message)} (use --force to delete it anyway)") from None
+    click.echo(f"Deleted queue {name}.")
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@cli.group(context_settings=CONTEXT_SETTINGS)
+def tasks() -> None:
+    """List, inspect and control tasks."""
+
+
+@tasks.command("list")
+@click.option("--project", help="Only tasks of this project.")
+@click.option("--name", help="Only tasks with this name.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([s.value for s in TaskStatus], case_sensitive=False),
+    help="Only tasks in this status (repeat for several).",
+)
+@click.option(
+    "--tag", "tags", multiple=True, help="Only tasks with this tag (repeat: all of them)."
+)
+@click.option("--parent", help="Only children of this task id.")
+@click.option(
+    "--type",
+    "task_type",
+    type=click.Choice([t.value for t in TaskType]),
+    help="Only tasks of this type.",
+)
+@click.option(
+    "--limit",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Show at most this many tasks (newest first).",
+)
+@json_option
+@pass_state
+def tasks_list(
+    state: State,
+    project: str | None,
+    name: str | None,
+    statuses: tuple[str, ...],
+    tags: tuple[str, ...],
+    parent: str | None,
+    task_type: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List tasks, newest first."""
+    items = state.backend.query_tasks(
+        project=project,
+        name=name,
+        status=[s.lower() for s in statuses] or None,
+        tags=list(tags) or None,
+        parent=parent,
+        type=task_type,
+        limit=limit,
+    )
+    if as_json:
+        echo_json(items)
+        return
+    rows = [
+        [t.id, t.name, t.project, t.status.value, t.execution.queue, format_time(t.created_at)]
+        for t in items
+    ]
+    echo_table(["ID", "NAME", "PROJECT", "STATUS", "QUEUE", "CREATED"], rows, "No tasks.")
+
+
+@tasks.command("show")
+@click.argument("task_id", metavar="ID")
+@json_option
+@pass_state
+def tasks_show(state: State, task_id: str, as_json: bool) -> None:
+    """Show every section of task ID."""
+    task = state.backend.get_task(task_id)
+    if as_json:
+        echo_json(task)
+    else:
+        click.echo(format_task(task))
+
+
+def _drain_log(backend: Backend, task_id: str, offset: int, as_json: bool) -> int:
+    """Print every line from `offset` on; return the offset after the last one."""
+    while True:
+        lines = backend.get_log(task_id, offset=offset, limit=LOG_PAGE)
+        echo_log(lines, as_json)
+        offset = next_offset(lines, offset)
+        if len(lines) < LOG_PAGE:
+            return offset
+
+
+@tasks.command("logs")
+@click.argument("task_id", metavar="ID")
+@click.option("--tail", type=click.IntRange(0), metavar="N", help="Only the last N lines.")
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Keep printing new lines until the task finishes (completed, failed or stopped).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print each line as a JSON object (JSON Lines) with stream, timestamp and n.",
+)
+@pass_state
+def tasks_logs(state: State, task_id: str, tail: int | None, follow: bool, as_json: bool) -> None:
+    """Print the output of task ID."""
+    backend = state.backend
+    if tail is not None:
+        backend.get_task(task_id)  # an unknown id is an error, not an empty log
+        lines = backend.get_log(task_id, tail=tail) if tail else []
+        echo_log(lines, as_json)
+        if not lines:  # --tail 0: start after the current last line
+            lines = backend.get_log(task_id, tail=1)
+        offset = next_offset(lines, 0)
+    else:
+        backend.get_task(task_id)
+        offset = _drain_log(backend, task_id, 0, as_json)
+    while follow:
+        # Read the status before the log: once it is terminal, the read that follows
+        # holds every line the task wrote.
+        done = backend.get_task(task_id).status.is_terminal
+        before = offset
+        offset = _drain_log(backend, task_id, offset, as_json)
+        if done:
+            break
+        if offset == before:
+            time.sleep(FOLLOW_POLL_S)
+
+
+@tasks.command("enqueue")
+@click.argument("task_id", metavar="ID")
+@click.option(
+    "--queue",
+    "-q",
+    help="Queue to put it on. [default: the task's execution.queue, else 'default']",
+)
+@click.option("--priority", "-p", type=int, help="Higher runs first. [default: the task's own]")
+@json_option
+@pass_state
+def tasks_enqueue(
+    state: State, task_id: str, queue: str | None, priority: int | None, as_json: bool
+) -> None:
+    """Put task ID on a queue to run."""
+    task = state.backend.enqueue(task_id, queue, priority=priority)
+    if as_json:
+        echo_json(task)
+    else:
+        click.echo(
+            f"Task {task.id} queued on {task.execution.queue or queue or 'default'} "
+            f"(priority {task.execution.priority})."
+        )
+
+
+@tasks.command("abort")
+@click.argument("task_id", metavar="ID")
+@click.option("--message", "-m", default="", help="Why; recorded as the status message.")
+@json_option
+@pass_state
+def tasks_abort(state: State, task_id: str, message: str, as_json: bool) -> None:
+    """Abort task ID (a running task is stopped by its worker)."""
+    task = state.backend.abort_task(task_id, message=message)
+    if as_json:
+        echo_json(task)
+    else:
+        click.echo(f"Task {task.id} {task.status.value}.")
+
+
+@tasks.command("reset")
+@click.argument("task_id", metavar="ID")
+@json_option
+@pass_state
+def tasks_reset(state: State, task_id: str, as_json: bool) -> None:
+    """Bring task ID back to created, clearing its log, outputs and runtime."""
+    task = state.backend.reset_task(task_id)
+    if as_json:
+        echo_json(task)
+    else:
+        click.echo(f"Task {task.id} reset to {task.status.value}.")
+
+
+# ------------------------------------------------------------------------- workers
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
+@json_option
+@pass_state
+def workers(state: State, as_json: bool) -> None:
+    """List registered workers and what they run."""
+    items = state.backend.list_workers()
+    if as_json:
+        echo_json(items)
+        return
+    rows = [
+        [
+            w.id,
+            w.hostname,
+            ",".join(w.queues),
+            w.slots,
+            format_age(w.last_seen),
+            ",".join(w.current_tasks) or "-",
+        ]
+        for w in items
+    ]
+    echo_table(
+        ["ID", "HOSTNAME", "QUEUES", "SLOTS", "LAST SEEN", "TASKS"], rows, "No workers.", right=[3]
+    )
+
+
+def main() -> None:
+    """Entry point of the `controller` console script."""
+    try:
+        cli.main(prog_name="controller")
+    except BrokenPipeError:  # output piped into `head` and the like
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Benchmarks of the control plane (issue: foundation).
+
+1. Long-poll wake-up over HTTP: a claimer waits in `claim(wait_s=...)`; another client
+   enqueues; time from the enqueue call to the claimer holding the task. p50/p95.
+2. Throughput of enqueue + claim + complete cycles per second: direct SQLite, HTTP over
+   SQLite, HTTP over PostgreSQL (one client; and two client processes).
+
+Usage: python scripts/bench/store.py [--cycles N] [--runs R] [--wakeups N] [--no-postgres]
+Prints a table; with --json, a JSON document too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from controller.backend import Backend, backend_from_url  # noqa: E402
+from tests.helpers_server import start_server, stop_server  # noqa: E402
+
+POSTGRES_URL = os.environ.get("CONVEYOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank."""
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def cycles(url: str, count: int, queue: str = "default") -> float:
+    """Run `count` enqueue+claim+complete cycles on pre-created tasks; return cycles/s."""
+    backend = backend_from_url(url)
+    ids = [backend.create_task({"name": f"bench-{i}"}).id for i in range(count)]
+    worker = f"bench-{uuid.uuid4().hex[:6]}"
+    started = time.perf_counter()
+    for task_id in ids:
+        backend.enqueue(task_id, queue)
+        task = backend.claim([queue], worker)
+        backend.set_status(task.id, "completed", worker_id=worker)
+    elapsed = time.perf_counter() - started
+    backend.close()
+    return count / elapsed
+
+
+def _cycles_in_process(args: tuple[str, int, str]) -> float:
+    return cycles(*args)
+
+
+def parallel_cycles(url: str, count: int, clients: int) -> float:
+    """Total cycles/s of `clients` processes, each on its own queue."""
+    backend = backend_from_url(url)
+    queues = [f"bench-{uuid.uuid4().hex[:6]}" for _ in range(clients)]
+    for name in queues:
+        backend.create_queue(name)
+    backend.close()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(clients) as pool:
+        started = time.perf_counter()
+        pool.map(_cycles_in_process, [(url, count, q) for q in queues])
+        elapsed = time.perf_counter() - started
+    return clients * count / elapsed
+
+
+def wakeup_latencies(url: str, samples: int) -> list[float]:
+    """Seconds from the enqueue call until a long-polling claimer returns the task."""
+    producer: Backend = backend_from_url(url)
+    claimer: Backend = backend_from_url(url)
+    results: list[float] = []
+    for _ in range(samples):
+        task = producer.create_task({"name": "wake"})
+        got: dict[str, float] = {}
+        ready = threading.Event()
+
+        def wait_for_it() -> None:
+            ready.set()
+            claimed = claimer.claim(["default"], "bench-claimer", wait_s=10)
+            got["at"] = time.perf_counter()
+            assert claimed is not None and claimed.id == task.id
+            claimer.set_status(claimed.id, "completed", worker_id="bench-claimer")
+
+        thread = threading.Thread(target=wait_for_it)
+        thread.start()
+        ready.wait()
+        time.sleep(0.05)  # the claim request is now parked in the server
+        sent = time.perf_counter()
+        producer.enqueue(task.id)
+        thread.join()
+        results.append(got["at"] - sent)
+    producer.close()
+    claimer.close()
+    return results
+
+
+def _pg_schema_url() -> tuple[str, str] | None:
+    try:
+        import psycopg
+
+        schema = f"bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        sep = "&" if "?" in POSTGRES_URL else "?"
+        return f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}", schema
+    except Exception as exc:  # noqa: BLE001
+        print(f"PostgreSQL not reachable ({exc}); skipping its rows", file=sys.stderr)
+        return None
+
+
+def _drop_pg_schema(schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cycles", type=int, default=1000, help="cycles per run (direct SQLite)")
+    parser.add_argument("--http-cycles", type=int, default=300, help="cycles per run over HTTP")
+    parser.add_argument("--runs", type=int, default=5, help="runs per configuration")
+    parser.add_argument("--wakeups", type=int, default=100, help="long-poll wake-up samples")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL rows")
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    args = parser.parse_args()
+
+    results: dict[str, dict[str, float]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
+
+    def record(name: str, values: list[float], unit: str) -> None:
+        results[name] = {
+            "unit": unit,  # type: ignore[dict-item]
+            "p50": statistics.median(values),
+            "p95": percentile(values, 95),
+            "min": min(values),
+            "max": max(values),
+            "n": len(values),
+        }
+        r = results[name]
+        print(f"{name:<44} p50 {r['p50']:>9.2f}  p95 {r['p95']:>9.2f}  {unit}  (n={len(values)})", flush=True)
+
+    sqlite_url = f"sqlite:///{tmp / 'direct.db'}"
+    record("cycles/s direct SQLite", [cycles(sqlite_url, args.cycles) for _ in range(args.runs)], "cycles/s")
+    record(
+        "cycles/s direct SQLite, 2 processes",
+        [parallel_cycles(sqlite_url, args.cycles // 2, 2) for _ in range(args.runs)],
+        "cycles/s",
+    )
+
+    proc, url = start_server(f"sqlite:///{tmp / 'http.db'}")
+    try:
+        wake = wakeup_latencies(url, args.wakeups)
+        record("long-poll wake-up over HTTP (SQLite)", [w * 1000 for w in wake], "ms")
+        record("cycles/s HTTP over SQLite", [cycles(url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
+        record(
+            "cycles/s HTTP over SQLite, 2 clients",
+            [parallel_cycles(url, args.http_cycles // 2, 2) for _ in range(args.runs)],
+            "cycles/s",
+        )
+    finally:
+        stop_server(proc)
+
+    pg = None if args.no_postgres else _pg_schema_url()
+    if pg is not None:
+        pg_url, schema = pg
+        proc, url = start_server(pg_url)
+        try:
+            wake = wakeup_latencies(url, args.wakeups)
+            record("long-poll wake-up over HTTP (PostgreSQL)", [w * 1000 for w in wake], "ms")
+            record("cycles/s HTTP over PostgreSQL", [cycles(url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
+            record(
+                "cycles/s HTTP over PostgreSQL, 2 clients",
+                [parallel_cycles(url, args.http_cycles // 2, 2) for _ in range(args.runs)],
+                "cycles/s",
+            )
+            record("cycles/s direct PostgreSQL", [cycles(pg_url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
+        finally:
+            stop_server(proc)
+            _drop_pg_schema(schema)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
