@@ -235,7 +235,7 @@ class Backend(abc.ABC):
     def expire_leases(self) -> list[str]:
         """Fail every active task whose lease expired; returns their ids."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for implementations
         """Release connections."""
 
 

@@ -286,12 +286,18 @@ class LogLine(_Record):
     n: int | None = None
 
 
+#: Largest integer a field may hold (both databases store 64-bit integers).
+MAX_INT64 = 2**63 - 1
+
+
 class Scalar(_Record):
-    """One reported value of a metric series."""
+    """One reported value of a metric series. NaN and ±inf are kept (a diverging loss)."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     title: Name = Field(min_length=1)
     series: Name = Field(min_length=1)
-    iteration: int = 0
+    iteration: int = Field(default=0, ge=-MAX_INT64, le=MAX_INT64)
     value: float
     timestamp: float | None = None
 

@@ -42,7 +42,7 @@ QE = schema.queue_entries
 W = schema.workers
 
 #: How often a waiting claimer re-checks the queues (covers enqueues by other processes).
-CLAIM_POLL_INTERVAL_S = 0.05
+CLAIM_POLL_INTERVAL_S = 0.01
 #: Expired leases are swept at most this often by one client.
 LEASE_SWEEP_INTERVAL_S = 1.0
 MAX_LEASE_S = 86_400.0

@@ -130,7 +130,7 @@ scalars = sa.Table(
     sa.Column("title", sa.String(256), nullable=False),
     sa.Column("series", sa.String(256), nullable=False),
     sa.Column("iteration", sa.BigInteger, nullable=False),
-    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("value", sa.Float, nullable=True),  # NULL stands for NaN
     sa.Column("timestamp", sa.Float, nullable=False),
     sa.Index("ix_scalars_task", "task_id", "title", "series", "iteration"),
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from controller.models import (
     DEFAULT_LEASE_S,
     EDITABLE_FIELDS,
     LEGAL_TRANSITIONS,
+    MAX_INT64,
     MAX_LOG_LINES_PER_CALL,
     LogLine,
     Scalar,
@@ -241,10 +243,12 @@ class SqlBackend(QueueingMixin, Backend):
         offset: int = 0,
     ) -> list[TaskRecord]:
         """Tasks matching every given filter (all `tags` present), newest first."""
-        if not 0 < limit <= MAX_QUERY_LIMIT:
-            raise InvalidInputError(f"limit must be 1..{MAX_QUERY_LIMIT}, got {limit}", field="limit")
-        if offset < 0:
-            raise InvalidInputError(f"offset must be >= 0, got {offset}", field="offset")
+        if not isinstance(limit, int) or not 0 < limit <= MAX_QUERY_LIMIT:
+            raise InvalidInputError(f"limit must be 1..{MAX_QUERY_LIMIT}, got {limit!r}", field="limit")
+        if not isinstance(offset, int) or not 0 <= offset <= MAX_INT64:
+            raise InvalidInputError(f"offset must be an integer >= 0, got {offset!r}", field="offset")
+        if isinstance(tags, str):
+            tags = [tags]
         query = sa.select(T)
         if project is not None:
             query = query.where(T.c.project == project)
@@ -460,8 +464,9 @@ class SqlBackend(QueueingMixin, Backend):
     ) -> list[LogLine]:
         """Lines from line number `offset` on (at most `limit`), or the last `tail` lines."""
         L = schema.log_lines
-        if offset < 0 or (limit is not None and limit < 0) or (tail is not None and tail < 0):
-            raise InvalidInputError("offset, limit and tail must be >= 0", field="offset")
+        for name, value in (("offset", offset), ("limit", limit), ("tail", tail)):
+            if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_INT64):
+                raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}", field=name)
         with self._read() as conn:
             total = conn.execute(sa.select(T.c.log_lines).where(T.c.id == task_id)).scalar()
             if total is None:
@@ -487,7 +492,8 @@ class SqlBackend(QueueingMixin, Backend):
             if parsed:
                 conn.execute(
                     schema.scalars.insert(),
-                    [dict(task_id=task_id, **s.model_dump(exclude={"timestamp"}),
+                    [dict(task_id=task_id, title=s.title, series=s.series, iteration=s.iteration,
+                          value=None if math.isnan(s.value) else s.value,  # SQL stores NaN as NULL
                           timestamp=s.timestamp or now) for s in parsed],
                 )
 
@@ -505,8 +511,8 @@ class SqlBackend(QueueingMixin, Backend):
         with self._read() as conn:
             self._row(conn, task_id)
             return [
-                Scalar(title=r.title, series=r.series, iteration=r.iteration, value=r.value,
-                       timestamp=r.timestamp)
+                Scalar(title=r.title, series=r.series, iteration=r.iteration,
+                       value=math.nan if r.value is None else r.value, timestamp=r.timestamp)
                 for r in conn.execute(query)
             ]
 

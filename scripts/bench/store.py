@@ -3,7 +3,7 @@
 1. Long-poll wake-up over HTTP: a claimer waits in `claim(wait_s=...)`; another client
    enqueues; time from the enqueue call to the claimer holding the task. p50/p95.
 2. Throughput of enqueue + claim + complete cycles per second: direct SQLite, HTTP over
-   SQLite, HTTP over PostgreSQL (one client; and two client processes).
+   SQLite, HTTP over PostgreSQL (one client; and several client processes together).
 
 Usage: python scripts/bench/store.py [--cycles N] [--runs R] [--wakeups N] [--no-postgres]
 Prints a table; with --json, a JSON document too.
@@ -39,27 +39,39 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def cycles(url: str, count: int, queue: str = "default") -> float:
-    """Run `count` enqueue+claim+complete cycles on pre-created tasks; return cycles/s."""
+def cycles(url: str, count: int, queue: str = "default", start_at: float | None = None) -> tuple[float, float]:
+    """Run `count` enqueue+claim+complete cycles on pre-created tasks.
+
+    Returns (started, ended) wall-clock times of the cycles alone; with `start_at`, the
+    cycles begin at that time (so several processes run them together)."""
     backend = backend_from_url(url)
     ids = [backend.create_task({"name": f"bench-{i}"}).id for i in range(count)]
     worker = f"bench-{uuid.uuid4().hex[:6]}"
-    started = time.perf_counter()
+    if start_at is not None:
+        while time.time() < start_at:
+            time.sleep(0.0005)
+    started = time.time()
     for task_id in ids:
         backend.enqueue(task_id, queue)
         task = backend.claim([queue], worker)
         backend.set_status(task.id, "completed", worker_id=worker)
-    elapsed = time.perf_counter() - started
+    ended = time.time()
     backend.close()
-    return count / elapsed
+    return started, ended
 
 
-def _cycles_in_process(args: tuple[str, int, str]) -> float:
+def cycles_per_s(url: str, count: int) -> float:
+    """Cycles per second of one client."""
+    started, ended = cycles(url, count)
+    return count / (ended - started)
+
+
+def _cycles_in_process(args: tuple[str, int, str, float]) -> tuple[float, float]:
     return cycles(*args)
 
 
 def parallel_cycles(url: str, count: int, clients: int) -> float:
-    """Total cycles/s of `clients` processes, each on its own queue."""
+    """Total cycles/s of `clients` processes running together, each on its own queue."""
     backend = backend_from_url(url)
     queues = [f"bench-{uuid.uuid4().hex[:6]}" for _ in range(clients)]
     for name in queues:
@@ -67,10 +79,9 @@ def parallel_cycles(url: str, count: int, clients: int) -> float:
     backend.close()
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(clients) as pool:
-        started = time.perf_counter()
-        pool.map(_cycles_in_process, [(url, count, q) for q in queues])
-        elapsed = time.perf_counter() - started
-    return clients * count / elapsed
+        start_at = time.time() + 3.0  # time for every process to start and make its tasks
+        spans = pool.map(_cycles_in_process, [(url, count, q, start_at) for q in queues])
+    return clients * count / (max(e for _, e in spans) - min(s for s, _ in spans))
 
 
 def wakeup_latencies(url: str, samples: int) -> list[float]:
@@ -83,7 +94,7 @@ def wakeup_latencies(url: str, samples: int) -> list[float]:
         got: dict[str, float] = {}
         ready = threading.Event()
 
-        def wait_for_it() -> None:
+        def wait_for_it(task=task, got=got, ready=ready) -> None:  # noqa: ANN001
             ready.set()
             claimed = claimer.claim(["default"], "bench-claimer", wait_s=10)
             got["at"] = time.perf_counter()
@@ -150,7 +161,7 @@ def main() -> None:
         print(f"{name:<44} p50 {r['p50']:>9.2f}  p95 {r['p95']:>9.2f}  {unit}  (n={len(values)})", flush=True)
 
     sqlite_url = f"sqlite:///{tmp / 'direct.db'}"
-    record("cycles/s direct SQLite", [cycles(sqlite_url, args.cycles) for _ in range(args.runs)], "cycles/s")
+    record("cycles/s direct SQLite", [cycles_per_s(sqlite_url, args.cycles) for _ in range(args.runs)], "cycles/s")
     record(
         "cycles/s direct SQLite, 2 processes",
         [parallel_cycles(sqlite_url, args.cycles // 2, 2) for _ in range(args.runs)],
@@ -161,10 +172,10 @@ def main() -> None:
     try:
         wake = wakeup_latencies(url, args.wakeups)
         record("long-poll wake-up over HTTP (SQLite)", [w * 1000 for w in wake], "ms")
-        record("cycles/s HTTP over SQLite", [cycles(url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
+        record("cycles/s HTTP over SQLite", [cycles_per_s(url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
         record(
-            "cycles/s HTTP over SQLite, 2 clients",
-            [parallel_cycles(url, args.http_cycles // 2, 2) for _ in range(args.runs)],
+            "cycles/s HTTP over SQLite, 4 client processes",
+            [parallel_cycles(url, args.http_cycles // 2, 4) for _ in range(args.runs)],
             "cycles/s",
         )
     finally:
@@ -177,13 +188,13 @@ def main() -> None:
         try:
             wake = wakeup_latencies(url, args.wakeups)
             record("long-poll wake-up over HTTP (PostgreSQL)", [w * 1000 for w in wake], "ms")
-            record("cycles/s HTTP over PostgreSQL", [cycles(url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
+            record("cycles/s HTTP over PostgreSQL", [cycles_per_s(url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
             record(
-                "cycles/s HTTP over PostgreSQL, 2 clients",
-                [parallel_cycles(url, args.http_cycles // 2, 2) for _ in range(args.runs)],
+                "cycles/s HTTP over PostgreSQL, 4 client processes",
+                [parallel_cycles(url, args.http_cycles // 2, 4) for _ in range(args.runs)],
                 "cycles/s",
             )
-            record("cycles/s direct PostgreSQL", [cycles(pg_url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
+            record("cycles/s direct PostgreSQL", [cycles_per_s(pg_url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
         finally:
             stop_server(proc)
             _drop_pg_schema(schema)

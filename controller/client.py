@@ -1,0 +1,489 @@
+"""`HttpBackend`: the Backend interface over the HTTP API of `controller serve`.
+
+Same methods, same records, same exceptions as `SqlBackend`: error responses are turned
+back into their exception class with `error_from_json`. Input is validated by the server
+(422 → InvalidInputError), so both transports accept and refuse the same input.
+
+Transport: a keep-alive urllib3 connection pool (urllib3 is what requests runs on; used
+directly it costs about half as much CPU per call, which matters for agents that claim
+and report at high rates). Only connection errors are retried (a bounded number of
+times, with backoff): a request the server may have received is never sent twice. When
+the server cannot be reached, BackendUnavailableError says so in one line naming the URL.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import pydantic_core
+import urllib3
+from pydantic import BaseModel, TypeAdapter
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.util.retry import Retry
+
+from controller.backend import _UNSET, MAX_CLAIM_WAIT_S, Backend
+from controller.errors import BackendUnavailableError, InvalidInputError, error_from_json
+from controller.models import (
+    DEFAULT_LEASE_S,
+    HeartbeatReply,
+    LogLine,
+    QueueInfo,
+    Scalar,
+    TaskRecord,
+    TaskSpec,
+    TaskStatus,
+    WorkerInfo,
+)
+
+#: Largest request body the server accepts (see controller.server.middleware).
+MAX_BODY_BYTES = 64 * 1024 * 1024
+_TASKS = TypeAdapter(list[TaskRecord])
+_LOG = TypeAdapter(list[LogLine])
+_SCALARS = TypeAdapter(list[Scalar])
+_QUEUES = TypeAdapter(list[QueueInfo])
+_WORKERS = TypeAdapter(list[WorkerInfo])
+_IDS = TypeAdapter(list[str])
+
+
+def _p(segment: str) -> str:
+    """A path segment, percent-encoded (ids and names never change the route)."""
+    return quote(str(segment), safe="")
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost, human-readable cause of a urllib3 error, in one line."""
+    err: BaseException = exc
+    seen: set[int] = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = err.reason if isinstance(err, MaxRetryError) else None
+        if inner is None and err.args and isinstance(err.args[0], BaseException):
+            inner = err.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    text = str(err)
+    for marker in ("Failed to establish a new connection: ", "Failed to resolve "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    text = re.sub(r"\[Errno -?\d+\]\s*", "", text)
+    text = re.sub(r"^\S*Connection(Pool)?\([^)]*\):\s*", "", text)
+    return " ".join(text.split()) or type(err).__name__
+
+
+def _is_connect_error(exc: BaseException) -> bool:
+    """True if the request never reached the server (safe to say "cannot connect")."""
+    reason = exc.reason if isinstance(exc, MaxRetryError) else exc
+    return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+
+
+def _strip_body_prefix(body: dict[str, Any]) -> dict[str, Any]:
+    """Name fields as the SQL store does: `name`, not the server's `body.name`."""
+    body = dict(body)
+    field = body.get("field")
+    if isinstance(field, str) and field.startswith("body."):
+        body["field"] = field[len("body.") :]
+    message = body.get("message")
+    if isinstance(message, str):
+        body["message"] = re.sub(r"(^|; )body\.", r"\1", message)
+    return body
+
+
+class HttpBackend(Backend):
+    """Backend over HTTP: `HttpBackend("http://host:8008", token=...)`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+    ) -> None:
+        """`timeout_s` bounds each answer (claims add their `wait_s`); `retries` is how
+        often a failed *connection* is retried, with exponential backoff from `backoff_s`."""
+        if not url.startswith(("http://", "https://")):
+            raise InvalidInputError(f"not an HTTP URL: {url!r} (use http://host:port)", field="url")
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.retries = retries
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=0,
+            status=0,
+            other=0,
+            redirect=0,
+            backoff_factor=backoff_s,
+            allowed_methods=None,
+            raise_on_status=False,
+            raise_on_redirect=False,
+        )
+        parts = urlsplit(self.url)
+        if not parts.hostname:
+            raise InvalidInputError(f"no host in the API URL {url!r}", field="url")
+        self._base_path = parts.path.rstrip("/") + "/api/v1"
+        # One pool per backend (thread-safe); extra connections beyond maxsize are
+        # opened when many threads call at once and closed after use.
+        self._pool = urllib3.connection_from_url(
+            self.url, maxsize=16, block=False, retries=retry, headers=None
+        )
+        self._headers = {"Accept": "application/json", "User-Agent": "conveyor-client"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
+
+    def __repr__(self) -> str:
+        return f"HttpBackend({self.url!r})"
+
+    # ------------------------------------------------------------- transport
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        read_timeout_s: float | None = None,
+    ) -> bytes | None:
+        """Send one request; the response content, None for 204; raise mapped errors."""
+        headers = self._headers
+        data = None
+        if body is not None:
+            try:
+                data = pydantic_core.to_json(body)
+            except pydantic_core.PydanticSerializationError as exc:
+                raise InvalidInputError(f"input is not JSON-serializable: {exc}") from None
+            if len(data) > MAX_BODY_BYTES:
+                raise InvalidInputError(
+                    f"request too large ({len(data)} bytes): the limit is "
+                    f"{MAX_BODY_BYTES // (1024 * 1024)} MiB",
+                    field="body",
+                )
+            headers = self._json_headers
+        url = self._base_path + path
+        if params:
+            url += "?" + urlencode(params, doseq=True)
+        read_timeout = read_timeout_s or self.timeout_s
+        timeout = urllib3.Timeout(connect=self.connect_timeout_s, read=read_timeout)
+        try:
+            resp = self._pool.urlopen(
+                method,
+                url,
+                body=data,
+                headers=headers,
+                timeout=timeout,
+                preload_content=True,
+                assert_same_host=False,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackendUnavailableError(self._unreachable(exc, read_timeout)) from None
+        status = resp.status
+        if status == 204:
+            return None
+        if status < 400:
+            return resp.data
+        self._raise(status, resp.data, resp.reason)
+        return None  # unreachable
+
+    def _unreachable(self, exc: BaseException, read_timeout: float) -> str:
+        """The one-line message of a request that got no answer."""
+        reason = _reason(exc)
+        inner = exc.reason if isinstance(exc, MaxRetryError) else exc
+        if _is_connect_error(exc):
+            tries = self.retries + 1
+            suffix = f" (tried {tries} times)" if tries > 1 else ""
+        elif isinstance(inner, ReadTimeoutError):
+            reason, suffix = f"no answer within {read_timeout:g}s", ""
+        else:
+            reason, suffix = f"connection lost before the answer ({reason})", ""
+        return f"cannot reach the Conveyor API at {self.url}: {reason}{suffix}"
+
+    def _raise(self, status: int, content: bytes, reason: str | None) -> None:
+        try:
+            body = pydantic_core.from_json(content) if content else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "error" not in body:
+            text = " ".join(content.decode(errors="replace").split())[:300]
+            message = f"HTTP {status} from the Conveyor API at {self.url}: {text or reason or ''}"
+            if status in (502, 503, 504):
+                raise BackendUnavailableError(message)
+            body = {"message": message}
+        elif body.get("error") == InvalidInputError.code:
+            body = _strip_body_prefix(body)
+        raise error_from_json(status, body)
+
+    @staticmethod
+    def _plain(obj: Any) -> Any:
+        """Mappings and models become plain JSON-able values (sequences become lists)."""
+        if isinstance(obj, BaseModel):
+            return obj.model_dump(mode="json")
+        if isinstance(obj, Mapping):
+            return dict(obj)
+        return obj
+
+    # ----------------------------------------------------------------- tasks
+    def create_task(self, spec: TaskSpec | Mapping[str, Any]) -> TaskRecord:
+        """Create a task in status created and return it."""
+        body = (
+            spec.model_dump(mode="json", exclude_unset=True)
+            if isinstance(spec, BaseModel)
+            else dict(spec)
+        )
+        return TaskRecord.model_validate_json(self._call("POST", "/tasks", body))
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        """Return one task; NotFoundError if there is none with that id."""
+        return TaskRecord.model_validate_json(self._call("GET", f"/tasks/{_p(task_id)}"))
+
+    def query_tasks(
+        self,
+        *,
+        project: str | None = None,
+        name: str | None = None,
+        status: Sequence[TaskStatus | str] | TaskStatus | str | None = None,
+        tags: Sequence[str] | None = None,
+        parent: str | None = None,
+        type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """Tasks matching every given filter (all `tags` present), newest first."""
+        if isinstance(status, (str, TaskStatus)):
+            status = [status]
+        if isinstance(tags, str):
+            tags = [tags]
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        for key, value in (
+            ("project", project),
+            ("name", name),
+            ("parent", parent),
+            ("type", type),
+        ):
+            if value is not None:
+                params[key] = value.value if isinstance(value, Enum) else value
+        if status is not None:
+            params["status"] = [s.value if isinstance(s, Enum) else s for s in status]
+        if tags is not None:
+            params["tags"] = list(tags)
+        return _TASKS.validate_json(self._call("GET", "/tasks", params=params))
+
+    def edit_task(
+        self, task_id: str, changes: Mapping[str, Any], *, force: bool = False
+    ) -> TaskRecord:
+        """Change definition fields of a task (see Backend.edit_task)."""
+        body = {"changes": dict(changes), "force": force}
+        return TaskRecord.model_validate_json(self._call("PATCH", f"/tasks/{_p(task_id)}", body))
+
+    def clone_task(
+        self,
+        task_id: str,
+        *,
+        name: str | None = None,
+        project: str | None = None,
+        parent: str | None = _UNSET,
+    ) -> TaskRecord:
+        """A copy of the task's definition with a new id, in status created."""
+        body: dict[str, Any] = {"name": name, "project": project}
+        if parent is not _UNSET:
+            body["parent"] = parent
+        return TaskRecord.model_validate_json(
+            self._call("POST", f"/tasks/{_p(task_id)}/clone", body)
+        )
+
+    def delete_task(self, task_id: str, *, force: bool = False) -> None:
+        """Delete a task with its log and scalars. An active task needs `force`."""
+        self._call(
+            "DELETE", f"/tasks/{_p(task_id)}", params={"force": "true" if force else "false"}
+        )
+
+    def set_status(
+        self,
+        task_id: str,
+        status: TaskStatus | str,
+        *,
+        reason: str = "",
+        message: str = "",
+        worker_id: str | None = None,
+    ) -> TaskRecord:
+        """Move a task to `status` if the status rules allow it."""
+        body = {
+            "status": status.value if isinstance(status, TaskStatus) else status,
+            "reason": reason,
+            "message": message,
+            "worker_id": worker_id,
+        }
+        return TaskRecord.model_validate_json(
+            self._call("POST", f"/tasks/{_p(task_id)}/status", body)
+        )
+
+    # ----------------------------------------------------------- logs/metrics
+    def append_log(self, task_id: str, lines: Sequence[LogLine | Mapping[str, Any] | str]) -> int:
+        """Append lines to a task's log; returns the log's new length in lines."""
+        if isinstance(lines, (str, bytes)):
+            lines = [lines]
+        body = {"lines": [self._plain(line) for line in lines]}
+        reply = self._call("POST", f"/tasks/{_p(task_id)}/log", body)
+        return int(pydantic_core.from_json(reply)["length"])
+
+    def get_log(
+        self, task_id: str, *, offset: int = 0, limit: int | None = None, tail: int | None = None
+    ) -> list[LogLine]:
+        """Lines from line number `offset` on (at most `limit`), or the last `tail` lines."""
+        params: dict[str, Any] = {"offset": offset}
+        if limit is not None:
+            params["limit"] = limit
+        if tail is not None:
+            params["tail"] = tail
+        return _LOG.validate_json(self._call("GET", f"/tasks/{_p(task_id)}/log", params=params))
+
+    def report_scalars(self, task_id: str, scalars: Sequence[Scalar | Mapping[str, Any]]) -> None:
+        """Record scalar values (title, series, iteration, value)."""
+        body = {"scalars": [self._plain(s) for s in scalars]}
+        self._call("POST", f"/tasks/{_p(task_id)}/scalars", body)
+
+    def get_scalars(
+        self, task_id: str, *, title: str | None = None, series: str | None = None
+    ) -> list[Scalar]:
+        """Scalars of a task, ordered by title, series, iteration."""
+        params = {k: v for k, v in (("title", title), ("series", series)) if v is not None}
+        return _SCALARS.validate_json(
+            self._call("GET", f"/tasks/{_p(task_id)}/scalars", params=params)
+        )
+
+    # ---------------------------------------------------------------- queues
+    def create_queue(self, name: str) -> QueueInfo:
+        """Create a queue (ConflictError if it exists)."""
+        return QueueInfo.model_validate_json(self._call("POST", "/queues", {"name": name}))
+
+    def list_queues(self) -> list[QueueInfo]:
+        """Every queue with its length, by name."""
+        return _QUEUES.validate_json(self._call("GET", "/queues"))
+
+    def get_queue(self, name: str) -> QueueInfo:
+        """One queue; NotFoundError if unknown."""
+        return QueueInfo.model_validate_json(self._call("GET", f"/queues/{_p(name)}"))
+
+    def delete_queue(self, name: str, *, force: bool = False) -> None:
+        """Delete a queue; a non-empty queue needs `force`."""
+        self._call("DELETE", f"/queues/{_p(name)}", params={"force": "true" if force else "false"})
+
+    def enqueue(
+        self, task_id: str, queue: str | None = None, *, priority: int | None = None
+    ) -> TaskRecord:
+        """Put a created (or finished) task on a queue."""
+        body = {"queue": queue, "priority": priority}
+        return TaskRecord.model_validate_json(
+            self._call("POST", f"/tasks/{_p(task_id)}/enqueue", body)
+        )
+
+    def dequeue(self, task_id: str) -> TaskRecord:
+        """Take a queued task off its queue, back to created."""
+        return TaskRecord.model_validate_json(self._call("POST", f"/tasks/{_p(task_id)}/dequeue"))
+
+    def queue_tasks(self, name: str) -> list[TaskRecord]:
+        """The tasks waiting in a queue, in the order they will be claimed."""
+        return _TASKS.validate_json(self._call("GET", f"/queues/{_p(name)}/tasks"))
+
+    def claim(
+        self,
+        queues: Sequence[str],
+        worker_id: str,
+        *,
+        wait_s: float = 0.0,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> TaskRecord | None:
+        """Take the next task of `queues`, waiting up to `wait_s` for one; None if none came."""
+        if isinstance(queues, str):
+            queues = [queues]
+        body = {
+            "queues": list(queues),
+            "worker_id": worker_id,
+            "wait_s": wait_s,
+            "lease_s": lease_s,
+        }
+        try:
+            read_timeout = min(float(wait_s), MAX_CLAIM_WAIT_S) + self.timeout_s
+        except (TypeError, ValueError):
+            read_timeout = self.timeout_s  # the server refuses the bad wait_s
+        content = self._call("POST", "/claim", body, read_timeout_s=read_timeout)
+        if content is None or content == b"null":
+            return None
+        return TaskRecord.model_validate_json(content)
+
+    # --------------------------------------------------------------- workers
+    def register_worker(
+        self, worker_id: str, *, hostname: str = "", queues: Sequence[str] = (), slots: int = 1
+    ) -> WorkerInfo:
+        """Register (or re-register) a worker."""
+        if isinstance(queues, str):
+            queues = [queues]
+        body = {
+            "worker_id": worker_id,
+            "hostname": hostname,
+            "queues": list(queues),
+            "slots": slots,
+        }
+        return WorkerInfo.model_validate_json(self._call("POST", "/workers", body))
+
+    def heartbeat(
+        self,
+        worker_id: str,
+        *,
+        resources: Mapping[str, Any] | None = None,
+        current_tasks: Sequence[str] | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> HeartbeatReply:
+        """Mark a worker alive, extend the leases of its tasks, return tasks to abort."""
+        body = {
+            "resources": dict(resources) if resources is not None else None,
+            "current_tasks": list(current_tasks) if current_tasks is not None else None,
+            "lease_s": lease_s,
+        }
+        reply = self._call("POST", f"/workers/{_p(worker_id)}/heartbeat", body)
+        return HeartbeatReply.model_validate_json(reply)
+
+    def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker (its tasks keep their leases until they expire)."""
+        self._call("DELETE", f"/workers/{_p(worker_id)}")
+
+    def list_workers(self) -> list[WorkerInfo]:
+        """Registered workers with last-seen time and current tasks."""
+        return _WORKERS.validate_json(self._call("GET", "/workers"))
+
+    # ------------------------------------------------------------- lifecycle
+    def abort_task(self, task_id: str, *, message: str = "") -> TaskRecord:
+        """Abort a task (queued/created → stopped, in_progress → stopping)."""
+        body = {"message": message}
+        return TaskRecord.model_validate_json(
+            self._call("POST", f"/tasks/{_p(task_id)}/abort", body)
+        )
+
+    def reset_task(self, task_id: str) -> TaskRecord:
+        """Bring a task that is not active back to created, clearing its outputs."""
+        return TaskRecord.model_validate_json(self._call("POST", f"/tasks/{_p(task_id)}/reset"))
+
+    def expire_leases(self) -> list[str]:
+        """Fail every active task whose lease expired; returns their ids."""
+        return _IDS.validate_json(self._call("POST", "/leases/expire"))
+
+    def health(self) -> dict[str, Any]:
+        """The server's /health answer ({"status": "ok", "version": ...})."""
+        return pydantic_core.from_json(self._call("GET", "/health"))
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._pool.close()

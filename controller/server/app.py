@@ -1,0 +1,250 @@
+"""The Conveyor HTTP API: every Backend operation under /api/v1, served by uvicorn.
+
+`create_app(backend, token)` builds the FastAPI application around any Backend;
+`serve(host, port, db_url, token)` opens a SqlBackend and runs it (one process).
+
+Errors keep the Backend's meaning: a ConveyorError is answered with its own HTTP status
+and `to_json()` body, so `HttpBackend` raises the very same exception class. Input that
+fails validation is answered with 422 `invalid_input` naming the field at fault, and
+nothing is changed. Long-polling claims wait on wake-ups fired by the Backend's enqueue
+listener (see `controller.server.waker`); a background task sweeps expired leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+import controller
+from controller.backend import Backend
+from controller.errors import ConveyorError
+from controller.server.error_bodies import (
+    conveyor_error_body,
+    internal_error_body,
+    one_line,
+    validation_body,
+    value_error_body,
+)
+from controller.server.fastpath import FastPath
+from controller.server.middleware import MAX_BODY_BYTES, BodyLimitMiddleware, TokenAuthMiddleware
+from controller.server.routes_queues import HEALTH_JSON, add_queue_routes
+from controller.server.routes_tasks import add_task_routes
+from controller.server.waker import ClaimWaker, Runner, run_inline
+
+log = logging.getLogger("conveyor.server")
+
+API_PREFIX = "/api/v1"
+#: Seconds between two sweeps of expired leases.
+LEASE_SWEEP_S = 2.0
+#: Seconds between two polls for work enqueued by other processes (see waker.py).
+CLAIM_POLL_S = 0.1
+
+
+# ------------------------------------------------------------ error handlers
+def _conveyor_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ConveyorError)
+    return JSONResponse(status_code=exc.http_status, content=conveyor_error_body(exc))
+
+
+def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(status_code=422, content=validation_body(exc.errors()))
+
+
+def _value_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, (ValueError, OverflowError))
+    return JSONResponse(status_code=422, content=value_error_body(exc))
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        body = {"error": "not_found", "message": f"no such endpoint: {where}"}
+    elif exc.status_code == 405:
+        body = {"error": "method_not_allowed", "message": f"method not allowed: {where}"}
+    else:
+        body = {"error": "http_error", "message": one_line(str(exc.detail))}
+    return JSONResponse(status_code=exc.status_code, content=body, headers=exc.headers)
+
+
+def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    body = internal_error_body(request.method, request.url.path, exc)
+    return JSONResponse(status_code=500, content=body)
+
+
+# ------------------------------------------------------------------- lifespan
+async def _sweep_leases(backend: Backend, every_s: float, run: Runner) -> None:
+    failures = 0
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            expired = await run(backend.expire_leases)
+            if expired:
+                log.info("lease sweep failed %d task(s): %s", len(expired), ", ".join(expired))
+            failures = 0
+        except Exception as exc:  # keep sweeping; say it once per outage
+            failures += 1
+            if failures == 1:
+                log.warning("lease sweep failed: %s", exc)
+
+
+def create_app(
+    backend: Backend,
+    token: str | None = None,
+    *,
+    lease_sweep_s: float = LEASE_SWEEP_S,
+    claim_poll_s: float = CLAIM_POLL_S,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    fast_path: bool = True,
+) -> FastAPI:
+    """The FastAPI application exposing `backend` under /api/v1.
+
+    With `token`, every request (the OpenAPI schema and /docs included) must present it
+    as `Authorization: Bearer <token>`, the cookie `conveyor_token` or `?token=`.
+    `lease_sweep_s <= 0` disables the background lease sweep.
+
+    `fast_path` serves the hot agent endpoints without FastAPI's per-request machinery
+    (same answers, see `controller.server.fastpath`). On a SQLite store it also runs
+    those short calls right on the event loop instead of hopping to the threadpool:
+    SQLite serializes writers anyway, and the hop costs as much as the call (this about
+    doubles the agent-cycle throughput). PostgreSQL calls always go to the threadpool.
+    """
+    inline = fast_path and getattr(backend, "dialect", "") == "sqlite"
+    run: Runner = run_inline if inline else run_in_threadpool
+    waker = ClaimWaker()
+    add_listener = getattr(backend, "add_enqueue_listener", None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        waker.attach(asyncio.get_running_loop())
+        registered = False
+        if callable(add_listener):
+            add_listener(waker.notify_threadsafe)
+            registered = True
+        tasks = [asyncio.create_task(waker.run_ticker(claim_poll_s))]
+        if lease_sweep_s > 0:
+            tasks.append(asyncio.create_task(_sweep_leases(backend, lease_sweep_s, run)))
+        try:
+            yield
+        finally:
+            waker.close()
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            remove = getattr(backend, "remove_enqueue_listener", None)
+            if registered and callable(remove):
+                remove(waker.notify_threadsafe)
+
+    options: dict[str, Any] = {}
+    if "telemetry" in inspect.signature(FastAPI).parameters:
+        # Built-in OpenTelemetry hooks (FastAPI >= 0.16x) cost ~30 µs a request even
+        # when no exporter is configured.
+        options["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(
+        title="Conveyor API",
+        version=controller.__version__,
+        description="Task store, queues and workers of Conveyor.",
+        lifespan=lifespan,
+        **options,
+    )
+    app.state.backend = backend
+    app.state.waker = waker
+    notify_enqueues = not callable(add_listener)
+    add_queue_routes(app.router, API_PREFIX, backend, waker)
+    add_task_routes(app.router, API_PREFIX, backend, waker, notify_enqueues)
+
+    app.add_exception_handler(ConveyorError, _conveyor_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.add_exception_handler(ValueError, _value_error)
+    app.add_exception_handler(OverflowError, _value_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+    # Middlewares: the last added runs first (auth → body limit → fast path → FastAPI).
+    if fast_path:
+        app.add_middleware(
+            FastPath,
+            backend=backend,
+            waker=waker,
+            prefix=API_PREFIX,
+            notify_enqueues=notify_enqueues,
+            health=HEALTH_JSON,
+            inline=inline,
+        )
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    if token:
+        app.add_middleware(TokenAuthMiddleware, token=token)
+    return app
+
+
+# ---------------------------------------------------------------------- serve
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by ***."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def serve(
+    host: str,
+    port: int,
+    db_url: str,
+    token: str | None,
+    log_level: str = "warning",
+    *,
+    fast_path: bool = True,
+) -> None:
+    """Run the API server on host:port over the store at `db_url` until SIGINT/SIGTERM.
+
+    One process; uvloop and httptools are used when installed. On shutdown, waiting
+    claims answer null at once instead of holding the exit for up to a minute.
+    """
+    import uvicorn
+
+    from controller.store import SqlBackend
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING))
+    backend = SqlBackend(db_url)
+    app = create_app(backend, token, fast_path=fast_path)
+    waker: ClaimWaker = app.state.waker
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            waker.close_threadsafe()
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        access_log=log_level in ("debug", "trace", "info"),
+        timeout_keep_alive=65,
+        timeout_graceful_shutdown=10,
+        server_header=False,
+    )
+    auth = "token required" if token else "no token"
+    print(
+        f"Conveyor API on http://{host}:{port} ({auth}; store {redact_url(db_url)})",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        _Server(config).run()
+    finally:
+        backend.close()

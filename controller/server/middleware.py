@@ -1,0 +1,160 @@
+"""Pure-ASGI middlewares of the API server: bearer-token auth and the body size limit."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+#: Largest request body the server reads (64 MiB).
+MAX_BODY_BYTES = 64 * 1024 * 1024
+TOKEN_COOKIE = "conveyor_token"
+TOKEN_QUERY_PARAM = "token"
+
+
+async def send_json(
+    send: Send, status: int, body: dict[str, Any], headers: list | None = None
+) -> None:
+    """Send a complete JSON response straight through ASGI."""
+    payload = json.dumps(body).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        *(headers or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return None
+
+
+class TokenAuthMiddleware:
+    """Refuse every request without the API token (401).
+
+    The token is accepted as `Authorization: Bearer <token>`, as the cookie
+    `conveyor_token` or as the query parameter `token` (for the web dashboard).
+    """
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    def _presented(self, scope: Scope) -> list[bytes]:
+        found: list[bytes] = []
+        auth = _header(scope, b"authorization")
+        if auth:
+            scheme, _, value = auth.partition(b" ")
+            if scheme.lower() == b"bearer":
+                found.append(value.strip())
+        cookie = _header(scope, b"cookie")
+        if cookie:
+            try:
+                morsel = SimpleCookie(cookie.decode("latin-1")).get(TOKEN_COOKIE)
+            except Exception:  # a malformed cookie header is just no token
+                morsel = None
+            if morsel is not None:
+                found.append(morsel.value.encode())
+        query = scope.get("query_string", b"")
+        if query and TOKEN_QUERY_PARAM.encode() + b"=" in query:
+            for key, value in parse_qsl(query.decode("latin-1")):
+                if key == TOKEN_QUERY_PARAM:
+                    found.append(value.encode())
+        return found
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if any(hmac.compare_digest(t, self._token) for t in self._presented(scope)):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4401})
+            return
+        await send_json(
+            send,
+            401,
+            {
+                "error": "unauthorized",
+                "message": "missing or wrong API token: send 'Authorization: Bearer <token>'",
+            },
+            [(b"www-authenticate", b'Bearer realm="conveyor"')],
+        )
+
+
+def _too_large(size: int | None, limit: int) -> dict[str, Any]:
+    got = f" ({size} bytes)" if size is not None else ""
+    return {
+        "error": "invalid_input",
+        "message": f"request body too large{got}: the limit is {limit // (1024 * 1024)} MiB",
+        "field": "body",
+    }
+
+
+class BodyLimitMiddleware:
+    """Answer 413 to request bodies larger than `limit` bytes, before the app sees them.
+
+    A declared Content-Length over the limit is refused without reading the body; a
+    chunked body is buffered up to the limit and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                size = -1
+            if size > self.limit:
+                await send_json(
+                    send, 413, _too_large(size, self.limit), [(b"connection", b"close")]
+                )
+                return
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        # No Content-Length (chunked): buffer the body up to the limit.
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.limit:
+                await send_json(
+                    send, 413, _too_large(None, self.limit), [(b"connection", b"close")]
+                )
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

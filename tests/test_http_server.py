@@ -1,0 +1,538 @@
+"""HTTP-specific behaviour of the API server and HttpBackend, on real server processes.
+
+Contract behaviour shared with SqlBackend lives in the contract tests; here: auth, the
+OpenAPI schema, error status codes and bodies, size limits, long-poll claims, the lease
+sweep, shutdown, and what the client says when the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from controller.client import HttpBackend
+from controller.errors import (
+    AuthError,
+    BackendUnavailableError,
+    ConflictError,
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+)
+from controller.models import TaskStatus
+from controller.server.waker import CLOSED, ENQUEUED, MAYBE_MORE, ClaimWaker
+from controller.store import SqlBackend
+from tests.helpers_server import free_port, start_server, stop_server
+
+TOKEN = "s3cret-token"
+API = "/api/v1"
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A server without a token: (base_url, db_url)."""
+    db_url = f"sqlite:///{tmp_path_factory.mktemp('open')}/c.db"
+    proc, url = start_server(db_url)
+    yield url, db_url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server that requires TOKEN."""
+    proc, url = start_server(f"sqlite:///{tmp_path_factory.mktemp('tok')}/c.db", token=TOKEN)
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module", params=["fast-path", "fastapi-only"])
+def any_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A server with the fast path on, and one serving everything through FastAPI."""
+    extra = ["--no-fast-path"] if request.param == "fastapi-only" else []
+    db_url = f"sqlite:///{tmp_path_factory.mktemp(request.param)}/c.db"
+    proc, url = start_server(db_url, extra_args=extra)
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture
+def client(open_server: tuple[str, str]) -> Iterator[HttpBackend]:
+    backend = HttpBackend(open_server[0])
+    yield backend
+    backend.close()
+
+
+def task_count(url: str) -> int:
+    return len(requests.get(f"{url}{API}/tasks", params={"limit": 10_000}, timeout=10).json())
+
+
+# ------------------------------------------------------------------------ auth
+PROTECTED = [
+    ("GET", f"{API}/health"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", f"{API}/tasks"),
+    ("GET", f"{API}/tasks/whatever"),
+    ("POST", f"{API}/claim"),
+    ("POST", f"{API}/tasks/whatever/status"),
+    ("GET", f"{API}/queues"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), PROTECTED)
+def test_token_required_on_every_endpoint(token_server: str, method: str, path: str) -> None:
+    url = token_server + path
+    missing = requests.request(method, url, timeout=10)
+    assert missing.status_code == 401
+    assert missing.json()["error"] == "unauthorized"
+    assert "token" in missing.json()["message"]
+    wrong = requests.request(method, url, headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401
+    right = requests.request(method, url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert right.status_code != 401
+
+
+def test_token_accepted_as_bearer_cookie_or_query(token_server: str) -> None:
+    health = f"{token_server}{API}/health"
+    assert (
+        requests.get(health, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).status_code
+        == 200
+    )
+    assert requests.get(health, cookies={"conveyor_token": TOKEN}, timeout=10).status_code == 200
+    assert requests.get(health, params={"token": TOKEN}, timeout=10).status_code == 200
+    assert requests.get(health, cookies={"conveyor_token": "bad"}, timeout=10).status_code == 401
+    assert requests.get(health, params={"token": "bad"}, timeout=10).status_code == 401
+    docs = requests.get(f"{token_server}/openapi.json", params={"token": TOKEN}, timeout=10)
+    assert docs.status_code == 200 and docs.json()["openapi"]
+
+
+def test_client_with_wrong_token_raises_auth_error(token_server: str) -> None:
+    with pytest.raises(AuthError, match="token"):
+        HttpBackend(token_server, token="wrong").list_queues()
+    with pytest.raises(AuthError):
+        HttpBackend(token_server).create_task({"name": "x"})
+    good = HttpBackend(token_server, token=TOKEN)
+    task = good.create_task({"name": "authorized"})
+    assert good.get_task(task.id).name == "authorized"
+
+
+# --------------------------------------------------------------------- openapi
+def test_openapi_lists_every_endpoint(open_server: tuple[str, str]) -> None:
+    schema = requests.get(f"{open_server[0]}/openapi.json", timeout=10).json()
+    listed = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
+    expected = {
+        ("POST", f"{API}/tasks"),
+        ("GET", f"{API}/tasks"),
+        ("GET", f"{API}/tasks/{{task_id}}"),
+        ("PATCH", f"{API}/tasks/{{task_id}}"),
+        ("DELETE", f"{API}/tasks/{{task_id}}"),
+        ("POST", f"{API}/tasks/{{task_id}}/clone"),
+        ("POST", f"{API}/tasks/{{task_id}}/status"),
+        ("POST", f"{API}/tasks/{{task_id}}/log"),
+        ("GET", f"{API}/tasks/{{task_id}}/log"),
+        ("POST", f"{API}/tasks/{{task_id}}/scalars"),
+        ("GET", f"{API}/tasks/{{task_id}}/scalars"),
+        ("POST", f"{API}/tasks/{{task_id}}/enqueue"),
+        ("POST", f"{API}/tasks/{{task_id}}/dequeue"),
+        ("POST", f"{API}/tasks/{{task_id}}/abort"),
+        ("POST", f"{API}/tasks/{{task_id}}/reset"),
+        ("GET", f"{API}/queues"),
+        ("POST", f"{API}/queues"),
+        ("GET", f"{API}/queues/{{name}}"),
+        ("DELETE", f"{API}/queues/{{name}}"),
+        ("GET", f"{API}/queues/{{name}}/tasks"),
+        ("POST", f"{API}/claim"),
+        ("POST", f"{API}/workers"),
+        ("GET", f"{API}/workers"),
+        ("POST", f"{API}/workers/{{worker_id}}/heartbeat"),
+        ("DELETE", f"{API}/workers/{{worker_id}}"),
+        ("POST", f"{API}/leases/expire"),
+        ("GET", f"{API}/health"),
+    }
+    assert expected <= listed, f"missing: {sorted(expected - listed)}"
+    assert "TaskRecord" in schema["components"]["schemas"]
+
+
+# ---------------------------------------------------------------- bad input
+def test_malformed_json_is_422_and_creates_nothing(open_server: tuple[str, str]) -> None:
+    url = open_server[0]
+    before = task_count(url)
+    resp = requests.post(
+        f"{url}{API}/tasks",
+        data=b'{"name": "x",',
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert resp.status_code == 422
+    body = resp.json()
+    assert body["error"] == "invalid_input"
+    assert "malformed JSON" in body["message"] and "\n" not in body["message"]
+    assert body["field"] == "body"
+    assert task_count(url) == before
+
+
+def test_malformed_json_on_fast_path_endpoints(any_server: str) -> None:
+    for path in (f"{API}/claim", f"{API}/tasks/abc/status", f"{API}/workers/w/heartbeat"):
+        resp = requests.post(
+            any_server + path,
+            data=b"{nope",
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert resp.status_code == 422, path
+        assert "malformed JSON" in resp.json()["message"]
+
+
+def test_wrong_types_name_the_field(any_server: str) -> None:
+    cases = [
+        (f"{API}/tasks", {"name": 5}, "body.name"),
+        (f"{API}/tasks", {"name": "x", "tags": "not-a-list"}, "body.tags"),
+        (
+            f"{API}/tasks",
+            {"name": "x", "execution": {"priority": "high"}},
+            "body.execution.priority",
+        ),
+        (
+            f"{API}/claim",
+            {"queues": ["default"], "worker_id": "w", "wait_s": "soon"},
+            "body.wait_s",
+        ),
+        (f"{API}/claim", {"queues": ["default"], "worker_id": "w", "wait_s": 61}, "body.wait_s"),
+        (f"{API}/claim", {"queues": ["default"], "worker_id": "has space"}, "body.worker_id"),
+        (f"{API}/tasks/abc/status", {"status": "bogus"}, "body.status"),
+        (f"{API}/tasks/abc/log", {"lines": [{"line": 1}]}, "body.lines.0.line"),
+        (f"{API}/workers/w/heartbeat", {"lease_s": -1}, "body.lease_s"),
+    ]
+    before = task_count(any_server)
+    for path, payload, field in cases:
+        resp = requests.post(any_server + path, json=payload, timeout=10)
+        assert resp.status_code == 422, (path, payload, resp.text)
+        body = resp.json()
+        assert body["error"] == "invalid_input"
+        assert body["field"] == field, body
+        assert body["message"].startswith(f"{field}: "), body["message"]
+        assert isinstance(body["detail"], list) and body["detail"][0]["loc"]
+    assert task_count(any_server) == before
+
+
+def test_out_of_range_numbers_are_422_not_500(any_server: str) -> None:
+    task = HttpBackend(any_server).create_task({"name": "numbers"})
+    huge = str(10**30)
+    resp = requests.get(
+        f"{any_server}{API}/tasks/{task.id}/log", params={"offset": huge}, timeout=10
+    )
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"] == "invalid_input"
+    resp = requests.post(
+        f"{any_server}{API}/tasks/{task.id}/enqueue", json={"priority": 10**30}, timeout=10
+    )
+    assert resp.status_code == 422, resp.text
+    assert HttpBackend(any_server).get_task(task.id).status == TaskStatus.created
+
+
+def test_client_maps_422_to_invalid_input(client: HttpBackend) -> None:
+    with pytest.raises(InvalidInputError) as err:
+        client.create_task({"name": "x" * 300})
+    assert err.value.field == "name"
+    assert "at most 256 characters" in str(err.value)
+    with pytest.raises(InvalidInputError):
+        client.claim(["default"], "worker with spaces")
+    task = client.create_task({"name": "unchanged"})
+    with pytest.raises(InvalidInputError):
+        client.edit_task(task.id, {"not_a_field": 1})
+    assert client.get_task(task.id).name == "unchanged"
+
+
+def test_unknown_ids_are_404(any_server: str) -> None:
+    backend = HttpBackend(any_server)
+    for path, method in [
+        (f"{API}/tasks/nope", "GET"),
+        (f"{API}/tasks/nope/enqueue", "POST"),
+        (f"{API}/tasks/nope/reset", "POST"),
+        (f"{API}/queues/nope", "GET"),
+        (f"{API}/no/such/endpoint", "GET"),
+    ]:
+        resp = requests.request(method, any_server + path, timeout=10)
+        assert resp.status_code == 404, path
+        assert resp.json()["error"] == "not_found"
+    with pytest.raises(NotFoundError, match="nope"):
+        backend.get_task("nope")
+    with pytest.raises(NotFoundError):
+        backend.heartbeat("never-registered")
+    with pytest.raises(NotFoundError):
+        backend.get_task("a/b")  # a slash in an id never reaches another route
+
+
+def test_illegal_transition_is_409(any_server: str) -> None:
+    backend = HttpBackend(any_server)
+    task = backend.create_task({"name": "t"})
+    resp = requests.post(
+        f"{any_server}{API}/tasks/{task.id}/status", json={"status": "completed"}, timeout=10
+    )
+    assert resp.status_code == 409
+    body = resp.json()
+    assert body["error"] == "illegal_transition"
+    assert body["detail"] == {"current": "created", "requested": "completed"}
+    with pytest.raises(IllegalTransitionError) as err:
+        backend.set_status(task.id, TaskStatus.completed)
+    assert (err.value.current, err.value.requested) == ("created", "completed")
+    assert backend.get_task(task.id).status == TaskStatus.created
+    with pytest.raises(ConflictError):
+        backend.create_queue("default")
+
+
+def test_oversized_body_is_413(open_server: tuple[str, str]) -> None:
+    url = open_server[0]
+    port = int(url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", f"{API}/tasks")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(64 * 1024 * 1024 + 1))
+    conn.endheaders()
+    conn.send(b" " * 65536)  # the server refuses before reading the rest
+    resp = conn.getresponse()
+    assert resp.status == 413
+    body = json.loads(resp.read())
+    assert body["error"] == "invalid_input" and "64 MiB" in body["message"]
+    conn.close()
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(66):
+            yield b" " * (1024 * 1024)
+
+    chunked = requests.post(
+        f"{url}{API}/tasks", data=chunks(), headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert chunked.status_code == 413
+    assert requests.get(f"{url}{API}/health", timeout=10).ok
+
+
+def test_oversized_field_is_422_and_client_refuses_huge_bodies(client: HttpBackend) -> None:
+    with pytest.raises(InvalidInputError) as err:
+        client.create_task({"name": "big", "comment": "x" * (16 * 1024 * 1024 + 1)})
+    assert err.value.field == "comment"
+    task = client.create_task({"name": "log"})
+    with pytest.raises(InvalidInputError, match="lines.0.line"):
+        client.append_log(task.id, ["y" * (1024 * 1024 + 1)])
+    with pytest.raises(InvalidInputError, match="64 MiB"):
+        client.append_log(task.id, ["z" * 1000] * 70_000)
+    assert client.get_log(task.id) == []
+
+
+# ---------------------------------------------------------------- long poll
+def test_long_poll_claim_returns_when_another_client_enqueues(any_server: str) -> None:
+    waiter, producer = HttpBackend(any_server), HttpBackend(any_server)
+    waiter.create_queue("lp")
+    task = producer.create_task({"name": "wake-me"})
+    got: dict[str, object] = {}
+
+    def wait() -> None:
+        got["task"] = waiter.claim(["lp"], "waiter-1", wait_s=20)
+        got["at"] = time.monotonic()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.5)  # the claim is waiting on the server now
+    assert thread.is_alive()
+    producer.enqueue(task.id, "lp")
+    enqueued_at = time.monotonic()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert got["task"] is not None and got["task"].id == task.id
+    assert got["at"] - enqueued_at < 0.5
+
+
+def test_long_poll_sees_enqueues_by_other_processes(open_server: tuple[str, str]) -> None:
+    url, db_url = open_server
+    waiter = HttpBackend(url)
+    waiter.create_queue("other-proc")
+    store = SqlBackend(db_url)  # straight to the database, not through the server
+    try:
+        task = store.create_task({"name": "from-elsewhere"})
+        got: dict[str, object] = {}
+        thread = threading.Thread(
+            target=lambda: got.update(task=waiter.claim(["other-proc"], "w2", wait_s=20))
+        )
+        thread.start()
+        time.sleep(0.3)
+        store.enqueue(task.id, "other-proc")
+        started = time.monotonic()
+        thread.join(10)
+        assert got["task"] is not None and got["task"].id == task.id
+        assert time.monotonic() - started < 1.0  # the fallback poll
+    finally:
+        store.close()
+
+
+def test_long_poll_claim_returns_none_after_wait_s(any_server: str) -> None:
+    backend = HttpBackend(any_server)
+    backend.create_queue("empty")
+    started = time.monotonic()
+    assert backend.claim(["empty"], "w3", wait_s=0.6) is None
+    assert 0.55 <= time.monotonic() - started < 2.0
+    assert backend.claim(["empty"], "w3") is None  # wait_s=0 answers at once
+    with pytest.raises(NotFoundError):
+        backend.claim(["no-such-queue"], "w3", wait_s=5)
+
+
+def test_lease_sweep_fails_tasks_without_heartbeat(client: HttpBackend) -> None:
+    client.create_queue("lease")
+    task = client.create_task({"name": "orphan"})
+    client.enqueue(task.id, "lease")
+    claimed = client.claim(["lease"], "ghost", lease_s=0.3)
+    assert claimed is not None and claimed.status == TaskStatus.in_progress
+    deadline = time.monotonic() + 8
+    while client.get_task(task.id).status == TaskStatus.in_progress and time.monotonic() < deadline:
+        time.sleep(0.2)
+    final = client.get_task(task.id)
+    assert final.status == TaskStatus.failed
+    assert final.status_reason == "lease_expired"
+
+
+# ------------------------------------------------------------ both transports
+def test_agent_cycle_on_both_paths(any_server: str) -> None:
+    backend = HttpBackend(any_server)
+    backend.register_worker("cycle-w", hostname="h", queues=["cycle"])
+    backend.create_queue("cycle")
+    task = backend.create_task({"name": "cycle", "tags": ["a", "b"]})
+    assert backend.enqueue(task.id, "cycle", priority=5).status == TaskStatus.queued
+    assert [t.id for t in backend.queue_tasks("cycle")] == [task.id]
+    claimed = backend.claim(["cycle"], "cycle-w", wait_s=1)
+    assert claimed is not None and claimed.runtime.worker == "cycle-w"
+    reply = backend.heartbeat("cycle-w", current_tasks=[task.id], resources={"cpu": 1})
+    assert reply.abort == []
+    assert backend.append_log(task.id, ["one", {"line": "two", "stream": "stderr"}]) == 2
+    assert [line.line for line in backend.get_log(task.id, tail=1)] == ["two"]
+    backend.report_scalars(
+        task.id, [{"title": "loss", "series": "train", "iteration": 1, "value": 0.5}]
+    )
+    assert backend.get_scalars(task.id, title="loss")[0].value == 0.5
+    done = backend.set_status(task.id, "completed", worker_id="cycle-w")
+    assert done.status == TaskStatus.completed
+    clone = backend.clone_task(task.id, name="again", parent=None)
+    assert clone.parent is None and clone.tags == ["a", "b"]
+    assert backend.query_tasks(name="again")[0].id == clone.id
+    assert backend.delete_task(clone.id) is None
+    assert backend.expire_leases() == []
+    backend.unregister_worker("cycle-w")
+    assert all(w.id != "cycle-w" for w in backend.list_workers())
+
+
+# ------------------------------------------------------------- availability
+def test_closed_port_raises_backend_unavailable_quickly() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    backend = HttpBackend(url, retries=2)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailableError) as err:
+        backend.get_task("x")
+    assert time.monotonic() - started < 5
+    message = str(err.value)
+    assert message.startswith(f"cannot reach the Conveyor API at {url}: ")
+    assert "\n" not in message and "refused" in message.lower()
+
+
+def test_shutdown_answers_waiting_claims(tmp_path: Path) -> None:
+    proc, url = start_server(f"sqlite:///{tmp_path}/c.db")
+    try:
+        backend = HttpBackend(url, retries=0)
+        outcome: dict[str, object] = {}
+
+        def wait() -> None:
+            try:
+                outcome["task"] = backend.claim(["default"], "w-shutdown", wait_s=50)
+            except BackendUnavailableError as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.terminate()
+        proc.wait(timeout=15)
+        thread.join(15)
+        assert not thread.is_alive()
+        assert time.monotonic() - started < 8
+        assert "error" not in outcome, outcome
+        assert outcome["task"] is None
+    finally:
+        stop_server(proc)
+
+
+def _claim_in_threads(
+    url: str, queue: str, count: int, wait_s: float
+) -> tuple[list[threading.Thread], list]:
+    results: list = []
+    lock = threading.Lock()
+
+    def wait(n: int) -> None:
+        rec = HttpBackend(url).claim([queue], f"{queue}-w{n}", wait_s=wait_s)
+        with lock:
+            results.append((rec, time.monotonic()))
+
+    threads = [threading.Thread(target=wait, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def test_many_waiters_each_get_one_task(any_server: str) -> None:
+    producer = HttpBackend(any_server)
+    producer.create_queue("many")
+    tasks = [producer.create_task({"name": f"m{i}"}) for i in range(5)]
+    threads, results = _claim_in_threads(any_server, "many", 5, wait_s=20)
+    time.sleep(0.5)
+    for task in tasks:
+        producer.enqueue(task.id, "many")
+    enqueued_at = time.monotonic()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(rec.id for rec, _ in results) == sorted(t.id for t in tasks)
+    assert max(at for _, at in results) - enqueued_at < 1.0
+
+
+def test_burst_from_another_process_is_drained(open_server: tuple[str, str]) -> None:
+    url, db_url = open_server
+    HttpBackend(url).create_queue("burst")
+    threads, results = _claim_in_threads(url, "burst", 4, wait_s=20)
+    time.sleep(0.5)
+    store = SqlBackend(db_url)
+    try:
+        ids = [store.create_task({"name": f"b{i}"}).id for i in range(4)]
+        for task_id in ids:
+            store.enqueue(task_id, "burst")  # no wake-up reaches the server: only its poll
+        enqueued_at = time.monotonic()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        store.close()
+    assert sorted(rec.id for rec, _ in results) == sorted(ids)
+    assert max(at for _, at in results) - enqueued_at < 1.5
+
+
+def test_waker_wakes_one_waiter_per_enqueue_and_one_per_queue_per_tick() -> None:
+    async def scenario() -> None:
+        waker = ClaimWaker()
+        waker.attach(asyncio.get_running_loop())
+        with waker.watch(["q"]) as first, waker.watch(["q"]) as second, waker.watch(["r"]) as other:
+            waker.notify_threadsafe("q")  # as the Backend does, from any thread
+            await asyncio.sleep(0.01)
+            assert first.result() == ENQUEUED
+            assert not second.done() and not other.done()
+            waker.tick()
+            assert second.result() == MAYBE_MORE and other.result() == MAYBE_MORE
+        assert waker.waiting() == 0
+        with waker.watch(["q", "r"]) as last:
+            waker.close()
+            assert last.result() == CLOSED
+
+    asyncio.run(scenario())
