@@ -381,3 +381,72 @@ def test_daemon_refuses_an_unknown_queue_with_a_clear_error(api_url: str, agent_
     )
     assert result.returncode == 1
     assert "nosuch" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_module_entry_point_with_the_repo_requirements(
+    backend: Backend, api_url: str, daemons: Daemons, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    (repo / "app").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "requirements.txt").write_text("tinypkg==1.0\n")
+    (repo / "app" / "__init__.py").write_text("")
+    (repo / "app" / "main.py").write_text(
+        "import sys, tinypkg\nprint('module run with', sys.argv[1:], tinypkg.VALUE)\n"
+    )
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "app")
+    task = backend.create_task({"name": "module", "script": {
+        "repository": str(repo), "branch": "main", "entry_point": "-m app.main --epochs 2"}})
+    backend.enqueue(task.id)
+    daemons.start(api_url)
+    done = wait_for(backend, task.id, "completed", "failed")
+    assert done.status == TaskStatus.completed, log_text(backend, task.id)
+    assert "module run with ['--epochs', '2'] tiny 1.0" in log_text(backend, task.id)
+
+
+def test_a_second_sigterm_stops_running_steps_at_once(
+    backend: Backend, api_url: str, daemons: Daemons, tmp_path: Path
+) -> None:
+    pids_file = tmp_path / "pids"
+    task = code_task(backend, TREE_STEP, hyperparams={"Environment": {"PIDS_FILE": str(pids_file)}})
+    daemon = daemons.start(api_url, "--shutdown-grace", "300")
+    wait_for_line(backend, task.id, "tree started")
+    pids = read_pids(pids_file, 3)
+    daemon.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0  # far less than the 300 s grace
+    stopped = backend.get_task(task.id)
+    assert stopped.status == TaskStatus.stopped and stopped.status_reason == "agent_shutdown"
+    assert_all_gone(pids)
+
+
+def test_a_detached_daemon_is_listed_and_stopped_with_agent_stop(
+    backend: Backend, api_url: str, tmp_path: Path
+) -> None:
+    home = tmp_path / "home-detached"
+    env = {**os.environ, "CONVEYOR_HOME": str(home)}
+
+    def agent(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent.cli", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    started = agent("daemon", "--queue", "default", "--detached", "--api", api_url, "--worker-id", "box:7")
+    assert started.returncode == 0, started.stderr
+    try:
+        deadline = time.monotonic() + 20
+        while not any(w.id == "box:7" for w in backend.list_workers()):
+            assert time.monotonic() < deadline, "the detached daemon never registered"
+            time.sleep(0.1)
+        listed = agent("list")
+        assert "box:7" in listed.stdout
+        task = code_task(backend, "print('from the detached agent')\n")
+        assert wait_for(backend, task.id, "completed", "failed").status == TaskStatus.completed
+        stopped = agent("stop", "box:7")
+        assert stopped.returncode == 0, stopped.stderr
+        assert "stopped" in stopped.stdout
+        assert backend.list_workers() == []
+        assert "no agent daemons running" in agent("list").stdout
+    finally:
+        agent("stop", "box:7", "--now", "--timeout", "10")

@@ -5,6 +5,7 @@ Every test runs once per transport (see the `backend` fixture in conftest.py).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -244,6 +245,24 @@ def test_scalars_round_trip(backend: Backend) -> None:
     with pytest.raises(InvalidInputError, match="value"):
         backend.report_scalars(task.id, [{"title": "loss", "series": "train", "value": "high"}])
     assert len(backend.get_scalars(task.id)) == 4
+
+
+def test_nan_and_infinite_scalars_are_kept(backend: Backend) -> None:
+    task = backend.create_task({"name": "t"})
+    backend.report_scalars(task.id, [
+        {"title": "loss", "series": "train", "iteration": 0, "value": float("nan")},
+        {"title": "loss", "series": "train", "iteration": 1, "value": float("inf")},
+    ])
+    values = [s.value for s in backend.get_scalars(task.id)]
+    assert math.isnan(values[0]) and values[1] == float("inf")
+
+
+def test_out_of_range_numbers_are_invalid_input(backend: Backend) -> None:
+    task = backend.create_task({"name": "t"})
+    with pytest.raises(InvalidInputError):
+        backend.get_log(task.id, offset=2**70)
+    with pytest.raises(InvalidInputError, match="iteration"):
+        backend.report_scalars(task.id, [{"title": "a", "series": "b", "iteration": 2**70, "value": 1}])
 
 
 # -------------------------------------------------------------------------- queues
