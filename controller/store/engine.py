@@ -78,6 +78,9 @@ def _sqlite_engines(url: str) -> tuple[sa.Engine, sa.Engine]:
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
             pool_size=8,
             max_overflow=32,
+            # Every transaction ends in an explicit commit or rollback, so the rollback
+            # SQLAlchemy would issue when a connection goes back to the pool is redundant.
+            pool_reset_on_return=None,
         )
 
         @sa.event.listens_for(engine, "connect")
@@ -91,7 +94,7 @@ def _sqlite_engines(url: str) -> tuple[sa.Engine, sa.Engine]:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn):  # noqa: ANN001
-            conn.exec_driver_sql(begin_sql)
+            conn.connection.driver_connection.execute(begin_sql)
 
         return engine
 

@@ -91,7 +91,9 @@ class SqlBackend(QueueingMixin, Backend):
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sa.Connection]:
-        with self._read_engine.connect() as conn:
+        # begin() (not connect()): the read transaction must end here, or the pooled
+        # connection would keep an old snapshot open (the pool does not reset it).
+        with self._read_engine.begin() as conn:
             yield conn
 
     def _row(self, conn: sa.Connection, task_id: str, *, for_update: bool = False) -> sa.Row:
