@@ -33,6 +33,8 @@ from controller.models import (
 
 #: Longest a single claim call may wait for work, in seconds.
 MAX_CLAIM_WAIT_S = 60.0
+#: Most tasks one `wait_for_status_change` call may follow.
+MAX_WATCHED_TASKS = 2000
 
 _UNSET: Any = object()
 
@@ -112,6 +114,17 @@ class Backend(abc.ABC):
         IllegalTransitionError (HTTP 409) names the current and requested status. With
         `worker_id`, the change is refused unless that worker holds the task, so a worker
         whose lease expired cannot overwrite what happened since.
+        """
+
+    @abc.abstractmethod
+    def wait_for_status_change(
+        self, known: Mapping[str, TaskStatus | str], *, wait_s: float = 0.0
+    ) -> list[TaskRecord]:
+        """The tasks of `known` (task id → the status the caller last saw) whose status is
+        now different, waiting up to `wait_s` seconds for at least one to change.
+
+        This is how a pipeline controller follows its steps without a polling tick: the
+        call returns as soon as a step moves. NotFoundError if a task no longer exists.
         """
 
     # ----------------------------------------------------------- logs/metrics

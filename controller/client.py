@@ -398,6 +398,21 @@ class HttpBackend(Backend):
         """The tasks waiting in a queue, in the order they will be claimed."""
         return _TASKS.validate_json(self._call("GET", f"/queues/{_p(name)}/tasks"))
 
+    def wait_for_status_change(
+        self, known: Mapping[str, TaskStatus | str], *, wait_s: float = 0.0
+    ) -> list[TaskRecord]:
+        """Tasks of `known` whose status differs from the one given; waits up to `wait_s`."""
+        body = {
+            "known": {k: (v.value if isinstance(v, TaskStatus) else v) for k, v in dict(known).items()}
+            if isinstance(known, Mapping) else known,
+            "wait_s": wait_s,
+        }
+        try:
+            read_timeout = min(float(wait_s), MAX_CLAIM_WAIT_S) + self.timeout_s
+        except (TypeError, ValueError):
+            read_timeout = self.timeout_s
+        return _TASKS.validate_json(self._call("POST", "/tasks/wait", body, read_timeout_s=read_timeout))
+
     def claim(
         self,
         queues: Sequence[str],

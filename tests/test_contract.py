@@ -483,3 +483,39 @@ def test_bad_query_arguments_are_refused(backend: Backend) -> None:
         backend.query_tasks(limit=0)
     with pytest.raises(InvalidInputError, match="status"):
         backend.query_tasks(status=["sideways"])
+
+
+# ------------------------------------------------------------ following statuses
+def test_wait_for_status_change_returns_at_once_when_a_status_differs(backend: Backend) -> None:
+    task = backend.create_task({"name": "t"})
+    backend.enqueue(task.id)
+    changed = backend.wait_for_status_change({task.id: "created"}, wait_s=5)
+    assert [t.id for t in changed] == [task.id] and changed[0].status == TaskStatus.queued
+    assert backend.wait_for_status_change({task.id: "queued"}, wait_s=0) == []
+
+
+def test_wait_for_status_change_wakes_when_a_step_moves(backend: Backend, backend_url: str) -> None:
+    from controller.backend import backend_from_url
+
+    other = backend_from_url(backend_url)
+    task = backend.create_task({"name": "t"})
+    timer = threading.Timer(0.3, other.enqueue, args=(task.id,))
+    started = time.monotonic()
+    timer.start()
+    try:
+        changed = backend.wait_for_status_change({task.id: "created"}, wait_s=10)
+    finally:
+        timer.cancel()
+        other.close()
+    assert [t.status for t in changed] == [TaskStatus.queued]
+    assert time.monotonic() - started < 1.5
+
+
+def test_wait_for_status_change_refuses_bad_input(backend: Backend) -> None:
+    task = backend.create_task({"name": "t"})
+    with pytest.raises(NotFoundError, match="ghost"):
+        backend.wait_for_status_change({"ghost": "created"})
+    with pytest.raises(InvalidInputError):
+        backend.wait_for_status_change({task.id: "sideways"})
+    with pytest.raises(InvalidInputError):
+        backend.wait_for_status_change({})

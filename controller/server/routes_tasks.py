@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from enum import Enum
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from controller.backend import _UNSET, Backend
@@ -20,9 +23,12 @@ from controller.server.schemas import (
     LogAppendRequest,
     ScalarsRequest,
     StatusRequest,
+    WaitRequest,
 )
 from controller.server.waker import ClaimWaker
 
+#: How often a waiting /tasks/wait request looks at the statuses again.
+STATUS_POLL_INTERVAL_S = 0.01
 NO_CONTENT = {204: {"description": "Done (no body)"}}
 TAGS: list[str | Enum] = ["tasks"]
 
@@ -43,6 +49,23 @@ def add_task_routes(
     )
     def create_task(spec: TaskSpec) -> Response:
         return encode.record(backend.create_task(spec), 201)
+
+    @r.post(
+        P + "/tasks/wait",
+        tags=TAGS,
+        response_model=list[TaskRecord],
+        summary="Wait until a task's status differs from the one given (long poll)",
+    )
+    async def wait_for_status_change(body: WaitRequest) -> Response:
+        # Each look is one indexed read in the threadpool; between looks the request
+        # only sleeps on the event loop, so many waiting controllers hold no threads.
+        deadline = time.monotonic() + body.wait_s
+        while True:
+            changed = await run_in_threadpool(backend.wait_for_status_change, body.known, wait_s=0)
+            remaining = deadline - time.monotonic()
+            if changed or remaining <= 0:
+                return encode.records(changed, TaskRecord)
+            await asyncio.sleep(min(remaining, STATUS_POLL_INTERVAL_S))
 
     @r.get(P + "/tasks/{task_id}", tags=TAGS, response_model=TaskRecord, summary="Get a task")
     def get_task(task_id: str) -> Response:

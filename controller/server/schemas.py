@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from controller.backend import MAX_CLAIM_WAIT_S
+from controller.backend import MAX_CLAIM_WAIT_S, MAX_WATCHED_TASKS
 from controller.models import (
     DEFAULT_LEASE_S,
     LogLine,
@@ -111,6 +111,13 @@ class ClaimRequest(_Body):
     worker_id: WorkerId
     wait_s: float = Field(default=0.0, ge=0, le=MAX_CLAIM_WAIT_S)
     lease_s: LeaseSeconds = DEFAULT_LEASE_S
+
+
+class WaitRequest(_Body):
+    """POST /tasks/wait: answer once a task of `known` has a status other than the one given."""
+
+    known: dict[str, str] = Field(min_length=1, max_length=MAX_WATCHED_TASKS)
+    wait_s: float = Field(default=0.0, ge=0, le=MAX_CLAIM_WAIT_S)
 
 
 class WorkerRegisterRequest(_Body):

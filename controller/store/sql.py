@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from controller.backend import _UNSET, Backend
+from controller.backend import _UNSET, MAX_CLAIM_WAIT_S, MAX_WATCHED_TASKS, Backend
 from controller.errors import (
     ConflictError,
     IllegalTransitionError,
@@ -60,6 +60,8 @@ from controller.store.records import (
 T = schema.tasks
 MAX_QUERY_LIMIT = 10_000
 _ACTIVE = (TaskStatus.in_progress.value, TaskStatus.stopping.value)
+#: How often `wait_for_status_change` re-reads the statuses it follows (one indexed query).
+STATUS_POLL_INTERVAL_S = 0.01
 #: status → the statuses it may be reached from (inverse of LEGAL_TRANSITIONS).
 PREDECESSORS: dict[TaskStatus, tuple[str, ...]] = {
     target: tuple(s.value for s, targets in LEGAL_TRANSITIONS.items() if target in targets)
@@ -420,6 +422,29 @@ class SqlBackend(QueueingMixin, Backend):
                        queued_at=None, attempt=0),
         )
 
+    def wait_for_status_change(
+        self, known: Mapping[str, TaskStatus | str], *, wait_s: float = 0.0
+    ) -> list[TaskRecord]:
+        """Tasks of `known` whose status differs from the one given; waits up to `wait_s`."""
+        wanted = _check_known(known)
+        if not isinstance(wait_s, int | float) or not 0 <= wait_s <= MAX_CLAIM_WAIT_S:
+            raise InvalidInputError(f"wait_s must be in [0, {MAX_CLAIM_WAIT_S:.0f}], got {wait_s!r}", field="wait_s")
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._read() as conn:
+                current = {r.id: r.status for r in conn.execute(
+                    sa.select(T.c.id, T.c.status).where(T.c.id.in_(list(wanted))))}
+                missing = sorted(set(wanted) - set(current))
+                if missing:
+                    raise NotFoundError(f"no task with id {missing[0]!r}", field="known")
+                changed = [task_id for task_id, status in current.items() if status != wanted[task_id]]
+                if changed:
+                    return [row_to_record(r) for r in conn.execute(sa.select(T).where(T.c.id.in_(changed)))]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            time.sleep(min(remaining, STATUS_POLL_INTERVAL_S))
+
     # ------------------------------------------------------- logs, scalars
     def append_log(self, task_id: str, lines: Sequence[LogLine | Mapping[str, Any] | str]) -> int:
         """Append lines to a task's log; returns the log's new length in lines."""
@@ -517,6 +542,18 @@ class SqlBackend(QueueingMixin, Backend):
                        value=math.nan if r.value is None else r.value, timestamp=r.timestamp)
                 for r in conn.execute(query)
             ]
+
+
+def _check_known(known: Any) -> dict[str, str]:
+    """Validate the `known` argument of wait_for_status_change: {task id: status}."""
+    if not isinstance(known, Mapping) or not known:
+        raise InvalidInputError("known must be a non-empty object of task id: status", field="known")
+    if len(known) > MAX_WATCHED_TASKS:
+        raise InvalidInputError(f"at most {MAX_WATCHED_TASKS} tasks can be followed at once", field="known")
+    try:
+        return {str(task_id): TaskStatus(status).value for task_id, status in known.items()}
+    except ValueError as exc:
+        raise InvalidInputError(f"known: {exc}", field="known") from None
 
 
 def _literal(value: str) -> sa.ColumnElement:

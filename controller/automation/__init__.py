@@ -1,0 +1,5 @@
+"""`controller.automation.PipelineController`, as the reference's import path expects."""
+
+from controller.pipeline import PipelineController
+
+__all__ = ["PipelineController"]

@@ -1,0 +1,45 @@
+"""Runs inside a function step: read the kwargs, call the function, store the returns.
+
+Imported by the generated step script (see `function_step.render_step_code`), in the
+step's own environment, where the Conveyor SDK is importable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from controller.pipeline.launch import KWARGS_ARTIFACTS_SECTION, KWARGS_SECTION
+
+
+def run_function_step(
+    function: Callable[..., Any],
+    return_names: Sequence[str],
+    *,
+    serialization_function: Callable[[Any], bytes] | None = None,
+    deserialization_function: Callable[[bytes], Any] | None = None,
+) -> Any:
+    """Call `function` with the step's kwargs; upload its results as artifacts."""
+    from controller import Task
+
+    if not os.environ.get("CONVEYOR_TASK_ID"):
+        raise RuntimeError("a function step runs under an agent (CONVEYOR_TASK_ID is not set)")
+    task = Task.init()
+    record = task.backend.get_task(task.id)
+    kwargs = dict(record.hyperparams.get(KWARGS_SECTION, {}))
+    for name, marker in (record.hyperparams.get(KWARGS_ARTIFACTS_SECTION) or {}).items():
+        source_id, _, artifact_name = str(marker).partition(".")
+        source = Task.get_task(task_id=source_id)
+        kwargs[name] = source.artifacts[artifact_name].get(deserialization_function=deserialization_function)
+    result = function(**kwargs)
+    if not return_names:
+        return result
+    values = [result] if len(return_names) == 1 else list(result)
+    if len(values) != len(return_names):
+        raise ValueError(
+            f"{function.__name__}() returned {len(values)} value(s) for function_return {list(return_names)}"
+        )
+    for name, value in zip(return_names, values, strict=True):
+        task.upload_artifact(name, value, serialization_function=serialization_function)
+    return result

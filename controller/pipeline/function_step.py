@@ -1,0 +1,190 @@
+"""Function steps: a Python function becomes a standalone step task.
+
+The task's code is the function's source, the sources of its helper functions and
+(unless `skip_global_imports`) the import statements of its module, each wrapped so a
+missing optional import does not stop the step. The function's arguments become the
+hyperparameter section "kwargs"; arguments that receive another step's returned object
+are listed in "kwargs_artifacts" and fetched from that step's artifact when the step
+runs (`controller.pipeline.function_runner`). Return values are stored as artifacts
+named by `function_return`. Packages come from `packages`, else from the imports
+inside the function (and its helpers), pinned to the versions installed here.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+_MISSING = object()
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_]+")
+
+
+def function_source(function: Callable[..., Any]) -> str:
+    """The function's source without decorators, dedented."""
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError) as exc:
+        raise ValueError(f"cannot read the source of {getattr(function, '__name__', function)!r}: {exc}") from None
+    tree = ast.parse(source)
+    node = tree.body[0]
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.decorator_list:
+        lines = source.splitlines()
+        source = "\n".join(lines[node.lineno - 1:]) + "\n"  # drop the decorator lines
+    return source
+
+
+def module_imports(function: Callable[..., Any]) -> list[str]:
+    """Top-level import statements of the function's module."""
+    module = inspect.getmodule(function)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return []
+    statements = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import | ast.ImportFrom) and not (
+            isinstance(node, ast.ImportFrom) and node.module == "__future__"
+        ):
+            segment = ast.get_source_segment(source, node)
+            if segment:
+                statements.append(segment)
+    return statements
+
+
+def function_packages(sources: Sequence[str]) -> list[str]:
+    """Pinned distributions of the modules imported inside the given sources."""
+    try:
+        from controller.sdk.script_info import imported_modules, packages_for_modules
+    except ImportError:
+        return []
+    modules: set[str] = set()
+    for source in sources:
+        modules |= imported_modules(source)
+    return packages_for_modules(modules)
+
+
+def build_function_spec(
+    step_name: str,
+    function: Callable[..., Any],
+    function_kwargs: Mapping[str, Any] | None,
+    function_return: Sequence[str] | None,
+    helper_functions: Sequence[Callable[..., Any]] | None,
+    packages: str | Sequence[str] | None,
+    *,
+    skip_global_imports: bool = False,
+    artifact_serialization_function: Callable[[Any], bytes] | None = None,
+    artifact_deserialization_function: Callable[[bytes], Any] | None = None,
+) -> dict[str, Any]:
+    """Everything needed to create the step's task (see the module docstring)."""
+    signature = inspect.signature(function)
+    given = dict(function_kwargs or {})
+    unknown = [k for k in given if k not in signature.parameters]
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+        raise ValueError(f"function_kwargs names argument(s) {unknown} that {function.__name__}() does not take")
+    kwargs: dict[str, Any] = {}
+    for name, param in signature.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if name in given:
+            kwargs[name] = given[name]
+        elif param.default is not param.empty:
+            kwargs[name] = param.default
+        else:
+            raise ValueError(f"argument {name!r} of {function.__name__}() has no default: "
+                             "give it in function_kwargs")
+    kwargs.update({k: v for k, v in given.items() if k not in kwargs})
+    returns = list(function_return or [])
+    for name in returns:
+        if not isinstance(name, str) or not name or "/" in name or ".." in name:
+            raise ValueError(f"function_return name {name!r} cannot be an artifact name")
+    main_source = function_source(function)
+    helper_sources = [function_source(h) for h in (helper_functions or [])]
+    extra_functions = [f for f in (artifact_serialization_function, artifact_deserialization_function) if f]
+    extra_sources = [function_source(f) for f in extra_functions]
+    imports = [] if skip_global_imports else module_imports(function)
+    code = render_step_code(
+        function.__name__, main_source, helper_sources + extra_sources, imports, returns,
+        artifact_serialization_function.__name__ if artifact_serialization_function else None,
+        artifact_deserialization_function.__name__ if artifact_deserialization_function else None,
+    )
+    if packages is None:
+        package_list = function_packages([main_source, *helper_sources])
+    elif isinstance(packages, str):
+        path = Path(packages)
+        package_list = (
+            [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+            if path.is_file() else [packages]
+        )
+    else:
+        package_list = list(packages)
+    entry = f"step_{_SAFE_NAME.sub('_', step_name)}.py"
+    return {
+        "kwargs": kwargs,
+        "function_name": function.__name__,
+        "task_spec": {
+            "script": {"code": code, "entry_point": entry, "working_dir": "."},
+            "packages": package_list,
+            "hyperparams": {"kwargs": {k: _jsonable_default(v) for k, v in kwargs.items()}},
+        },
+    }
+
+
+def render_step_code(
+    function_name: str,
+    function_source_text: str,
+    helper_sources: Sequence[str],
+    imports: Sequence[str],
+    returns: Sequence[str],
+    serializer: str | None,
+    deserializer: str | None,
+) -> str:
+    """The standalone script of a function step."""
+    parts = ["# Conveyor function step: generated from the pipeline definition.\n"]
+    for statement in imports:
+        parts.append(f"try:\n{textwrap.indent(statement, '    ')}\nexcept Exception:  # optional import\n    pass\n")
+    parts.extend(f"\n{source}" for source in helper_sources)
+    parts.append(f"\n{function_source_text}")
+    parts.append(
+        "\n\nif __name__ == \"__main__\":\n"
+        "    from controller.pipeline.function_runner import run_function_step\n\n"
+        f"    run_function_step({function_name}, {list(returns)!r}, "
+        f"serialization_function={serializer or 'None'}, "
+        f"deserialization_function={deserializer or 'None'})\n"
+    )
+    return "".join(parts)
+
+
+def _jsonable_default(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable_default(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable_default(v) for k, v in value.items()}
+    return repr(value)
+
+
+def describe_script(repo: tuple[str | None, str | None, str | None], working_dir: str | None) -> tuple[dict[str, Any], list[str]]:
+    """Script fields and packages of the pipeline's own controller task."""
+    url, branch, commit = repo
+    try:
+        from controller.sdk.script_info import describe_running_script, git_info
+    except ImportError:  # pragma: no cover - the SDK ships with the controller
+        return {}, []
+    script, packages = describe_running_script()
+    if url:
+        local = Path(url)
+        info = git_info(local) if local.exists() else None
+        if info is not None:
+            script.update(repository=info.repository, branch=info.branch, commit=info.commit, diff="")
+        else:
+            script.update(repository=url, branch=branch or "", commit=commit or "", diff="")
+        script.pop("code", None)
+    if working_dir:
+        script["working_dir"] = working_dir
+    return script, packages

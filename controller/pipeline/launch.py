@@ -1,0 +1,208 @@
+"""Turning a ready node into an enqueued task: resolve references, clone, override, cache.
+
+`resolve_node` resolves every `${...}` of a node against the current state of its
+parents (one place for all reference kinds); `build_step_task` clones the base task (or
+creates a function step's task) and applies the overrides; `cache_key` hashes what
+defines the step's result so `cache_executed_step` can reuse a completed task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.backend import Backend
+from controller.models import TaskRecord
+from controller.pipeline import references
+from controller.pipeline.node import Node
+
+#: ClearML-style task_overrides keys mapped onto our task record.
+TASK_OVERRIDE_ALIASES = {
+    "script.version_num": "script.commit",
+    "script.requirements.pip": "packages",
+    "script.requirements": "packages",
+    "script.diff": "script.diff",
+    "container.docker_args": "container.arguments",
+    "container.docker_bash_setup_script": "container.setup_shell_script",
+}
+#: Hyperparameter section of a function step's keyword arguments.
+KWARGS_SECTION = "kwargs"
+#: Section naming which kwargs are other steps' returned objects ("task_id.artifact").
+KWARGS_ARTIFACTS_SECTION = "kwargs_artifacts"
+
+
+class StepLaunchError(RuntimeError):
+    """A step cannot be launched (bad reference value, missing base task, store error)."""
+
+
+@dataclass
+class ResolvedStep:
+    """A node's overrides with every reference replaced."""
+
+    parameters: dict[str, Any] = field(default_factory=dict)
+    configurations: dict[str, Any] = field(default_factory=dict)
+    task_overrides: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs_artifacts: dict[str, str] = field(default_factory=dict)
+    # url or "task.artifact" → sha256, for cache keys by content
+    artifact_hashes: dict[str, str] = field(default_factory=dict)
+
+
+class Resolver:
+    """Resolves references against pipeline parameters and the records of finished steps."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        nodes: Mapping[str, Node],
+        pipeline_parameters: Mapping[str, Any],
+    ) -> None:
+        self.backend = backend
+        self.nodes = nodes
+        self.pipeline_parameters = pipeline_parameters
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def _record(self, step: str) -> dict[str, Any] | None:
+        node = self.nodes[step]
+        if not node.executed or not node.is_successful:
+            return None  # a failed parent whose children still run: its values are None
+        if step not in self._records:
+            self._records[step] = self.backend.get_task(node.executed).model_dump(mode="json")
+        return self._records[step]
+
+    def value(self, ref: references.Reference, out: ResolvedStep | None = None) -> Any:
+        """The value a reference stands for (None for a parent that did not succeed)."""
+        if ref.is_pipeline_parameter:
+            name = ".".join(ref.path)
+            if name not in self.pipeline_parameters:
+                raise references.ReferenceError_(f"{ref.text}: no pipeline parameter {name!r}")
+            return self.pipeline_parameters[name]
+        if ref.step not in self.nodes:
+            raise references.ReferenceError_(f"{ref.text}: unknown step '{ref.step}'")
+        record = self._record(ref.step)
+        if record is None:
+            return None
+        node = self.nodes[ref.step]
+        if node.function_spec is not None and len(ref.path) == 1 and ref.path[0] in node.return_artifacts:
+            artifact = record.get("artifacts", {}).get(ref.path[0])
+            if artifact is None:
+                raise references.ReferenceError_(
+                    f"{ref.text}: step '{ref.step}' stored no return value {ref.path[0]!r}")
+            marker = f"{record['id']}.{ref.path[0]}"
+            if out is not None:
+                out.artifact_hashes[marker] = artifact.get("sha256", "")
+            return marker
+        value = references.lookup_task_field(record, ref.path, ref)
+        if out is not None and ref.path[0] == "artifacts" and len(ref.path) >= 2:
+            artifact = record.get("artifacts", {}).get(ref.path[1], {})
+            if isinstance(value, str) and artifact.get("sha256"):
+                out.artifact_hashes[value] = artifact["sha256"]
+        return value
+
+    def resolve_node(self, node: Node) -> ResolvedStep:
+        """Every override of `node` with its references replaced."""
+        out = ResolvedStep()
+        recursive = node.recursively_parse_parameters
+
+        def sub(value: Any, nested: bool) -> Any:
+            return references.substitute(value, lambda ref: self.value(ref, out), nested)
+
+        out.parameters = {k: sub(v, recursive) for k, v in node.parameters.items()}
+        out.configurations = {k: sub(v, False) for k, v in node.configurations.items()}
+        out.task_overrides = {k: sub(v, False) for k, v in node.task_overrides.items()}
+        if node.function_spec:
+            for name, value in (node.function_spec.get("kwargs") or {}).items():
+                refs = references.references_in(value) if isinstance(value, str) else []
+                is_return = (
+                    len(refs) == 1
+                    and refs[0].text == value.strip()
+                    and not refs[0].is_pipeline_parameter
+                    and self.nodes[refs[0].step].function_spec is not None
+                    and len(refs[0].path) == 1
+                    and refs[0].path[0] in self.nodes[refs[0].step].return_artifacts
+                )
+                resolved = sub(value, True)
+                if is_return and resolved is not None:
+                    out.kwargs_artifacts[name] = resolved
+                else:
+                    out.kwargs[name] = resolved
+        return out
+
+
+def hyperparams_from_overrides(parameters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{"Section/name": value} → {"Section": {"name": value}} ("General" without a section)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in parameters.items():
+        section, sep, name = str(key).partition("/")
+        if not sep:
+            section, name = "General", str(key)
+        sections.setdefault(section, {})[name] = value
+    return sections
+
+
+def task_override_changes(record: TaskRecord, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """edit_task changes for task_overrides given as dotted paths ("script.branch": "main")."""
+    data = record.model_dump(mode="json")
+    changes: dict[str, Any] = {}
+    for raw_key, value in overrides.items():
+        key = TASK_OVERRIDE_ALIASES.get(raw_key, raw_key)
+        parts = key.split(".")
+        top = parts[0]
+        if top == "packages":
+            if isinstance(value, str):
+                value = [line.strip() for line in value.splitlines() if line.strip()]
+            changes["packages"] = list(value or [])
+            continue
+        if top not in data or top in ("id", "status", "created_at", "updated_at"):
+            raise StepLaunchError(f"task_overrides: unknown task field {raw_key!r}")
+        if len(parts) == 1:
+            changes[top] = value
+            continue
+        section = changes.setdefault(top, {})
+        cursor = section
+        for part in parts[1:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = "" if value is None and top in ("script", "container") else value
+    return changes
+
+
+def cache_key(task: TaskRecord, resolved: ResolvedStep) -> str | None:
+    """A hash of what defines the step's result, or None when it cannot be cached.
+
+    Covers the code (commit, or the code itself), entry point, diff, parameters (artifact
+    inputs by content hash instead of URL), configuration, container and packages. A
+    repository without a pinned commit is never cached (its code can change).
+    """
+    script = task.script
+    if script.repository and not script.commit:
+        return None
+
+    def by_content(value: Any) -> Any:
+        if isinstance(value, str) and value in resolved.artifact_hashes:
+            return f"sha256:{resolved.artifact_hashes[value]}"
+        if isinstance(value, dict):
+            return {k: by_content(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [by_content(v) for v in value]
+        return value
+
+    material = {
+        "script": {
+            "repository": script.repository,
+            "commit": script.commit,
+            "entry_point": script.entry_point,
+            "working_dir": script.working_dir,
+            "diff": script.diff,
+            "code": script.code,
+            "binary": script.binary,
+        },
+        "hyperparams": by_content(task.hyperparams),
+        "configuration": task.configuration,
+        "container": task.container.model_dump(),
+        "packages": sorted(task.packages),
+    }
+    blob = json.dumps(material, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:40]

@@ -1,0 +1,441 @@
+"""The pipeline loop: launch ready steps, follow their statuses, apply the rules.
+
+The loop is event driven: it sleeps in `Backend.wait_for_status_change` on the tasks of
+its running steps (and its own controller task, to notice an abort) and wakes as soon as
+one moves, instead of polling on a tick. Launches (resolve, clone, override, enqueue)
+run in a thread pool so every ready step starts in parallel and a slow launch or a
+pre_execute_callback never blocks the others. Callbacks (status change, post execute)
+run on their own thread, off the scheduling path, so a callback may call `stop()`.
+
+A step that cannot be launched fails through the same retry / continue rules as a step
+whose task failed; nothing a step does can kill or hang the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from controller.errors import ConveyorError, IllegalTransitionError
+from controller.models import TaskRecord, TaskStatus
+from controller.pipeline import dag
+from controller.pipeline.function_step import _jsonable_default
+from controller.pipeline.launch import (
+    KWARGS_ARTIFACTS_SECTION,
+    KWARGS_SECTION,
+    Resolver,
+    StepLaunchError,
+    cache_key,
+    hyperparams_from_overrides,
+    task_override_changes,
+)
+from controller.pipeline.node import (
+    ABORTED,
+    CACHED,
+    COMPLETED,
+    FAILED,
+    LAUNCHING,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    SKIPPED,
+    Node,
+    StepJob,
+    node_status_of,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from controller.pipeline.controller import PipelineController
+
+log = logging.getLogger("conveyor.pipeline")
+
+#: Longest single wait for a status change (bounds how late stop() is noticed).
+MAX_WAIT_S = 1.0
+#: Wait while launches are in flight (their tasks join the watch list when done).
+LAUNCHING_WAIT_S = 0.01
+LAUNCH_THREADS = 8
+CACHE_TAG_PREFIX = "cache:"
+
+
+class PipelineRunner:
+    """Runs one pipeline to its end. Used by PipelineController; not public API."""
+
+    def __init__(self, pipe: PipelineController) -> None:
+        self.pipe = pipe
+        self.backend = pipe._backend
+        self.nodes: dict[str, Node] = pipe._nodes
+        self.failed = False
+        self.failure_message = ""
+        self.aborted = False
+        self._launches: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
+        self._in_flight: set[str] = set()
+        self._launch_pool = ThreadPoolExecutor(LAUNCH_THREADS, thread_name_prefix="pipeline-launch")
+        self._callback_pool = ThreadPoolExecutor(1, thread_name_prefix="pipeline-callback")
+        self._local_steps: list[threading.Thread] = []
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        """Launch and follow steps until every step is finished or the pipeline stops."""
+        pipe = self.pipe
+        deadline = (
+            time.monotonic() + pipe._time_limit_s if pipe._time_limit_s else None
+        )
+        try:
+            while True:
+                self._collect_launches()
+                if pipe._stop_event.is_set():
+                    self.aborted = self.aborted or pipe._stop_mark_aborted
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._fail(f"pipeline time limit of {pipe._time_limit_s / 60:g} min exceeded")
+                    self.abort_running("the pipeline time limit was exceeded")
+                    break
+                self._skip_unreachable()
+                self._launch_ready()
+                if self._finished():
+                    break
+                self._wait_and_apply(deadline)
+        finally:
+            self._launch_pool.shutdown(wait=True)
+            self._collect_launches()
+            if pipe._stop_event.is_set() or self.failed and pipe._abort_on_failure:
+                self.abort_running("the pipeline was stopped")
+            for thread in self._local_steps:
+                thread.join()
+            self._callback_pool.shutdown(wait=True)
+            pipe._record_state()
+
+    def _finished(self) -> bool:
+        return not self._in_flight and all(n.is_finished for n in self.nodes.values())
+
+    def _wait_and_apply(self, deadline: float | None) -> None:
+        known: dict[str, str] = {}
+        for node in self.nodes.values():
+            if node.executed and node.status in (QUEUED, RUNNING):
+                known[node.executed] = self._task_status_of(node)
+        if self.pipe._task_id:
+            known[self.pipe._task_id] = TaskStatus.in_progress.value
+        wait_s = LAUNCHING_WAIT_S if self._in_flight else MAX_WAIT_S
+        if deadline is not None:
+            wait_s = max(0.0, min(wait_s, deadline - time.monotonic()))
+        if not known:
+            try:
+                self._launches.put(self._launches.get(timeout=wait_s))
+            except queue.Empty:
+                pass
+            return
+        try:
+            changed = self.backend.wait_for_status_change(known, wait_s=wait_s)
+        except ConveyorError as exc:
+            log.warning("cannot follow the steps (%s); retrying", exc)
+            time.sleep(0.5)
+            return
+        for record in changed:
+            if record.id == self.pipe._task_id:
+                if record.status in (TaskStatus.stopping, TaskStatus.stopped):
+                    log.info("the pipeline task was aborted: stopping")
+                    self.pipe._stop_mark_aborted = True
+                    self.pipe._stop_event.set()
+                continue
+            node = self._node_of_task(record.id)
+            if node is not None:
+                self._apply_task_status(node, record)
+
+    def _task_status_of(self, node: Node) -> str:
+        if node.status == QUEUED:
+            return TaskStatus.queued.value
+        return node.task_status or TaskStatus.in_progress.value
+
+    def _node_of_task(self, task_id: str) -> Node | None:
+        for node in self.nodes.values():
+            if node.executed == task_id:
+                return node
+        return None
+
+    # ---------------------------------------------------------------- launch
+    def _ready(self, node: Node) -> bool:
+        if node.status != PENDING:
+            return False
+        for parent_name in node.parents:
+            parent = self.nodes[parent_name]
+            if not parent.is_finished:
+                return False
+        return True
+
+    def _skip_unreachable(self) -> None:
+        """Skip pending steps whose parent failed or aborted with skip-children on."""
+        changed = True
+        while changed:
+            changed = False
+            for node in self.nodes.values():
+                if node.status != PENDING:
+                    continue
+                for parent_name in node.parents:
+                    parent = self.nodes[parent_name]
+                    cb = parent.continue_behaviour
+                    skip = (
+                        parent.status == SKIPPED
+                        or (parent.status == FAILED and cb.skip_children_on_fail)
+                        or (parent.status == ABORTED and cb.skip_children_on_abort)
+                    )
+                    if skip:
+                        self._set(node, SKIPPED, f"skipped: parent step '{parent_name}' is {parent.status}")
+                        changed = True
+                        break
+
+    def _launch_ready(self) -> None:
+        for node in self.nodes.values():
+            if self._ready(node) and not self.pipe._stop_event.is_set():
+                self._set(node, LAUNCHING)
+                self._in_flight.add(node.name)
+                self._launch_pool.submit(self._launch_safely, node)
+
+    def _launch_safely(self, node: Node) -> None:
+        try:
+            self._launch(node)
+            self._launches.put((node.name, None))
+        except BaseException as exc:  # noqa: BLE001 - reported through the node
+            log.debug("launch of %s failed:\n%s", node.name, traceback.format_exc())
+            self._launches.put((node.name, exc))
+
+    def _collect_launches(self) -> None:
+        while True:
+            try:
+                name, error = self._launches.get_nowait()
+            except queue.Empty:
+                return
+            self._in_flight.discard(name)
+            node = self.nodes[name]
+            if error is not None:
+                self._finish(node, FAILED, f"cannot launch step '{name}': {error}")
+
+    def _launch(self, node: Node) -> None:
+        """Resolve, create (clone) the step task, apply overrides, cache, callback, enqueue."""
+        pipe = self.pipe
+        resolver = Resolver(self.backend, self.nodes, pipe._parameters)
+        try:
+            resolved = resolver.resolve_node(node)
+        except ValueError as exc:
+            raise StepLaunchError(str(exc)) from None
+        node.resolved_parameters = dict(resolved.parameters)
+        node.resolved_overrides = dict(resolved.task_overrides)
+        task = pipe._create_step_task(node, resolved)
+        changes: dict[str, Any] = {}
+        hyperparams = hyperparams_from_overrides(resolved.parameters)
+        if node.function_spec:
+            hyperparams[KWARGS_SECTION] = {k: _jsonable_default(v) for k, v in resolved.kwargs.items()}
+            hyperparams[KWARGS_ARTIFACTS_SECTION] = resolved.kwargs_artifacts
+        if hyperparams:
+            changes["hyperparams"] = hyperparams
+        if resolved.configurations:
+            changes["configuration"] = resolved.configurations
+        if resolved.task_overrides:
+            changes.update(task_override_changes(task, resolved.task_overrides))
+        execution = {"queue": node.queue or pipe._default_queue or "default"}
+        if node.timeout:
+            execution["time_limit_s"] = float(node.timeout)
+        changes["execution"] = {**changes.get("execution", {}), **execution}
+        task = self.backend.edit_task(task.id, changes, force=not node.clone_task)
+        if node.cache_executed_step:
+            key = cache_key(task, resolved)
+            if key is not None:
+                hit = self.backend.query_tasks(tags=[CACHE_TAG_PREFIX + key], status=["completed"], limit=1)
+                if hit:
+                    self._use_cached(node, task, hit[0])
+                    return
+                task = self.backend.edit_task(
+                    task.id, {"tags": [*task.tags, CACHE_TAG_PREFIX + key]}, force=not node.clone_task
+                )
+        node.executed = task.id
+        node.job = StepJob(self.backend, task.id)
+        if node.pre_execute_callback is not None:
+            keep = node.pre_execute_callback(pipe, node, dict(resolved.parameters))
+            if keep is False:
+                self._abort_quietly(task.id, "skipped by its pre_execute_callback")
+                self._set(node, SKIPPED, "skipped by its pre_execute_callback")
+                return
+        if pipe._run_steps_locally:
+            self._run_locally(node, task)
+        else:
+            self.backend.enqueue(task.id, execution["queue"])
+        self._set(node, QUEUED)
+
+    def _use_cached(self, node: Node, draft: TaskRecord, hit: TaskRecord) -> None:
+        if draft.id != hit.id and node.clone_task:
+            try:
+                self.backend.delete_task(draft.id)
+            except ConveyorError:
+                pass
+        node.executed = hit.id
+        node.job = StepJob(self.backend, hit.id)
+        self._finish(node, CACHED, f"reused completed task {hit.id} (cache hit)")
+
+    def _run_locally(self, node: Node, task: TaskRecord) -> None:
+        from agent.executor import execute_task
+
+        worker = f"local:{self.pipe._local_worker_id}"
+        record = self.backend.set_status(task.id, TaskStatus.in_progress, reason="started",
+                                         message="run locally by the pipeline", worker_id=worker)
+        settings = self.pipe._local_settings(worker)
+        stop_event = self.pipe._stop_event
+
+        def run() -> None:
+            execute_task(self.backend, record, settings, lambda: "aborted" if stop_event.is_set() else None)
+
+        thread = threading.Thread(target=run, name=f"local-step-{node.name}", daemon=True)
+        self._local_steps.append(thread)
+        thread.start()
+
+    # ------------------------------------------------------------- statuses
+    def _apply_task_status(self, node: Node, record: TaskRecord) -> None:
+        node.task_status = record.status.value
+        node.worker = record.runtime.worker or node.worker
+        status = node_status_of(record)
+        if status in (QUEUED, RUNNING):
+            if status != node.status:
+                self._set(node, status)
+            return
+        if status == COMPLETED:
+            self._finish(node, COMPLETED, record.status_message)
+            return
+        if status == FAILED and self._should_retry(node):
+            node.retries += 1
+            log.info("step %s failed (%s): retry %d", node.name, record.status_message, node.retries)
+            try:
+                self.backend.enqueue(record.id)
+                self._set(node, QUEUED, f"retry {node.retries} after: {record.status_message}")
+                return
+            except ConveyorError as exc:
+                self._finish(node, FAILED, f"cannot retry: {exc}")
+                return
+        self._finish(node, status, record.status_message or record.status_reason)
+
+    def _should_retry(self, node: Node) -> bool:
+        rule = node.retry_on_failure if node.retry_on_failure is not None else self.pipe._retry_on_failure
+        if rule is None:
+            return False
+        if callable(rule):
+            try:
+                return bool(rule(self.pipe, node, node.retries))
+            except Exception:  # noqa: BLE001
+                log.exception("retry_on_failure callback of step %s failed", node.name)
+                return False
+        return node.retries < int(rule)
+
+    def _finish(self, node: Node, status: str, message: str) -> None:
+        self._set(node, status, message)
+        cb = node.continue_behaviour
+        if status == FAILED and not cb.continue_on_fail:
+            self._fail(f"step '{node.name}' failed: {message}")
+        elif status == ABORTED and not cb.continue_on_abort:
+            self._fail(f"step '{node.name}' was aborted: {message}")
+        if status in (COMPLETED, CACHED):
+            self._monitor(node)
+            if node.post_execute_callback is not None:
+                self._callback(node.post_execute_callback, self.pipe, node)
+        if self.failed and self.pipe._abort_on_failure and status in (FAILED, ABORTED):
+            self.abort_running(f"step '{node.name}' failed and abort_on_failure is set")
+            self.pipe._stop_event.set()
+
+    def _fail(self, message: str) -> None:
+        if not self.failed:
+            self.failed = True
+            self.failure_message = message
+            log.warning("pipeline failed: %s", message)
+
+    def _set(self, node: Node, status: str, message: str = "") -> None:
+        with self._lock:
+            previous = node.set_status(status, message)
+        if previous == status:
+            return
+        log.info("step %s: %s%s", node.name, status, f" ({message})" if message else "")
+        self.pipe._record_state()
+        callback = node.status_change_callback
+        if callback is not None:
+            self._callback(callback, self.pipe, node, previous)
+
+    def _callback(self, function: Callable[..., Any], *args: Any) -> None:
+        def call() -> None:
+            try:
+                function(*args)
+            except Exception:  # noqa: BLE001 - a user callback must not break the pipeline
+                log.exception("pipeline callback %s failed", getattr(function, "__name__", function))
+
+        try:
+            self._callback_pool.submit(call)
+        except RuntimeError:  # pool already shut down: run inline
+            call()
+
+    # ------------------------------------------------------------ stopping
+    def abort_running(self, message: str) -> None:
+        """Abort every queued or running step task; mark their nodes aborted."""
+        for node in self.nodes.values():
+            if node.executed and node.status in (QUEUED, RUNNING, LAUNCHING):
+                self._abort_quietly(node.executed, message)
+                self._set(node, ABORTED, message)
+            elif node.status == PENDING:
+                self._set(node, SKIPPED, "skipped: the pipeline stopped")
+
+    def _abort_quietly(self, task_id: str, message: str) -> None:
+        try:
+            self.backend.abort_task(task_id, message=message)
+        except (IllegalTransitionError, ConveyorError):
+            pass
+
+    def _monitor(self, node: Node) -> None:
+        """Copy monitored metrics, artifacts and models of a finished step to the pipeline task."""
+        pipe_task = self.pipe._task_id
+        if not pipe_task or not node.executed or not (
+            node.monitor_metrics or node.monitor_artifacts or node.monitor_models
+        ):
+            return
+        try:
+            step = self.backend.get_task(node.executed)
+            changes: dict[str, Any] = {}
+            if node.monitor_artifacts:
+                artifacts = {}
+                for item in node.monitor_artifacts:
+                    source, target = (item, item) if isinstance(item, str) else tuple(item)
+                    if source in step.artifacts:
+                        artifacts[target] = step.artifacts[source].model_dump(mode="json")
+                changes["artifacts"] = artifacts
+            if node.monitor_models:
+                models = [m.model_dump(mode="json") for m in step.models.get("output", [])
+                          if any(_model_matches(m.name, str(p if isinstance(p, str) else p[0]))
+                                 for p in node.monitor_models)]
+                current = self.backend.get_task(pipe_task).models
+                changes["models"] = {"input": [m.model_dump(mode="json") for m in current.get("input", [])],
+                                     "output": [m.model_dump(mode="json") for m in current.get("output", [])] + models}
+            if changes:
+                self.backend.edit_task(pipe_task, changes, force=True)
+            if node.monitor_metrics:
+                scalars = []
+                for item in node.monitor_metrics:
+                    (title, series), target = (
+                        (item[0], item[1]) if isinstance(item[0], list | tuple) else (item, item)
+                    )
+                    for s in self.backend.get_scalars(node.executed, title=title, series=series):
+                        scalars.append({"title": target[0], "series": target[1],
+                                        "iteration": s.iteration, "value": s.value})
+                if scalars:
+                    self.backend.report_scalars(pipe_task, scalars)
+        except (ConveyorError, ValueError, TypeError, IndexError) as exc:
+            log.warning("cannot copy monitored outputs of step %s: %s", node.name, exc)
+
+
+def _model_matches(name: str, pattern: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return name.startswith(pattern[:-1])
+    return name == pattern
+
+
+__all__ = ["PipelineRunner", "dag"]
