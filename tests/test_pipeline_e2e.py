@@ -1,0 +1,307 @@
+"""PipelineController end to end: real agents run the steps of real pipelines.
+
+One embedded store and one agent daemon (4 slots) serve every test of this module; each
+test uses its own project. Steps read their parameters and record outputs through the
+Backend, as any step code can.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controller.automation import PipelineController
+from controller.backend import Backend, backend_from_url
+from controller.models import TaskStatus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A step that prints its parameters, sleeps SLEEP_S, fails if FAIL_TIMES says so (counting
+# runs in COUNTER_FILE) and records an artifact "out" (its name) and its parameters.
+STEP = '''
+import json, os, sys, time
+from controller.backend import get_backend
+backend = get_backend()
+task = backend.get_task(os.environ["CONVEYOR_TASK_ID"])
+params = task.hyperparams.get("General", {})
+print("params", json.dumps(params, sort_keys=True), flush=True)
+time.sleep(float(params.get("sleep_s", 0)))
+counter = params.get("counter_file")
+if counter:
+    runs = int(open(counter).read()) + 1 if os.path.exists(counter) else 1
+    open(counter, "w").write(str(runs))
+    if runs <= int(params.get("fail_times", 0)):
+        print("failing run", runs, flush=True)
+        sys.exit(2)
+if params.get("always_fail"):
+    sys.exit(3)
+backend.edit_task(task.id, {"artifacts": {"out": {"uri": "file:///data/" + task.name + ".csv",
+                                                   "sha256": "feed" + task.name}}}, force=True)
+'''
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A store and a running agent daemon (queue default, 4 slots) for the module."""
+    home = tmp_path_factory.mktemp("pipeline-home")
+    url = f"sqlite:///{home / 'conveyor.db'}"
+    env = {**os.environ, "CONVEYOR_HOME": str(home), "CONVEYOR_API": url}
+    log = open(home / "agent.log", "wb")  # noqa: SIM115
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "daemon", "--queue", "default", "--foreground",
+         "--concurrency", "4", "--stop-grace", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    yield url
+    agent.terminate()
+    agent.wait(60)
+
+
+@pytest.fixture
+def backend(store: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    monkeypatch.setenv("CONVEYOR_API", store)
+    client = backend_from_url(store)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def project() -> str:
+    return f"p-{uuid.uuid4().hex[:8]}"
+
+
+def base_task(backend: Backend, project: str, name: str, **general: object) -> str:
+    return backend.create_task({
+        "name": name, "project": project, "script": {"code": STEP, "entry_point": "step.py"},
+        "hyperparams": {"General": {"sleep_s": 0, **general}},
+    }).id
+
+
+def new_pipeline(project: str, **options: object) -> PipelineController:
+    pipe = PipelineController(name="pipe", project=project, version="1.0.0", **options)
+    pipe.set_default_execution_queue("default")
+    return pipe
+
+
+def step_log(backend: Backend, pipe: PipelineController, step: str) -> str:
+    task_id = pipe.get_pipeline_dag()[step].executed
+    return "\n".join(line.line for line in backend.get_log(task_id))
+
+
+def statuses(pipe: PipelineController) -> dict[str, str]:
+    return {name: node.status for name, node in pipe.get_pipeline_dag().items()}
+
+
+# --------------------------------------------------------------------------- tests
+def test_three_steps_pass_artifact_urls_ids_and_parameters(backend: Backend, project: str) -> None:
+    base_task(backend, project, "pipeline step 1 dataset artifact")
+    base_task(backend, project, "pipeline step 2 process dataset")
+    base_task(backend, project, "pipeline step 3 train model")
+    pipe = new_pipeline(project)
+    pipe.add_parameter("test_size", 0.25)
+    pipe.add_step("stage_data", base_task_project=project, base_task_name="pipeline step 1 dataset artifact")
+    pipe.add_step("stage_process", parents=["stage_data"], base_task_project=project,
+                  base_task_name="pipeline step 2 process dataset",
+                  parameter_override={"General/dataset_url": "${stage_data.artifacts.out.url}",
+                                      "General/test_size": "${pipeline.test_size}"})
+    pipe.add_step("stage_train", parents=["stage_process"], base_task_project=project,
+                  base_task_name="pipeline step 3 train model",
+                  parameter_override={"General/dataset_task_id": "${stage_process.id}"})
+    pipe.start_locally()
+    assert pipe.is_successful(), statuses(pipe)
+    dag = pipe.get_pipeline_dag()
+    assert '"dataset_url": "file:///data/stage_data.csv"' in step_log(backend, pipe, "stage_process")
+    assert '"test_size": 0.25' in step_log(backend, pipe, "stage_process")  # the type is kept
+    assert f'"dataset_task_id": "{dag["stage_process"].executed}"' in step_log(backend, pipe, "stage_train")
+    # the steps are clones (children of the pipeline task), the base tasks never ran
+    step = backend.get_task(dag["stage_data"].executed)
+    assert step.parent == pipe.id and step.name == "stage_data"
+    assert backend.query_tasks(project=project, name="pipeline step 1 dataset artifact")[0].status == TaskStatus.created
+    # the pipeline task records the DAG and ends completed
+    record = backend.get_task(pipe.id)
+    assert record.status == TaskStatus.completed and record.type.value == "controller"
+    nodes = record.runtime.pipeline["nodes"]
+    assert {n: nodes[n]["status"] for n in nodes} == {"stage_data": "completed", "stage_process": "completed",
+                                                      "stage_train": "completed"}
+    assert nodes["stage_train"]["parents"] == ["stage_process"]
+    assert nodes["stage_process"]["resolved_parameters"]["General/dataset_url"] == "file:///data/stage_data.csv"
+
+
+def test_independent_steps_of_a_diamond_run_in_parallel(backend: Backend, project: str) -> None:
+    base = base_task(backend, project, "base")
+    pipe = new_pipeline(project)
+    pipe.add_step("top", base_task_id=base)
+    pipe.add_step("left", base_task_id=base, parents=["top"], parameter_override={"General/sleep_s": 2})
+    pipe.add_step("right", base_task_id=base, parents=["top"], parameter_override={"General/sleep_s": 2})
+    pipe.add_step("bottom", base_task_id=base, parents=["left", "right"])
+    pipe.start_locally()
+    assert pipe.is_successful(), statuses(pipe)
+    dag = pipe.get_pipeline_dag()
+    left, right, bottom = (backend.get_task(dag[n].executed) for n in ("left", "right", "bottom"))
+    assert left.started_at < right.finished_at and right.started_at < left.finished_at, "not in parallel"
+    assert bottom.started_at >= max(left.finished_at, right.finished_at)
+
+
+def test_a_step_that_fails_twice_passes_on_its_second_retry(backend: Backend, project: str, tmp_path: Path) -> None:
+    base = base_task(backend, project, "flaky", counter_file=str(tmp_path / "runs"), fail_times=2)
+    pipe = new_pipeline(project)
+    pipe.add_step("flaky", base_task_id=base, retry_on_failure=2)
+    pipe.start_locally()
+    assert pipe.is_successful(), statuses(pipe)
+    node = pipe.get_pipeline_dag()["flaky"]
+    assert node.retries == 2 and backend.get_task(node.executed).runtime.attempt == 3
+
+
+def test_retries_run_out(backend: Backend, project: str, tmp_path: Path) -> None:
+    base = base_task(backend, project, "flaky", counter_file=str(tmp_path / "runs"), fail_times=5)
+    calls: list[int] = []
+    pipe = new_pipeline(project)
+    pipe.add_step("flaky", base_task_id=base, retry_on_failure=lambda p, node, n: calls.append(n) or n < 1)
+    pipe.start_locally()
+    assert not pipe.is_successful() and statuses(pipe) == {"flaky": "failed"}
+    assert calls == [0, 1]
+    assert backend.get_task(pipe.id).status == TaskStatus.failed
+
+
+@pytest.mark.parametrize(
+    "behaviour, child_status, pipeline_ok",
+    [
+        (None, "skipped", False),
+        ({"continue_on_fail": True}, "skipped", True),
+        ({"continue_on_fail": True, "skip_children_on_fail": False}, "completed", True),
+        ({"continue_on_fail": False, "skip_children_on_fail": False}, "completed", False),
+    ],
+    ids=["default", "continue", "continue-and-run-children", "run-children-but-fail"],
+)
+def test_continue_behaviour_of_a_failed_step(
+    backend: Backend, project: str, behaviour: dict | None, child_status: str, pipeline_ok: bool
+) -> None:
+    base = base_task(backend, project, "base")
+    failing = base_task(backend, project, "failing", always_fail=True)
+    pipe = new_pipeline(project)
+    pipe.add_step("bad", base_task_id=failing, continue_behaviour=behaviour)
+    pipe.add_step("child", base_task_id=base, parents=["bad"],
+                  parameter_override={"General/from_bad": "${bad.artifacts.out.url}"})
+    pipe.add_step("independent", base_task_id=base)
+    pipe.start_locally()
+    got = statuses(pipe)
+    assert got["bad"] == "failed" and got["independent"] == "completed"
+    assert got["child"] == child_status
+    assert pipe.is_successful() is pipeline_ok
+    if child_status == "completed":  # a failed parent's values default to None
+        assert '"from_bad": null' in step_log(backend, pipe, "child")
+
+
+def test_a_pre_execute_callback_returning_false_skips_the_step_and_its_children(
+    backend: Backend, project: str
+) -> None:
+    base = base_task(backend, project, "base")
+    seen: list[tuple[str, dict]] = []
+
+    def gate(pipeline: PipelineController, node: PipelineController.Node, parameters: dict) -> bool:
+        seen.append((node.name, parameters))
+        return node.name != "gated"
+
+    pipe = new_pipeline(project)
+    pipe.add_parameter("p", 7)
+    pipe.add_step("first", base_task_id=base, pre_execute_callback=gate,
+                  parameter_override={"General/value": "${pipeline.p}"})
+    pipe.add_step("gated", base_task_id=base, parents=["first"], pre_execute_callback=gate)
+    pipe.add_step("after", base_task_id=base, parents=["gated"])
+    pipe.start_locally()
+    assert statuses(pipe) == {"first": "completed", "gated": "skipped", "after": "skipped"}
+    assert seen[0] == ("first", {"General/value": 7})
+    assert pipe.is_successful()
+
+
+def test_a_step_over_its_time_limit_is_stopped_and_fails_the_pipeline(backend: Backend, project: str) -> None:
+    base = base_task(backend, project, "slow", sleep_s=60)
+    pipe = new_pipeline(project)
+    pipe.add_step("slow", base_task_id=base, time_limit=1)
+    started = time.monotonic()
+    pipe.start_locally()
+    assert time.monotonic() - started < 20
+    assert statuses(pipe) == {"slow": "failed"}
+    task = backend.get_task(pipe.get_pipeline_dag()["slow"].executed)
+    assert task.status == TaskStatus.stopped and task.status_reason == "time_limit"
+    assert not pipe.is_successful()
+
+
+def test_abort_on_failure_stops_the_running_steps(backend: Backend, project: str) -> None:
+    base = base_task(backend, project, "base")
+    slow = base_task(backend, project, "slow", sleep_s=60)
+    failing = base_task(backend, project, "failing", always_fail=True, sleep_s=0.5)
+    pipe = new_pipeline(project, abort_on_failure=True)
+    pipe.add_step("slow", base_task_id=slow)
+    pipe.add_step("bad", base_task_id=failing)
+    pipe.add_step("later", base_task_id=base, parents=["bad"])
+    started = time.monotonic()
+    pipe.start_locally()
+    assert time.monotonic() - started < 30
+    got = statuses(pipe)
+    assert got["bad"] == "failed" and got["slow"] == "aborted" and got["later"] == "skipped"
+    slow_task = backend.get_task(pipe.get_pipeline_dag()["slow"].executed)
+    deadline = time.monotonic() + 15
+    while not slow_task.status.is_terminal and time.monotonic() < deadline:
+        time.sleep(0.1)
+        slow_task = backend.get_task(slow_task.id)
+    assert slow_task.status == TaskStatus.stopped
+    assert backend.get_task(pipe.id).status == TaskStatus.failed
+
+
+def test_stop_from_a_callback_ends_the_pipeline(backend: Backend, project: str) -> None:
+    base = base_task(backend, project, "base")
+    slow = base_task(backend, project, "slow", sleep_s=60)
+
+    def on_change(pipeline: PipelineController, node: PipelineController.Node, previous: str) -> None:
+        if node.name == "slow" and node.status == "running":
+            pipeline.stop(mark_aborted=True)
+
+    pipe = new_pipeline(project)
+    pipe.add_step("slow", base_task_id=slow, status_change_callback=on_change)
+    pipe.add_step("after", base_task_id=base, parents=["slow"])
+    started = time.monotonic()
+    pipe.start_locally()
+    assert time.monotonic() - started < 30
+    assert statuses(pipe) == {"slow": "aborted", "after": "skipped"}
+    assert backend.get_task(pipe.id).status == TaskStatus.stopped
+    assert not pipe.is_successful() and pipe.is_successful(fail_condition="failed")
+
+
+def test_a_cached_step_reuses_the_completed_task_on_the_second_run(backend: Backend, project: str) -> None:
+    base = base_task(backend, project, "base")
+    runs = []
+    for _ in range(2):
+        pipe = new_pipeline(project)
+        pipe.add_step("cached", base_task_id=base, cache_executed_step=True,
+                      parameter_override={"General/x": 1})
+        pipe.add_step("fresh", base_task_id=base, parents=["cached"],
+                      parameter_override={"General/data": "${cached.artifacts.out.url}"})
+        pipe.start_locally()
+        assert pipe.is_successful()
+        runs.append(pipe.get_pipeline_dag())
+    assert runs[0]["cached"].status == "completed" and runs[1]["cached"].status == "cached"
+    assert runs[1]["cached"].executed == runs[0]["cached"].executed
+    assert runs[1]["fresh"].status == "completed" and runs[1]["fresh"].executed != runs[0]["fresh"].executed
+    second = backend.query_tasks(project=project, name="pipe #2")
+    assert second, "the second run is numbered"
+
+
+def test_the_pipeline_time_limit_stops_everything(backend: Backend, project: str) -> None:
+    slow = base_task(backend, project, "slow", sleep_s=60)
+    pipe = new_pipeline(project)
+    pipe.set_pipeline_execution_time_limit(0.05)  # 3 s
+    pipe.add_step("slow", base_task_id=slow)
+    started = time.monotonic()
+    pipe.start_locally()
+    assert 2.5 < time.monotonic() - started < 20
+    assert statuses(pipe) == {"slow": "aborted"}
+    record = backend.get_task(pipe.id)
+    assert record.status == TaskStatus.failed and "time limit" in record.status_message
