@@ -1,6 +1,6 @@
 """PipelineController end to end: real agents run the steps of real pipelines.
 
-One embedded store and one agent daemon (4 slots) serve every test of this module; each
+One embedded store and one agent daemon (6 slots, services and default) serve every test of this module; each
 test uses its own project. Steps read their parameters and record outputs through the
 Backend, as any step code can.
 """
@@ -49,14 +49,14 @@ backend.edit_task(task.id, {"artifacts": {"out": {"uri": "file:///data/" + task.
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A store and a running agent daemon (queue default, 4 slots) for the module."""
+    """A store and a running agent daemon (queues services and default, 6 slots) for the module."""
     home = tmp_path_factory.mktemp("pipeline-home")
     url = f"sqlite:///{home / 'conveyor.db'}"
     env = {**os.environ, "CONVEYOR_HOME": str(home), "CONVEYOR_API": url}
     log = open(home / "agent.log", "wb")  # noqa: SIM115
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "daemon", "--queue", "default", "--foreground",
-         "--concurrency", "4", "--stop-grace", "1"],
+        [sys.executable, "-m", "agent.cli", "daemon", "--queue", "services", "default", "--foreground",
+         "--concurrency", "6", "--stop-grace", "1"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )
     yield url
@@ -305,3 +305,76 @@ def test_the_pipeline_time_limit_stops_everything(backend: Backend, project: str
     assert statuses(pipe) == {"slow": "aborted"}
     record = backend.get_task(pipe.id)
     assert record.status == TaskStatus.failed and "time limit" in record.status_message
+
+
+PIPELINE_SCRIPT = """
+import os, sys
+from controller.automation import PipelineController
+pipe = PipelineController(name="{name}", project="{project}", version="1.0.0")
+pipe.set_default_execution_queue("default")
+pipe.add_parameter("size", 3)
+pipe.add_step("a", base_task_project="{project}", base_task_name="base",
+              parameter_override={{"General/size": "${{pipeline.size}}"}})
+pipe.add_step("b", base_task_project="{project}", base_task_name="base", parents=["a"])
+pipe.{launch}
+print("pipeline finished, successful:", pipe.is_successful(), flush=True)
+"""
+
+
+def wait_terminal(backend: Backend, task_id: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not backend.get_task(task_id).status.is_terminal:
+        assert time.monotonic() < deadline, f"task {task_id} did not end"
+        time.sleep(0.1)
+
+
+def test_start_enqueues_the_controller_on_services_where_an_agent_runs_it(
+    backend: Backend, project: str, store: str, tmp_path: Path
+) -> None:
+    base_task(backend, project, "base")
+    script = tmp_path / "remote_pipeline.py"
+    script.write_text(PIPELINE_SCRIPT.format(name="remote", project=project, launch='start(queue="services")'))
+    result = subprocess.run([sys.executable, str(script)], env={**os.environ, "CONVEYOR_API": store},
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "enqueued on 'services'" in result.stderr
+    assert "pipeline finished" not in result.stdout  # the local process ended at start()
+    (controller,) = backend.query_tasks(project=project, type="controller")
+    assert controller.execution.queue == "services" and controller.script.code
+    wait_terminal(backend, controller.id)
+    done = backend.get_task(controller.id)
+    log = "\n".join(line.line for line in backend.get_log(controller.id))
+    assert done.status == TaskStatus.completed, log
+    assert "pipeline finished, successful: True" in log
+    steps = backend.query_tasks(parent=controller.id)
+    assert sorted(s.name for s in steps) == ["a", "b"]
+    assert all(s.status == TaskStatus.completed for s in steps)
+    assert done.runtime.pipeline["nodes"]["b"]["status"] == "completed"
+
+
+def test_a_pipeline_can_be_a_step_of_another_pipeline(
+    backend: Backend, project: str, store: str, tmp_path: Path
+) -> None:
+    base_task(backend, project, "base")
+    script = tmp_path / "inner_pipeline.py"
+    script.write_text(PIPELINE_SCRIPT.format(name="inner", project=project, launch="create_draft()"))
+    result = subprocess.run([sys.executable, str(script)], env={**os.environ, "CONVEYOR_API": store},
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (draft,) = backend.query_tasks(project=project, type="controller")
+    assert draft.status == TaskStatus.created
+    base = base_task(backend, project, "after")
+    outer = PipelineController(name="outer", project=project, version="1.0.0")
+    outer.set_default_execution_queue("default")
+    outer.add_step("inner", base_task_id=draft.id, parameter_override={"Pipeline/size": 5})
+    outer.add_step("after", base_task_id=base, parameter_override={"General/inner": "${inner.id}"})
+    outer.start_locally()
+    assert outer.is_successful(), statuses(outer)
+    inner_task = backend.get_task(outer.get_pipeline_dag()["inner"].executed)
+    assert inner_task.status == TaskStatus.completed and inner_task.parent == outer.id
+    inner_steps = backend.query_tasks(parent=inner_task.id)
+    assert sorted(s.name for s in inner_steps) == ["a", "b"]
+    assert all(s.status == TaskStatus.completed for s in inner_steps)
+    assert backend.get_task(outer.get_pipeline_dag()["after"].executed).started_at >= inner_task.finished_at
+    a_step = next(s for s in inner_steps if s.name == "a")
+    assert a_step.hyperparams["General"]["size"] == 5  # the outer override reached the inner pipeline

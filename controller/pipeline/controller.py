@@ -373,7 +373,14 @@ class PipelineController:
         self._run_loop()
 
     def create_draft(self) -> None:
-        """Record the pipeline as a controller task in status created (enqueue it later)."""
+        """Record the pipeline as a controller task in status created (enqueue it later).
+
+        Under an agent, the task being run is such a draft (or a clone of it, e.g. a step
+        of another pipeline): then this runs the pipeline, as `start()` would.
+        """
+        if os.environ.get("CONVEYOR_TASK_ID"):
+            self.start()
+            return
         self._prepare()
         self._create_controller_task(queue=None)
 
