@@ -1,10 +1,14 @@
-"""`make demo`: run steps on a real agent against the embedded store, in a temp home.
+"""`make demo`: the reference example pipeline, run by real agents on the embedded store.
 
 1. makes a throw-away CONVEYOR_HOME (the embedded SQLite store lives there);
-2. starts `agent daemon --queue default` in the background;
-3. creates three tasks from examples/steps/count_words.py with different TOP_N
-   overrides, enqueues them, and waits for them;
-4. prints each task's status and log, then stops the agent.
+2. starts `agent daemon --queue services default` in the background;
+3. registers the three step templates (examples/steps/*.py) as draft tasks;
+4. runs examples/pipeline_from_tasks.py, which sends the pipeline to "services": the
+   agent runs the controller, the controller sends the steps to "default";
+5. follows the pipeline, prints its DAG with step statuses and the final accuracy, and
+   stops the agent.
+
+The first run installs scikit-learn into the steps' cached virtualenv (needs PyPI).
 """
 
 from __future__ import annotations
@@ -17,54 +21,82 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = [
+    ("step1_dataset_artifact.py", "pipeline step 1 dataset artifact"),
+    ("step2_process_dataset.py", "pipeline step 2 process dataset"),
+    ("step3_train_model.py", "pipeline step 3 train model"),
+]
+TIMEOUT_S = 900
 
 
 def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="conveyor-demo-"))
     os.environ["CONVEYOR_HOME"] = str(home)
     os.environ.pop("CONVEYOR_API", None)
-    from controller.backend import backend_from_url
+    from controller import Task
+    from controller.backend import get_backend
 
-    backend = backend_from_url()
+    backend = get_backend()
     print(f"embedded store: {backend.url}")
+    agent_log = home / "agent.log"
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "daemon", "--queue", "default", "--foreground"],
-        env=os.environ.copy(), stderr=open(home / "agent.log", "wb"), cwd=ROOT,  # noqa: SIM115
+        [sys.executable, "-m", "agent.cli", "daemon", "--queue", "services", "default",
+         "--concurrency", "3", "--foreground"],
+        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=open(agent_log, "wb"),  # noqa: SIM115
+        cwd=ROOT,
     )
-    code = (ROOT / "examples" / "steps" / "count_words.py").read_text()
-    tasks = []
-    for top_n in (3, 5, 8):
-        task = backend.create_task({
-            "name": f"count words (top {top_n})",
-            "project": "demo",
-            "type": "data_processing",
-            "script": {"code": code, "entry_point": "count_words.py"},
-            "hyperparams": {"Environment": {"TOP_N": top_n}},
-            "execution": {"time_limit_s": 120},
-        })
-        tasks.append(backend.enqueue(task.id).id)
-    print(f"enqueued {len(tasks)} tasks on 'default'; agent pid {agent.pid}")
-    deadline = time.monotonic() + 300
+    print(f"agent started (pid {agent.pid}) on queues services, default; log: {agent_log}")
+    ok = False
     try:
-        while time.monotonic() < deadline:
-            states = [backend.get_task(t) for t in tasks]
-            if all(t.status.is_terminal for t in states):
-                break
-            time.sleep(0.2)
-        ok = True
-        for task in (backend.get_task(t) for t in tasks):
-            took = (task.finished_at or 0) - (task.started_at or 0)
-            print(f"\n== {task.name}: {task.status.value} ({task.status_message}) in {took:.2f} s "
-                  f"on {task.runtime.worker}")
-            for line in backend.get_log(task.id):
-                if line.stream != "agent":
-                    print(f"   {line.line}")
-            ok = ok and task.status.value == "completed"
+        for script, name in STEPS:
+            template = Task.create(project_name="examples", task_name=name,
+                                   script=str(ROOT / "examples" / "steps" / script),
+                                   packages=["scikit-learn"], force_single_script_file=True)
+            print(f"registered template {name!r} ({template.id})")
+        subprocess.run([sys.executable, str(ROOT / "examples" / "pipeline_from_tasks.py")],
+                       check=True, env=os.environ.copy(), cwd=ROOT)
+        pipeline = backend.query_tasks(project="examples", type="controller", limit=1)[0]
+        ok = follow(backend, pipeline.id)
     finally:
         agent.terminate()
-        agent.wait(60)
-    print(f"\nagent stopped; store and logs kept in {home}")
+        agent.wait(120)
+        print(f"agent stopped; store, logs and caches kept in {home}")
     return 0 if ok else 1
+
+
+def follow(backend, pipeline_id: str) -> bool:  # noqa: ANN001
+    """Print step status changes until the pipeline ends; then the DAG and the metric."""
+    seen: dict[str, str] = {}
+    started = time.monotonic()
+    record = backend.get_task(pipeline_id)
+    while not record.status.is_terminal:
+        if time.monotonic() - started > TIMEOUT_S:
+            print(f"the pipeline did not finish in {TIMEOUT_S} s")
+            return False
+        nodes = (record.runtime.model_dump().get("pipeline") or {}).get("nodes", {})
+        for name, node in nodes.items():
+            if seen.get(name) != node["status"]:
+                seen[name] = node["status"]
+                print(f"  [{time.monotonic() - started:6.1f} s] {name}: {node['status']}")
+        time.sleep(0.2)
+        record = backend.get_task(pipeline_id)
+    nodes = (record.runtime.model_dump().get("pipeline") or {}).get("nodes", {})
+    print(f"\npipeline {record.name!r}: {record.status.value} ({record.status_message})")
+    print(f"{'step':<15} {'status':<10} {'parents':<15} {'seconds':>8}  task")
+    for name, node in nodes.items():
+        took = (node["ended"] or 0) - (node["started"] or node["ended"] or 0)
+        print(f"{name:<15} {node['status']:<10} {','.join(node['parents']) or '-':<15} {took:>8.2f}  {node['task_id']}")
+    accuracy = [s.value for s in backend.get_scalars(pipeline_id, title="model", series="accuracy")]
+    if accuracy:
+        print(f"\nfinal metric: test accuracy {accuracy[-1]:.3f}")
+    else:
+        print("\nno accuracy was reported; step logs:")
+        for name, node in nodes.items():
+            if node["task_id"]:
+                print(f"--- {name}")
+                for line in backend.get_log(node["task_id"], tail=15):
+                    print(f"   {line.line}")
+    return record.status.value == "completed" and bool(accuracy)
 
 
 if __name__ == "__main__":

@@ -378,3 +378,46 @@ def test_a_pipeline_can_be_a_step_of_another_pipeline(
     assert backend.get_task(outer.get_pipeline_dag()["after"].executed).started_at >= inner_task.finished_at
     a_step = next(s for s in inner_steps if s.name == "a")
     assert a_step.hyperparams["General"]["size"] == 5  # the outer override reached the inner pipeline
+
+
+# ------------------------------------------------------------------ function steps
+def make_numbers(count: int = 3, scale: float = 1.0):
+    numbers = [i * scale for i in range(count)]
+    return numbers, sum(numbers)
+
+
+def add_offset(numbers: list, offset: int = 0):
+    import statistics
+
+    shifted = [n + offset for n in numbers]
+    return shifted, statistics.mean(shifted)
+
+
+def report(shifted: list, mean: float = 0.0, total: float = 0.0):
+    print(f"report: {len(shifted)} numbers, mean {mean}, total {total}")
+    return {"mean": mean, "total": total}
+
+
+def test_a_pipeline_of_function_steps_passes_returned_objects(backend: Backend, project: str) -> None:
+    pipe = new_pipeline(project)
+    pipe.add_parameter("count", 4)
+    pipe.add_function_step("make", make_numbers, function_kwargs={"count": "${pipeline.count}", "scale": 2.0},
+                           function_return=["numbers", "total"], cache_executed_step=True)
+    pipe.add_function_step("shift", add_offset, function_kwargs={"numbers": "${make.numbers}", "offset": 10},
+                           function_return=["shifted", "mean"])
+    pipe.add_function_step("report", report,
+                           function_kwargs={"shifted": "${shift.shifted}", "mean": "${shift.mean}",
+                                            "total": "${make.total}"},
+                           function_return=["summary"])
+    pipe.start_locally()
+    assert pipe.is_successful(), {n: (x.status, x.status_message) for n, x in pipe.get_pipeline_dag().items()}
+    dag = pipe.get_pipeline_dag()
+    assert dag["report"].parents == ["shift", "make"] or set(dag["report"].parents) == {"shift", "make"}
+    assert "report: 4 numbers, mean 13.0, total 12.0" in step_log(backend, pipe, "report")
+    from controller import Task
+
+    summary = Task.get_task(task_id=dag["report"].executed).artifacts["summary"].get()
+    assert summary == {"mean": 13.0, "total": 12.0}
+    shift_task = backend.get_task(dag["shift"].executed)
+    assert shift_task.hyperparams["kwargs"]["offset"] == 10
+    assert shift_task.hyperparams["kwargs_artifacts"]["numbers"] == f"{dag['make'].executed}.numbers"

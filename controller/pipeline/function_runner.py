@@ -26,7 +26,7 @@ def run_function_step(
     if not os.environ.get("CONVEYOR_TASK_ID"):
         raise RuntimeError("a function step runs under an agent (CONVEYOR_TASK_ID is not set)")
     task = Task.init()
-    record = task.backend.get_task(task.id)
+    record = task.data
     kwargs = dict(record.hyperparams.get(KWARGS_SECTION, {}))
     for name, marker in (record.hyperparams.get(KWARGS_ARTIFACTS_SECTION) or {}).items():
         source_id, _, artifact_name = str(marker).partition(".")
