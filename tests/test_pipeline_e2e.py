@@ -421,3 +421,25 @@ def test_a_pipeline_of_function_steps_passes_returned_objects(backend: Backend, 
     shift_task = backend.get_task(dag["shift"].executed)
     assert shift_task.hyperparams["kwargs"]["offset"] == 10
     assert shift_task.hyperparams["kwargs_artifacts"]["numbers"] == f"{dag['make'].executed}.numbers"
+
+
+def test_aborting_a_remote_pipeline_aborts_its_running_steps(
+    backend: Backend, project: str, store: str, tmp_path: Path
+) -> None:
+    base_task(backend, project, "base", sleep_s=60)
+    script = tmp_path / "slow_pipeline.py"
+    script.write_text(PIPELINE_SCRIPT.format(name="slow", project=project, launch='start(queue="services")'))
+    subprocess.run([sys.executable, str(script)], env={**os.environ, "CONVEYOR_API": store},
+                   capture_output=True, text=True, timeout=60, cwd=tmp_path, check=True)
+    (controller,) = backend.query_tasks(project=project, type="controller")
+    deadline = time.monotonic() + 60
+    while not any(s.status == TaskStatus.in_progress for s in backend.query_tasks(parent=controller.id)):
+        assert time.monotonic() < deadline, "the first step never ran"
+        time.sleep(0.1)
+    backend.abort_task(controller.id)
+    wait_terminal(backend, controller.id, timeout=30)
+    assert backend.get_task(controller.id).status == TaskStatus.stopped
+    (step,) = backend.query_tasks(parent=controller.id, name="a")
+    wait_terminal(backend, step.id, timeout=30)
+    assert backend.get_task(step.id).status == TaskStatus.stopped
+    assert not backend.query_tasks(parent=controller.id, name="b"), "the second step must not start"

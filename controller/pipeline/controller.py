@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -353,6 +354,7 @@ class PipelineController:
         self._apply_default_callbacks(step_task_created_callback, step_task_completed_callback)
         if os.environ.get("CONVEYOR_TASK_ID"):
             self._begin(run_steps_locally=False)
+            self._stop_on_sigterm()
             if wait:
                 self._run_loop()
             else:
@@ -479,6 +481,19 @@ class PipelineController:
         self._status = "running"
         self._record_state()
 
+    def _stop_on_sigterm(self) -> None:
+        """Under an agent, SIGTERM (an abort, a time limit, agent shutdown) stops the
+        pipeline cleanly: running steps are aborted before this process ends."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(_signum: int, _frame: Any) -> None:
+            log.warning("SIGTERM: stopping the pipeline and its running steps")
+            self._stop_mark_aborted = True
+            self._stop_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+
     def _run_loop(self) -> None:
         self._runner = PipelineRunner(self)
         try:
@@ -515,9 +530,13 @@ class PipelineController:
         self._task_id = task_id
         record = self._task_record()
         stored = record.hyperparams.get(PIPELINE_SECTION, {})
-        for key in self._parameters:
-            if key in stored:
-                self._parameters[key] = stored[key]
+        from controller.sdk.params import cast_like
+
+        for key, default in list(self._parameters.items()):
+            if key in stored:  # an override on this run (or its clone), typed like the default
+                value = stored[key]
+                self._parameters[key] = value if default is None else cast_like(
+                    value, default, where=f"pipeline parameter {key!r}")
         for key, value in record.configuration.items():
             if key in self._configurations:
                 self._configurations[key] = value
