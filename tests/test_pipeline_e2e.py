@@ -443,3 +443,111 @@ def test_aborting_a_remote_pipeline_aborts_its_running_steps(
     wait_terminal(backend, step.id, timeout=30)
     assert backend.get_task(step.id).status == TaskStatus.stopped
     assert not backend.query_tasks(parent=controller.id, name="b"), "the second step must not start"
+
+
+# ----------------------------------------------------- the reference flow, with the SDK
+SDK_STEP_1 = """
+from controller import Task
+task = Task.init(project_name="{project}", task_name="pipeline step 1 dataset artifact")
+task.execute_remotely()
+task.upload_artifact("dataset", {{"rows": [[1, 2], [3, 4], [5, 6], [7, 8]], "labels": [0, 1, 0, 1]}})
+print("dataset stored")
+"""
+SDK_STEP_2 = """
+import json
+from controller import StorageManager, Task
+args = {{"dataset_url": "", "test_size": 0.5, "random_state": 42}}
+task = Task.init(project_name="{project}", task_name="pipeline step 2 process dataset")
+task.connect(args)
+task.execute_remotely()
+data = json.load(open(StorageManager.get_local_copy(remote_url=args["dataset_url"])))
+cut = int(len(data["rows"]) * (1 - args["test_size"]))
+task.upload_artifact("X_train", data["rows"][:cut])
+task.upload_artifact("X_test", data["rows"][cut:])
+print("split with test_size", repr(args["test_size"]), "random_state", repr(args["random_state"]))
+"""
+SDK_STEP_3 = """
+from controller import Task
+args = {{"dataset_task_id": ""}}
+task = Task.init(project_name="{project}", task_name="pipeline step 3 train model")
+task.connect(args)
+task.execute_remotely()
+source = Task.get_task(task_id=args["dataset_task_id"])
+train = source.artifacts["X_train"].get()
+task.get_logger().report_scalar("model", "rows", len(train), iteration=0)
+print("trained on", train)
+"""
+
+
+def test_the_reference_example_with_step_templates_registered_by_running_them(
+    backend: Backend, project: str, store: str, tmp_path: Path
+) -> None:
+    for i, source in enumerate((SDK_STEP_1, SDK_STEP_2, SDK_STEP_3), start=1):
+        script = tmp_path / f"step{i}.py"
+        script.write_text(source.format(project=project))
+        done = subprocess.run([sys.executable, str(script)], env={**os.environ, "CONVEYOR_API": store},
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    pipe = new_pipeline(project)
+    pipe.add_step("stage_data", base_task_project=project, base_task_name="pipeline step 1 dataset artifact")
+    pipe.add_step("stage_process", parents=["stage_data"], base_task_project=project,
+                  base_task_name="pipeline step 2 process dataset",
+                  parameter_override={"General/dataset_url": "${stage_data.artifacts.dataset.url}",
+                                      "General/test_size": 0.25})
+    pipe.add_step("stage_train", parents=["stage_process"], base_task_project=project,
+                  base_task_name="pipeline step 3 train model",
+                  parameter_override={"General/dataset_task_id": "${stage_process.id}"},
+                  monitor_metrics=[("model", "rows")])
+    pipe.start_locally()
+    assert pipe.is_successful(), {n: (x.status, x.status_message) for n, x in pipe.get_pipeline_dag().items()}
+    assert "split with test_size 0.25 random_state 42" in step_log(backend, pipe, "stage_process")
+    assert "trained on [[1, 2], [3, 4], [5, 6]]" in step_log(backend, pipe, "stage_train")
+    assert [s.value for s in backend.get_scalars(pipe.id, title="model", series="rows")] == [3.0]
+
+
+def test_steps_can_run_as_local_subprocesses_without_an_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'no-agent.db'}"
+    monkeypatch.setenv("CONVEYOR_API", url)
+    local = backend_from_url(url)
+    pipe = PipelineController(name="local", project="p", version="1.0.0")
+    pipe.add_function_step("make", make_numbers, function_kwargs={"count": 3}, function_return=["numbers", "total"])
+    pipe.add_function_step("shift", add_offset, function_kwargs={"numbers": "${make.numbers}", "offset": 1},
+                           function_return=["shifted", "mean"])
+    pipe.start_locally(run_pipeline_steps_locally=True)
+    assert pipe.is_successful(), {n: (x.status, x.status_message) for n, x in pipe.get_pipeline_dag().items()}
+    shift = local.get_task(pipe.get_pipeline_dag()["shift"].executed)
+    assert shift.runtime.worker.startswith("local:") and local.list_workers() == []
+    local.close()
+
+
+def test_pipeline_tags_and_target_project(backend: Backend, project: str) -> None:
+    base = base_task(backend, project, "base")
+    pipe = new_pipeline(project, add_pipeline_tags=True, target_project=f"{project}/steps")
+    pipe.add_tags(["nightly"])
+    pipe.add_step("a", base_task_id=base)
+    pipe.start_locally()
+    step = backend.get_task(pipe.get_pipeline_dag()["a"].executed)
+    assert step.project == f"{project}/steps" and f"pipe: {pipe.id}" in step.tags
+    assert "nightly" in backend.get_task(pipe.id).tags
+
+
+@pytest.mark.parametrize("continue_on_abort", [True, False])
+def test_an_aborted_step_with_and_without_continue_on_abort(
+    backend: Backend, project: str, continue_on_abort: bool
+) -> None:
+    base = base_task(backend, project, "base")
+    slow = base_task(backend, project, "slow", sleep_s=60)
+
+    def abort_when_running(pipeline: PipelineController, node: PipelineController.Node, previous: str) -> None:
+        if node.status == "running":
+            backend_from_url(os.environ["CONVEYOR_API"]).abort_task(node.executed)
+
+    pipe = new_pipeline(project)
+    pipe.add_step("slow", base_task_id=slow, status_change_callback=abort_when_running,
+                  continue_behaviour={"continue_on_abort": continue_on_abort, "skip_children_on_abort": False})
+    pipe.add_step("child", base_task_id=base, parents=["slow"])
+    pipe.start_locally()
+    assert statuses(pipe) == {"slow": "aborted", "child": "completed"}
+    assert pipe.is_successful() is continue_on_abort

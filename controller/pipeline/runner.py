@@ -232,6 +232,9 @@ class PipelineRunner:
         if node.function_spec:
             hyperparams[KWARGS_SECTION] = {k: _jsonable_default(v) for k, v in resolved.kwargs.items()}
             hyperparams[KWARGS_ARTIFACTS_SECTION] = resolved.kwargs_artifacts
+        output_uri = node.output_uri if node.output_uri is not None else pipe._output_uri
+        if isinstance(output_uri, str) and output_uri:  # where the step's SDK stores outputs
+            hyperparams.setdefault("Environment", {})["CONVEYOR_OUTPUT_URI"] = output_uri
         if hyperparams:
             changes["hyperparams"] = hyperparams
         if resolved.configurations:
