@@ -1,3 +1,22 @@
-"""Conveyor control plane: task store, queues, HTTP API, SDK and pipelines."""
+"""Conveyor control plane: task store, queues, HTTP API, SDK and pipelines.
+
+The step SDK is exported lazily (`from controller import Task, Logger, StorageManager,
+TaskTypes, OutputModel`): importing `controller` alone does not load it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+_SDK_NAMES = frozenset({"Task", "Logger", "StorageManager", "TaskTypes", "OutputModel"})
+__all__ = ["__version__", *sorted(_SDK_NAMES)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SDK_NAMES:
+        from controller import sdk
+
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'controller' has no attribute {name!r}")

@@ -194,9 +194,23 @@ def cli(ctx: click.Context, api: str | None, token: str | None) -> None:
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     help="Server log level; 'info' and 'debug' also log every request.",
 )
+@click.option(
+    "--files-dir",
+    envvar="CONVEYOR_FILES_DIR",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Folder of the files endpoint, where steps store artifacts and models. "
+    "[env: CONVEYOR_FILES_DIR; default: $CONVEYOR_HOME/files]",
+)
 @pass_state
 def serve(
-    state: State, host: str, port: int, db_url: str | None, serve_token: str | None, log_level: str
+    state: State,
+    host: str,
+    port: int,
+    db_url: str | None,
+    serve_token: str | None,
+    log_level: str,
+    files_dir: str | None,
 ) -> None:
     """Run the HTTP API server over a database."""
     if not db_url:
@@ -209,7 +223,10 @@ def serve(
 
     # The server prints "Conveyor API on http://HOST:PORT (...; store URL)" once the
     # store is open, with the password of the URL hidden.
-    run_server(host=host, port=port, db_url=db_url, token=token, log_level=log_level.lower())
+    run_server(
+        host=host, port=port, db_url=db_url, token=token, log_level=log_level.lower(),
+        files_dir=files_dir,
+    )
 
 
 # -------------------------------------------------------------------------- queues

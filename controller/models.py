@@ -114,6 +114,8 @@ class StatusReason:
     lease_expired = "lease_expired"
     reset = "reset"
     setup_failed = "setup_failed"
+    exception = "exception"
+    execute_remotely = "execute_remotely"
 
 
 class TaskType(str, enum.Enum):

@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         help="API token clients must send (default: $CONVEYOR_API_TOKEN; none: open)",
     )
     parser.add_argument(
+        "--files-dir",
+        default=os.environ.get("CONVEYOR_FILES_DIR") or None,
+        help="folder of the files endpoint (artifacts, models); default: "
+        "$CONVEYOR_FILES_DIR, else $CONVEYOR_HOME/files",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         args.token,
         log_level=args.log_level,
         fast_path=not args.no_fast_path,
+        files_dir=args.files_dir,
     )
     return 0
 

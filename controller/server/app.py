@@ -19,6 +19,7 @@ import logging
 import re
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 import controller
-from controller.backend import Backend
+from controller.backend import Backend, conveyor_home
 from controller.errors import ConveyorError
 from controller.server.error_bodies import (
     conveyor_error_body,
@@ -38,6 +39,7 @@ from controller.server.error_bodies import (
     value_error_body,
 )
 from controller.server.fastpath import FastPath
+from controller.server.files import MAX_FILE_BYTES, add_file_routes
 from controller.server.middleware import MAX_BODY_BYTES, BodyLimitMiddleware, TokenAuthMiddleware
 from controller.server.routes_queues import HEALTH_JSON, add_queue_routes
 from controller.server.routes_tasks import add_task_routes
@@ -109,12 +111,18 @@ def create_app(
     claim_poll_s: float = CLAIM_POLL_S,
     max_body_bytes: int = MAX_BODY_BYTES,
     fast_path: bool = True,
+    files_dir: Path | str | None = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> FastAPI:
     """The FastAPI application exposing `backend` under /api/v1.
 
     With `token`, every request (the OpenAPI schema and /docs included) must present it
     as `Authorization: Bearer <token>`, the cookie `conveyor_token` or `?token=`.
     `lease_sweep_s <= 0` disables the background lease sweep.
+
+    The files endpoint (`controller.server.files`) stores files under `files_dir`
+    (default `$CONVEYOR_HOME/files` of the server process), up to `max_file_bytes` each;
+    its uploads are streamed, so `max_body_bytes` does not apply to them.
 
     `fast_path` serves the hot agent endpoints without FastAPI's per-request machinery
     (same answers, see `controller.server.fastpath`). On a SQLite store it also runs
@@ -166,6 +174,9 @@ def create_app(
     notify_enqueues = not callable(add_listener)
     add_queue_routes(app.router, API_PREFIX, backend, waker)
     add_task_routes(app.router, API_PREFIX, backend, waker, notify_enqueues)
+    files_root = Path(files_dir) if files_dir is not None else conveyor_home() / "files"
+    app.state.files_dir = files_root
+    add_file_routes(app.router, API_PREFIX, files_root, max_file_bytes)
 
     app.add_exception_handler(ConveyorError, _conveyor_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
@@ -185,7 +196,9 @@ def create_app(
             health=HEALTH_JSON,
             inline=inline,
         )
-    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=max_body_bytes, exempt_prefixes=(API_PREFIX + "/files/",)
+    )
     if token:
         app.add_middleware(TokenAuthMiddleware, token=token)
     return app
@@ -205,6 +218,7 @@ def serve(
     log_level: str = "warning",
     *,
     fast_path: bool = True,
+    files_dir: Path | str | None = None,
 ) -> None:
     """Run the API server on host:port over the store at `db_url` until SIGINT/SIGTERM.
 
@@ -217,7 +231,7 @@ def serve(
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING))
     backend = SqlBackend(db_url)
-    app = create_app(backend, token, fast_path=fast_path)
+    app = create_app(backend, token, fast_path=fast_path, files_dir=files_dir)
     waker: ClaimWaker = app.state.waker
 
     class _Server(uvicorn.Server):
@@ -240,7 +254,8 @@ def serve(
     )
     auth = "token required" if token else "no token"
     print(
-        f"Conveyor API on http://{host}:{port} ({auth}; store {redact_url(db_url)})",
+        f"Conveyor API on http://{host}:{port} ({auth}; store {redact_url(db_url)}; "
+        f"files in {app.state.files_dir})",
         file=sys.stderr,
         flush=True,
     )

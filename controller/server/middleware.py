@@ -104,15 +104,21 @@ class BodyLimitMiddleware:
     """Answer 413 to request bodies larger than `limit` bytes, before the app sees them.
 
     A declared Content-Length over the limit is refused without reading the body; a
-    chunked body is buffered up to the limit and replayed to the app.
+    chunked body is buffered up to the limit and replayed to the app. Paths under
+    `exempt_prefixes` (the streamed files endpoint, which has its own limit) pass as is.
     """
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int = MAX_BODY_BYTES, exempt_prefixes: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.exempt_prefixes = exempt_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (
+            self.exempt_prefixes and scope.get("path", "").startswith(self.exempt_prefixes)
+        ):
             await self.app(scope, receive, send)
             return
         length = _header(scope, b"content-length")

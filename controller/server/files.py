@@ -1,0 +1,132 @@
+"""The files endpoint: artifacts and models stored by steps, served to agents anywhere.
+
+`PUT {prefix}/files/{path}` stores the request body at `files_dir/path`;
+`GET` (and `HEAD`) `{prefix}/files/{path}` sends it back. The SDK uses it as the default
+destination when it talks to the server over HTTP, so a step on one machine can read
+what a step on another machine stored.
+
+Decisions:
+
+- **Streaming.** Bodies are written to disk chunk by chunk as they arrive (the API's
+  64 MiB body limit does not apply here); files are sent with a streaming response
+  (range requests supported).
+- **Size limit.** `max_file_bytes` (default `MAX_FILE_BYTES`): a larger declared
+  Content-Length is refused before reading (413), a body that grows past it is cut off.
+- **Integrity.** The body's sha256 is computed while it is written. When the client
+  sends `X-Conveyor-Sha256`, a mismatch is refused (422) and nothing is stored. The
+  answer carries the sha256 and size of what was stored.
+- **Atomic.** The body goes to a temporary file next to the target, renamed into place
+  once complete and verified: readers see the old file or the new one, never a part.
+- **Paths.** Relative, at most `MAX_PATH_CHARS` characters, segments non-empty and not
+  "." or "..", no backslashes or NUL; the resolved path (symlinks followed) must stay
+  inside `files_dir`. Anything else is refused with 422 naming the path.
+- **Auth.** The token middleware in front of the whole app covers these routes too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import FileResponse, JSONResponse
+
+from controller.errors import ConflictError, InvalidInputError, NotFoundError
+
+#: Largest file the endpoint stores (10 GiB).
+MAX_FILE_BYTES = 10 * 1024**3
+MAX_PATH_CHARS = 1024
+SHA256_HEADER = "X-Conveyor-Sha256"
+TAGS: list[str | Enum] = ["files"]
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class FileTooLargeError(InvalidInputError):
+    """A file over the endpoint's size limit."""
+
+    http_status = 413
+
+
+def resolve_file_path(files_dir: Path, path: str) -> Path:
+    """The file `path` names under `files_dir`; InvalidInputError if it would leave it."""
+    if not path or len(path) > MAX_PATH_CHARS:
+        raise InvalidInputError(f"invalid file path {path[:80]!r}: 1-{MAX_PATH_CHARS} characters", field="path")
+    segments = path.split("/")
+    if (
+        path.startswith("/")
+        or "\\" in path
+        or "\x00" in path
+        or any(s in ("", ".", "..") for s in segments)
+    ):
+        raise InvalidInputError(
+            f"invalid file path {path!r}: use relative segments without '.', '..', '\\' or empty parts",
+            field="path",
+        )
+    root = files_dir.resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise InvalidInputError(f"invalid file path {path!r}: it leaves the files folder", field="path")
+    return target
+
+
+def add_file_routes(r: APIRouter, prefix: str, files_dir: Path, max_file_bytes: int = MAX_FILE_BYTES) -> None:
+    """Add PUT/GET/HEAD {prefix}/files/{path} storing files under `files_dir`."""
+    P = prefix
+
+    @r.put(P + "/files/{path:path}", tags=TAGS, status_code=201, summary="Store a file")
+    async def put_file(path: str, request: Request) -> JSONResponse:
+        target = resolve_file_path(files_dir, path)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_file_bytes:
+            raise FileTooLargeError(_too_large(path, max_file_bytes), field="body")
+        expected = request.headers.get(SHA256_HEADER, "").strip().lower() or None
+        if expected is not None and not _HEX64.match(expected):
+            raise InvalidInputError(f"{SHA256_HEADER} must be 64 hex digits", field=SHA256_HEADER)
+        if target.is_dir():
+            raise ConflictError(f"cannot store {path!r}: it is a folder", field="path")
+        try:
+            await run_in_threadpool(target.parent.mkdir, parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConflictError(f"cannot store {path!r}: a parent of it is a file", field="path") from None
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in request.stream():
+                    if not chunk:
+                        continue
+                    size += len(chunk)
+                    if size > max_file_bytes:
+                        raise FileTooLargeError(_too_large(path, max_file_bytes), field="body")
+                    digest.update(chunk)
+                    await run_in_threadpool(out.write, chunk)
+            sha256 = digest.hexdigest()
+            if expected is not None and sha256 != expected:
+                raise InvalidInputError(
+                    f"sha256 mismatch for {path!r}: received {sha256}, expected {expected}; nothing stored",
+                    field=SHA256_HEADER,
+                )
+            await run_in_threadpool(os.replace, tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        body: dict[str, Any] = {"path": path, "size": size, "sha256": sha256}
+        return JSONResponse(body, status_code=201, headers={SHA256_HEADER: sha256})
+
+    @r.api_route(P + "/files/{path:path}", methods=["GET", "HEAD"], tags=TAGS, summary="Get a file")
+    async def get_file(path: str) -> FileResponse:
+        target = resolve_file_path(files_dir, path)
+        if not target.is_file():
+            raise NotFoundError(f"no file {path!r}", field="path")
+        return FileResponse(target, media_type="application/octet-stream", filename=target.name)
+
+
+def _too_large(path: str, limit: int) -> str:
+    return f"file {path!r} is too large: the limit is {limit} bytes"
