@@ -1,5 +1,5 @@
-"""`controller.automation.PipelineController`, as the reference's import path expects."""
+"""`controller.automation`: the reference's import path for the pipeline classes."""
 
-from controller.pipeline import PipelineController
+from controller.pipeline import PipelineController, PipelineDecorator
 
-__all__ = ["PipelineController"]
+__all__ = ["PipelineController", "PipelineDecorator"]

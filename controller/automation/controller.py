@@ -1,5 +1,5 @@
 """`controller.automation.controller`: the reference's module path for the pipeline classes."""
 
-from controller.pipeline import PipelineController
+from controller.pipeline import PipelineController, PipelineDecorator
 
-__all__ = ["PipelineController"]
+__all__ = ["PipelineController", "PipelineDecorator"]

@@ -127,6 +127,10 @@ class PipelineController:
         self._local_worker_id = f"{os.uname().nodename}:{os.getpid()}"
         self._state_lock = threading.Lock()
         self._status: str = "draft"
+        # PipelineDecorator: steps are added while the pipeline runs, until it is closed.
+        self._dynamic = False
+        self._definition_open = False
+        self._node_finished = threading.Condition()
 
     # ------------------------------------------------------------ definition
     def add_parameter(
@@ -465,7 +469,8 @@ class PipelineController:
 
     def _prepare(self) -> None:
         dag.add_implied_parents(self._nodes)
-        dag.validate_dag(self._nodes, self._parameters, self._backend)
+        if not self._dynamic:
+            dag.validate_dag(self._nodes, self._parameters, self._backend)
 
     def _begin(self, run_steps_locally: bool) -> None:
         self._prepare()
@@ -529,21 +534,37 @@ class PipelineController:
         """Use the task this process runs as (under an agent) as the controller task."""
         self._task_id = task_id
         record = self._task_record()
-        stored = record.hyperparams.get(PIPELINE_SECTION, {})
         from controller.sdk.params import cast_like
 
         for key, default in list(self._parameters.items()):
-            if key in stored:  # an override on this run (or its clone), typed like the default
-                value = stored[key]
+            section, name = self._parameter_location(key)
+            stored = record.hyperparams.get(section, {})
+            if name in stored:  # an override on this run (or its clone), typed like the default
+                value = stored[name]
                 self._parameters[key] = value if default is None else cast_like(
                     value, default, where=f"pipeline parameter {key!r}")
         for key, value in record.configuration.items():
             if key in self._configurations:
                 self._configurations[key] = value
         self._edit_own_task({
-            "hyperparams": {PIPELINE_SECTION: dict(self._parameters)},
+            "hyperparams": self._parameter_sections(),
             "configuration": {**self._configurations, "Pipeline": self._definition()},
         })
+
+    def _parameter_location(self, key: str) -> tuple[str, str]:
+        """(section, name) of a pipeline parameter: "Pipeline" for add_parameter, the
+        argument's section ("Args" by default) for PipelineDecorator arguments."""
+        if self._dynamic and "/" in key:
+            section, _, name = key.partition("/")
+            return section, name
+        return PIPELINE_SECTION, key
+
+    def _parameter_sections(self) -> dict[str, dict[str, Any]]:
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in self._parameters.items():
+            section, name = self._parameter_location(key)
+            sections.setdefault(section, {})[name] = _jsonable(value)
+        return sections or {PIPELINE_SECTION: {}}
 
     def _create_controller_task(self, queue: str | None) -> TaskRecord:
         from controller.pipeline.function_step import describe_script
@@ -562,7 +583,7 @@ class PipelineController:
             "script": script,
             "packages": packages if self._packages is None else _packages_list(self._packages),
             "container": self._container,
-            "hyperparams": {PIPELINE_SECTION: dict(self._parameters)},
+            "hyperparams": self._parameter_sections(),
             "configuration": {**self._configurations, "Pipeline": self._definition(version)},
             "execution": {"queue": queue or ""},
         }
@@ -665,7 +686,7 @@ class PipelineController:
                 "status": self._status,
                 "started": self._started_at,
                 "updated": time.time(),
-                "nodes": {name: node.state() for name, node in self._nodes.items()},
+                "nodes": {name: node.state() for name, node in list(self._nodes.items())},
                 "parameters": {k: _jsonable(v) for k, v in self._parameters.items()},
             }
             self._edit_own_task({"runtime": {"pipeline": state}})

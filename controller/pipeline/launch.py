@@ -34,6 +34,13 @@ KWARGS_SECTION = "kwargs"
 KWARGS_ARTIFACTS_SECTION = "kwargs_artifacts"
 
 
+@dataclass(frozen=True)
+class ArtifactInput:
+    """A function-step argument stored as an artifact: "<task id>.<artifact name>"."""
+
+    marker: str
+
+
 class StepLaunchError(RuntimeError):
     """A step cannot be launched (bad reference value, missing base task, store error)."""
 
@@ -115,6 +122,9 @@ class Resolver:
         out.task_overrides = {k: sub(v, False) for k, v in node.task_overrides.items()}
         if node.function_spec:
             for name, value in (node.function_spec.get("kwargs") or {}).items():
+                if isinstance(value, ArtifactInput):
+                    out.kwargs_artifacts[name] = value.marker
+                    continue
                 refs = references.references_in(value) if isinstance(value, str) else []
                 is_return = (
                     len(refs) == 1

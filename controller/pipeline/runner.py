@@ -113,11 +113,25 @@ class PipelineRunner:
             pipe._record_state()
 
     def _finished(self) -> bool:
-        return not self._in_flight and all(n.is_finished for n in self.nodes.values())
+        with self._lock:
+            return (
+                not self.pipe._definition_open
+                and not self._in_flight
+                and all(n.is_finished for n in list(self.nodes.values()))
+            )
+
+    def add_node(self, node: Node) -> None:
+        """Add a step while the pipeline runs (PipelineDecorator components) and launch it
+        now if its parents are done; otherwise the loop launches it when they are."""
+        with self._lock:
+            self.nodes[node.name] = node
+        self._skip_unreachable()
+        self._launch_ready()
+        self._launches.put(("", None))  # wake the loop: it may have nothing else to wait on
 
     def _wait_and_apply(self, deadline: float | None) -> None:
         known: dict[str, str] = {}
-        for node in self.nodes.values():
+        for node in list(self.nodes.values()):
             if node.executed and node.status in (QUEUED, RUNNING):
                 known[node.executed] = self._task_status_of(node)
         if self.pipe._task_id:
@@ -154,7 +168,7 @@ class PipelineRunner:
         return node.task_status or TaskStatus.in_progress.value
 
     def _node_of_task(self, task_id: str) -> Node | None:
-        for node in self.nodes.values():
+        for node in list(self.nodes.values()):
             if node.executed == task_id:
                 return node
         return None
@@ -174,7 +188,7 @@ class PipelineRunner:
         changed = True
         while changed:
             changed = False
-            for node in self.nodes.values():
+            for node in list(self.nodes.values()):
                 if node.status != PENDING:
                     continue
                 for parent_name in node.parents:
@@ -191,11 +205,12 @@ class PipelineRunner:
                         break
 
     def _launch_ready(self) -> None:
-        for node in self.nodes.values():
-            if self._ready(node) and not self.pipe._stop_event.is_set():
-                self._set(node, LAUNCHING)
-                self._in_flight.add(node.name)
-                self._launch_pool.submit(self._launch_safely, node)
+        with self._lock:
+            for node in list(self.nodes.values()):
+                if self._ready(node) and not self.pipe._stop_event.is_set():
+                    self._set(node, LAUNCHING)
+                    self._in_flight.add(node.name)
+                    self._launch_pool.submit(self._launch_safely, node)
 
     def _launch_safely(self, node: Node) -> None:
         try:
@@ -211,7 +226,10 @@ class PipelineRunner:
                 name, error = self._launches.get_nowait()
             except queue.Empty:
                 return
-            self._in_flight.discard(name)
+            if not name:
+                continue
+            with self._lock:
+                self._in_flight.discard(name)
             node = self.nodes[name]
             if error is not None:
                 self._finish(node, FAILED, f"cannot launch step '{name}': {error}")
@@ -358,6 +376,9 @@ class PipelineRunner:
             previous = node.set_status(status, message)
         if previous == status:
             return
+        if node.is_finished:
+            with self.pipe._node_finished:
+                self.pipe._node_finished.notify_all()
         log.info("step %s: %s%s", node.name, status, f" ({message})" if message else "")
         self.pipe._record_state()
         callback = node.status_change_callback
@@ -379,7 +400,7 @@ class PipelineRunner:
     # ------------------------------------------------------------ stopping
     def abort_running(self, message: str) -> None:
         """Abort every queued or running step task; mark their nodes aborted."""
-        for node in self.nodes.values():
+        for node in list(self.nodes.values()):
             if node.executed and node.status in (QUEUED, RUNNING, LAUNCHING):
                 self._abort_quietly(node.executed, message)
                 self._set(node, ABORTED, message)
