@@ -323,8 +323,6 @@ def checkout_task_code(
             work("checkout", "--quiet", "--detach", sha)
         work("remote", "set-url", "origin", url)
         log(f"checked out {_ref_words(kind, value)} at {sha}")
-        if script.code.strip():
-            log("note: the task's code field is ignored because it has a repository")
         if script.diff.strip():
             _apply_diff(work, work_dir, script.diff, where)
             log("applied the task's uncommitted changes (diff)")
@@ -342,4 +340,11 @@ def checkout_task_code(
     run_in = _inside(work_dir, script.working_dir, "working_dir")
     if not run_in.is_dir():
         raise CheckoutError(f"working_dir {script.working_dir!r} does not exist in {where}")
+    if script.code.strip():
+        # A task with both (e.g. a pipeline function step with `repo`): the code runs
+        # inside the checkout, so it can import the repository's modules.
+        entry = _inside(run_in, _entry_file_name(script.entry_point), "entry_point")
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_text(script.code, encoding="utf-8")
+        log(f"wrote the task's code to {entry} inside the checkout")
     return CheckoutResult(path_to_run_in=run_in, commit_used=sha)

@@ -238,3 +238,13 @@ def test_the_default_mode_runs_the_pipeline_logic_on_the_services_queue(
     from controller import Task
 
     assert Task.get_task(task_id=controller.id).artifacts["total"].get() == 28
+
+
+def test_components_from_another_module(backend: Backend) -> None:
+    from tests.pipeline_components import summarize
+
+    def uses_other_module(values: list = None):
+        mean, spread = summarize(values)
+        return f"{mean}/{spread}"
+
+    assert make_pipeline(uses_other_module, f"mod-{uuid.uuid4().hex[:6]}")(values=[2, 4, 9]) == "5/7"

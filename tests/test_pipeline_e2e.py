@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from controller.automation import PipelineController
+from controller.pipeline import PipelineDefinitionError
 from controller.backend import Backend, backend_from_url
 from controller.models import TaskStatus
 
@@ -310,6 +311,7 @@ def test_the_pipeline_time_limit_stops_everything(backend: Backend, project: str
 PIPELINE_SCRIPT = """
 import os, sys
 from controller.automation import PipelineController
+from controller.pipeline import PipelineDefinitionError
 pipe = PipelineController(name="{name}", project="{project}", version="1.0.0")
 pipe.set_default_execution_queue("default")
 pipe.add_parameter("size", 3)
@@ -551,3 +553,61 @@ def test_an_aborted_step_with_and_without_continue_on_abort(
     pipe.start_locally()
     assert statuses(pipe) == {"slow": "aborted", "child": "completed"}
     assert pipe.is_successful() is continue_on_abort
+
+
+def triple_with_repo_helper(x: int = 1):
+    import repo_helpers  # a module of the step's repository
+
+    return repo_helpers.triple(x)
+
+
+def upload_to_pipeline(value: int = 1):
+    from controller.automation import PipelineController
+
+    PipelineController.upload_artifact("from_step", {"value": value})
+    PipelineController.get_logger().report_scalar("pipeline", "value", value, iteration=0)
+    return value
+
+
+def test_function_steps_in_a_repository_and_reporting_to_the_pipeline(
+    backend: Backend, project: str, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git_env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e",
+               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"}
+    (repo / "repo_helpers.py").write_text("def triple(x):\n    return 3 * x\n")
+    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", "helpers"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, env=git_env, capture_output=True)
+    pipe = new_pipeline(project)
+    pipe.add_function_step("triple", triple_with_repo_helper, function_kwargs={"x": 7},
+                           function_return=["tripled"], repo=str(repo), packages=[])
+    pipe.add_function_step("report", upload_to_pipeline, function_kwargs={"value": "${triple.tripled}"},
+                           function_return=["echo"], packages=[])
+    pipe.start_locally()
+    assert pipe.is_successful(), {n: (x.status, x.status_message) for n, x in pipe.get_pipeline_dag().items()}
+    step = backend.get_task(pipe.get_pipeline_dag()["triple"].executed)
+    assert step.script.repository and step.script.commit
+    from controller import Task
+
+    pipeline_task = Task.get_task(task_id=pipe.id)
+    assert pipeline_task.artifacts["from_step"].get() == {"value": 21}
+    assert [s.value for s in backend.get_scalars(pipe.id, title="pipeline")] == [21.0]
+    found = PipelineController.get(pipeline_project=project, pipeline_name="pipe")
+    assert found.id == pipe.id
+    with pytest.raises(PipelineDefinitionError, match="step 'x': repo"):
+        new_pipeline(project).add_function_step("x", triple_with_repo_helper, repo=str(tmp_path))
+
+
+def test_a_recorded_pipeline_can_be_found_and_enqueued(backend: Backend, project: str, tmp_path: Path,
+                                                       store: str) -> None:
+    base_task(backend, project, "base")
+    script = tmp_path / "draft_pipeline.py"
+    script.write_text(PIPELINE_SCRIPT.format(name="drafted", project=project, launch="create_draft()"))
+    subprocess.run([sys.executable, str(script)], env={**os.environ, "CONVEYOR_API": store},
+                   capture_output=True, text=True, timeout=60, cwd=tmp_path, check=True)
+    found = PipelineController.get(pipeline_project=project, pipeline_name="drafted", pipeline_version="1.0.0")
+    reply = PipelineController.enqueue(found, queue_name="services")
+    assert reply["fields"]["status"] == "queued"
+    wait_terminal(backend, found.id)
+    assert backend.get_task(found.id).status == TaskStatus.completed

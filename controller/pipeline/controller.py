@@ -37,7 +37,7 @@ from controller.errors import ConveyorError, NotFoundError
 from controller.models import TaskRecord, TaskStatus, TaskType
 from controller.pipeline import dag
 from controller.pipeline.dag import PipelineDefinitionError, step_error
-from controller.pipeline.function_step import build_function_spec
+from controller.pipeline.function_step import build_function_spec, repository_fields
 from controller.pipeline.launch import ResolvedStep
 from controller.pipeline.node import CACHED, COMPLETED, ContinueBehaviour, Node
 from controller.pipeline.runner import PipelineRunner
@@ -296,6 +296,10 @@ class PipelineController:
                        "setup_shell_script": docker_bash_setup_script or self._container["setup_shell_script"]},
             repo=(repo, repo_branch, repo_commit), working_dir=working_dir, draft=draft,
         )
+        try:
+            repository_fields(repo, repo_branch, repo_commit)
+        except ValueError as exc:
+            raise step_error(name, "repo", str(exc)) from None
         node.return_artifacts = list(function_return or [])
         node.tags = [tags] if isinstance(tags, str) else list(tags or [])
         self._nodes[name] = node
@@ -627,6 +631,11 @@ class PipelineController:
             tags.append(f"pipe: {self._task_id}")
         if node.function_spec is not None:
             spec = dict(node.function_spec["task_spec"])
+            script = dict(spec["script"])
+            script.update(repository_fields(*node.function_spec.get("repo", (None, None, None))))
+            if node.function_spec.get("working_dir"):
+                script["working_dir"] = node.function_spec["working_dir"]
+            spec["script"] = script
             spec.update(name=node.function_spec["task_name"], parent=self._task_id,
                         project=node.function_spec.get("project") or project,
                         type=node.function_spec["task_type"], tags=tags,

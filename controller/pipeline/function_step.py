@@ -169,6 +169,24 @@ def _jsonable_default(value: Any) -> Any:
     return repr(value)
 
 
+def repository_fields(url: str | None, branch: str | None, commit: str | None) -> dict[str, str]:
+    """Script fields for running inside a repository: a URL (with branch/commit as given)
+    or a local work tree (pinned to its current branch and commit). {} without `url`."""
+    if not url:
+        return {}
+    local = Path(url).expanduser()
+    if local.exists():
+        try:
+            from controller.sdk.script_info import git_info
+        except ImportError:  # pragma: no cover
+            git_info = None  # type: ignore[assignment]
+        info = git_info(local, with_diff=False) if git_info else None
+        if info is None:
+            raise ValueError(f"repo {url!r} is not a git work tree")
+        return {"repository": info.repository, "branch": branch or info.branch, "commit": commit or info.commit}
+    return {"repository": url, "branch": branch or "", "commit": commit or ""}
+
+
 def describe_script(repo: tuple[str | None, str | None, str | None], working_dir: str | None) -> tuple[dict[str, Any], list[str]]:
     """Script fields and packages of the pipeline's own controller task."""
     url, branch, commit = repo
