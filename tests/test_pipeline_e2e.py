@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from controller.automation import PipelineController
-from controller.pipeline import PipelineDefinitionError
 from controller.backend import Backend, backend_from_url
 from controller.models import TaskStatus
+from controller.pipeline import PipelineDefinitionError
 
 ROOT = Path(__file__).resolve().parents[1]
 
