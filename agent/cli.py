@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import psutil
@@ -48,9 +49,25 @@ def _setup_logging(log_file: Path | None, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _settings(api: str, token: str | None, worker_id: str, grace: float) -> ExecutionSettings:
+#: What `--docker` given without an image stands for.
+_DOCKER_WITHOUT_DEFAULT_IMAGE = "\0no-default-image"
+
+
+def _settings(
+    api: str, token: str | None, worker_id: str, grace: float,
+    docker: str | None = None, allow_privileged: bool = False, gpus: str | None = None,
+) -> ExecutionSettings:
+    docker_settings = None
+    if docker is not None:
+        from agent.environments.docker import DockerSettings
+
+        default_image = "" if docker == _DOCKER_WITHOUT_DEFAULT_IMAGE else docker.strip()
+        docker_settings = DockerSettings(default_image=default_image, allow_privileged=allow_privileged)
+    elif allow_privileged:
+        _fail("--allow-privileged only applies to container steps: add --docker")
     return ExecutionSettings(
-        worker_id=worker_id, api_url=api, api_token=token, home=conveyor_home(), stop_grace_s=grace
+        worker_id=worker_id, api_url=api, api_token=token, home=conveyor_home(), stop_grace_s=grace,
+        gpus=gpus or None, docker=docker_settings,
     )
 
 
@@ -80,6 +97,33 @@ token_option = click.option(
 )
 
 
+def docker_options(command: Any) -> Any:
+    """`--docker [IMAGE]`, `--allow-privileged` and `--gpus`, shared by daemon and execute."""
+    for option in reversed([
+        click.option(
+            "--docker", is_flag=False, flag_value=_DOCKER_WITHOUT_DEFAULT_IMAGE, default=None,
+            metavar="[IMAGE]",
+            help="Run tasks that name a container image in a docker container (docker SDK; "
+            "the engine must run on this machine). With IMAGE, tasks naming no image run in "
+            "IMAGE too. Without --docker, a task naming an image fails instead of running on "
+            "the host.",
+        ),
+        click.option(
+            "--allow-privileged", is_flag=True,
+            help="Allow docker_args that give a step the host: --privileged, --device, "
+            "--cap-add, --security-opt, host namespaces (--network/--pid/--ipc/--uts host), "
+            "the docker socket and other host-control paths as volumes.",
+        ),
+        click.option(
+            "--gpus", envvar="CONVEYOR_AGENT_GPUS", default=None, metavar="all|ID[,ID...]",
+            help="GPUs this worker gives its steps: CUDA_VISIBLE_DEVICES/NVIDIA_VISIBLE_DEVICES "
+            "on the host, a GPU device request in containers.",
+        ),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agent")
 def main() -> None:
@@ -107,15 +151,21 @@ def main() -> None:
               help="Seconds a claimed task stays ours without a heartbeat (if this agent dies, "
               "its tasks fail after this long).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@docker_options
 @api_option
 @token_option
 def daemon(
     queues: tuple[str, ...], more_queues: tuple[str, ...], concurrency: int, order_fairness: bool,
     worker_id: str | None, foreground: bool, detached: bool, shutdown_grace: float,
-    stop_grace: float, create_queue: bool, lease_s: float, verbose: bool, api: str | None,
-    token: str | None,
+    stop_grace: float, create_queue: bool, lease_s: float, verbose: bool, docker: str | None,
+    allow_privileged: bool, gpus: str | None, api: str | None, token: str | None,
 ) -> None:
-    """Pull tasks from queues and run them until stopped (SIGTERM, SIGINT or `agent stop`)."""
+    """Pull tasks from queues and run them until stopped (SIGTERM, SIGINT or `agent stop`).
+
+    Tasks run in cached virtualenvs on this machine; with --docker, tasks naming a
+    container image run in a container from it (docker_args and the setup script
+    applied, the task's packages in a venv made with the image's Python).
+    """
     queue_names = [q for item in (*queues, *more_queues) for q in item.split()]
     api = api or default_api_url()
     home = conveyor_home()
@@ -131,6 +181,7 @@ def daemon(
         worker_id = worker_id or default_worker_id(home)
     except ConveyorError as exc:
         _fail(exc.message)
+    settings = _settings(api, token, worker_id, stop_grace, docker, allow_privileged, gpus)
     log_file = home / "logs" / f"agent-{worker_id.replace(':', '_').replace('/', '_')}.log"
     if detached:
         click.echo(f"agent {worker_id} detached; log: {log_file}", err=True)
@@ -139,7 +190,7 @@ def daemon(
         backend = backend_from_url(api, token=token)
     _setup_logging(None if foreground and not detached else log_file, verbose)
     agent = AgentDaemon(
-        backend, _settings(api, token, worker_id, stop_grace), queue_names,
+        backend, settings, queue_names,
         concurrency=concurrency, order_fairness=order_fairness, shutdown_grace_s=shutdown_grace,
         lease_s=lease_s,
     )
@@ -166,9 +217,11 @@ def daemon(
 @click.option("--stop-grace", type=float, default=DEFAULT_STOP_GRACE_S, show_default=True,
               help="Seconds between SIGTERM and SIGKILL when the step is stopped.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@docker_options
 @api_option
 @token_option
 def execute(task_id: str, worker_id: str | None, stop_grace: float, verbose: bool,
+            docker: str | None, allow_privileged: bool, gpus: str | None,
             api: str | None, token: str | None) -> None:
     """Run one task in the foreground (same code path as the daemon)."""
     _setup_logging(None, verbose)
@@ -181,7 +234,8 @@ def execute(task_id: str, worker_id: str | None, stop_grace: float, verbose: boo
             _fail(f"task {task_id} is {task.status.value}: reset it first (controller tasks reset {task_id})")
         task = backend.set_status(task_id, TaskStatus.in_progress, reason="started",
                                   message=f"run by agent execute on {worker_id}", worker_id=worker_id)
-        agent = AgentDaemon(backend, _settings(api, token, worker_id, stop_grace), [])
+        settings = _settings(api, token, worker_id, stop_grace, docker, allow_privileged, gpus)
+        agent = AgentDaemon(backend, settings, [])
         signal.signal(signal.SIGTERM, lambda *_: _abort_execute(agent))
         signal.signal(signal.SIGINT, lambda *_: _abort_execute(agent))
         status = agent.run_one(task)

@@ -2,7 +2,8 @@
 
 Read `AgentDaemon.run` top to bottom for the life of a daemon:
 
-1. register the worker (id `hostname:N`) and start heartbeating;
+1. register the worker (id `hostname:N`), remove containers a killed predecessor of
+   the same worker id left behind (with `--docker`), and start heartbeating;
 2. while not asked to stop: wait for a free slot, long-poll `claim` on the queues (in
    the given order, or rotating with `order_fairness`), and hand each task to a thread
    running `executor.execute_task` (checkout → environment → run → report);
@@ -149,6 +150,7 @@ class AgentDaemon:
     def run(self) -> None:
         """Register, claim and run tasks until asked to stop, then shut down cleanly."""
         self._register()
+        self._remove_leftover_containers()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
         log.info("worker %s listening on queue(s) %s (concurrency %d)",
@@ -275,6 +277,22 @@ class AgentDaemon:
                 running.abort_reason = running.abort_reason or reason
 
     # ---------------------------------------------------- worker lifecycle
+    def _remove_leftover_containers(self) -> None:
+        """Containers a killed predecessor with this worker id left behind go first."""
+        if self.settings.docker is None:
+            return
+        from agent.environments.docker import remove_leftover_containers
+        from agent.environments.errors import ContainerError
+
+        try:
+            client = self.settings.docker.engine.client()
+            removed = remove_leftover_containers(client, self.worker_id)
+        except ContainerError as exc:
+            log.warning("%s: container tasks will fail until it is reachable", exc)
+            return
+        if removed:
+            log.info("removed %d leftover container(s): %s", len(removed), ", ".join(removed))
+
     def _register(self) -> None:
         self.backend.register_worker(
             self.worker_id, hostname=socket.gethostname(), queues=self.queues, slots=self.concurrency

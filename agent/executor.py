@@ -1,10 +1,11 @@
 """What happens to one claimed task: checkout → environment → run → report.
 
 `execute_task` reads top to bottom as the life of a task on a worker; each stage is one
-function of its own module (`checkout`, `environments.venv`, `supervisor`). Whatever
-happens, the task leaves this function in a final status with a precise reason, unless
-the control plane already decided its fate (lease expired, deleted), which the report
-then leaves alone.
+function of its own module (`checkout`, `environments.venv` + `supervisor` on the host,
+or `environments.docker` + `container_supervisor` for a task with a container image).
+Whatever happens, the task leaves this function in a final status with a precise
+reason, unless the control plane already decided its fate (lease expired, deleted),
+which the report then leaves alone.
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.checkout import CheckoutError, checkout_task_code
+from agent.environments.errors import ContainerError
 from agent.environments.venv import EnvironmentBuildError, ensure_venv
 from agent.supervisor import StepOutcome, run_step
 from controller.backend import Backend, conveyor_home
 from controller.errors import ConveyorError
 from controller.models import StatusReason, TaskRecord, TaskStatus
+
+if TYPE_CHECKING:
+    from agent.environments.docker import DockerSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,10 @@ class ExecutionSettings:
     stop_grace_s: float = DEFAULT_STOP_GRACE_S
     keep_work_dirs: bool = False
     index_args: list[str] | None = None
+    #: `all` or GPU ids like `0,1`: the GPUs this worker gives its steps (None: not set).
+    gpus: str | None = None
+    #: Set when the agent runs container steps (`--docker`); None: it does not.
+    docker: DockerSettings | None = None
 
     @property
     def env_cache(self) -> Path:
@@ -118,25 +127,36 @@ def execute_task(
     task_log = TaskLog(backend, task.id)
     work_dir = settings.work_root / f"{task.id}-{task.runtime.attempt}"
     task_log.agent(f"worker {settings.worker_id} runs task {task.id} (attempt {task.runtime.attempt})")
+    image = task.container.image.strip() or (settings.docker.default_image if settings.docker else "")
+    if image and settings.docker is None:
+        message = (f"the task asks for container image {image!r} but worker {settings.worker_id} "
+                   "was not started with --docker: refusing to run it on the host")
+        task_log.agent(f"error: {message}")
+        task_log.flush()
+        return report(backend, task.id, settings.worker_id, TaskStatus.failed, StatusReason.setup_failed, message)
     shutil.rmtree(work_dir, ignore_errors=True)  # a leftover of a crashed agent
     try:
         checkout = checkout_task_code(task.script, work_dir, settings.git_cache, task_log.agent)
         _record_runtime(backend, task.id, {"commit_used": checkout.commit_used})
-        with prepare_environment(task, checkout.path_to_run_in, settings, task_log.agent) as venv:
-            argv = build_argv(task, venv.python_path)
-            env = build_env(task, settings, venv.path)
-            task_log.agent(f"running: {shlex.join(argv)} (in {checkout.path_to_run_in})")
-            task_log.flush()
-            outcome = run_step(
-                argv,
-                checkout.path_to_run_in,
-                env,
-                task.execution.time_limit_s,
-                task_log.output,
-                should_abort,
-                grace_s=settings.stop_grace_s,
-            )
-    except (CheckoutError, EnvironmentBuildError) as exc:
+        if image:
+            outcome = run_in_container(backend, task, image, work_dir, checkout.path_to_run_in,
+                                       settings, task_log, should_abort)
+        else:
+            with prepare_environment(task, checkout.path_to_run_in, settings, task_log.agent) as venv:
+                argv = build_argv(task, venv.python_path)
+                env = build_env(task, settings, venv.path)
+                task_log.agent(f"running: {shlex.join(argv)} (in {checkout.path_to_run_in})")
+                task_log.flush()
+                outcome = run_step(
+                    argv,
+                    checkout.path_to_run_in,
+                    env,
+                    task.execution.time_limit_s,
+                    task_log.output,
+                    should_abort,
+                    grace_s=settings.stop_grace_s,
+                )
+    except (CheckoutError, EnvironmentBuildError, ContainerError) as exc:
         task_log.agent(f"error: {exc}")
         task_log.flush()
         return report(backend, task.id, settings.worker_id, TaskStatus.failed, StatusReason.setup_failed, str(exc))
@@ -173,15 +193,42 @@ class _NoVenv:
         return None
 
 
+def run_in_container(
+    backend: Backend,
+    task: TaskRecord,
+    image: str,
+    work_dir: Path,
+    run_dir: Path,
+    settings: ExecutionSettings,
+    task_log: TaskLog,
+    should_abort: Callable[[], str | None],
+) -> StepOutcome:
+    """The step of `task` in a container from `image` (see `agent.environments.docker`)."""
+    from agent.environments.docker import run_task_in_container
+
+    outcome = run_task_in_container(
+        task, image, work_dir, run_dir, requirements_file_for(task, run_dir),
+        lambda python: build_argv(task, python), settings, task_log.agent, task_log.output,
+        should_abort, lambda values: _record_runtime(backend, task.id, values),
+    )
+    return outcome
+
+
+def requirements_file_for(task: TaskRecord, run_dir: Path) -> Path | None:
+    """The task's requirements file: `script.requirements_file`, else the repo's
+    requirements.txt when the task lists no packages, else None."""
+    if task.script.requirements_file:
+        return (run_dir / task.script.requirements_file).resolve()
+    if not task.packages and (run_dir / "requirements.txt").is_file():
+        return run_dir / "requirements.txt"
+    return None
+
+
 def prepare_environment(
     task: TaskRecord, run_dir: Path, settings: ExecutionSettings, say: Callable[[str], None]
 ) -> Any:
     """The virtualenv for the task's packages (or its repo's requirements.txt)."""
-    requirements_file = None
-    if task.script.requirements_file:
-        requirements_file = (run_dir / task.script.requirements_file).resolve()
-    elif not task.packages and (run_dir / "requirements.txt").is_file():
-        requirements_file = run_dir / "requirements.txt"
+    requirements_file = requirements_file_for(task, run_dir)
     if requirements_file is not None:
         say(f"installing from {requirements_file.name}")
     venv = ensure_venv(
@@ -223,6 +270,8 @@ def build_env(task: TaskRecord, settings: ExecutionSettings, venv_path: Path | N
     )
     if settings.api_token:
         env["CONVEYOR_API_TOKEN"] = settings.api_token
+    if settings.gpus and settings.gpus != "all":
+        env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = settings.gpus
     if venv_path is not None:
         env["VIRTUAL_ENV"] = str(venv_path)
         env["PATH"] = f"{venv_path / 'bin'}{os.pathsep}{env.get('PATH', '')}"

@@ -15,21 +15,10 @@ Decisions:
   are stopped the same way, so nothing of a step outlives it, and no background child
   can keep its pipes open forever.
 - **Output.** One reader thread multiplexes stdout and stderr (selectors, non-blocking
-  reads), so it can be stopped even if an unknown process still holds a pipe. Bytes are
-  decoded incrementally as UTF-8 (bad bytes → U+FFFD). `\\n`, `\\r\\n` and a lone `\\r` end
-  a line; a line longer than `max_line_chars` (1 MiB, the store's limit) is cut into
-  chunks. Carriage-return progress bars: a `\\r`-terminated line that is still waiting
-  for delivery is *replaced* by the next line of the same stream, so a tqdm bar yields
-  at most one update per delivery interval instead of hundreds, and the final state
-  (the `\\n`-terminated line) is always kept. Empty `\\r`-terminated segments are dropped.
-  A partial line without a terminator is delivered when the step ends.
-- **Delivery.** A delivery thread calls `on_output(batch)` every `flush_interval_s`
-  (0.25 s), in batches of at most 10,000 lines and ~4 MiB, with dicts `{"line", "stream",
-  "timestamp"}` (fields of `controller.models.LogLine`). A failing or slow callback
-  never delays the time limit or aborts (the main thread does those); an exception is
-  remembered in `StepOutcome.output_error`. If the callback falls far behind
-  (`max_pending_chars`), reading pauses, so the step blocks on a full pipe instead of
-  the agent's memory growing without bound.
+  reads), so it can be stopped even if an unknown process still holds a pipe. Splitting
+  into lines, progress-bar folding and batched delivery (every 0.25 s) are
+  `agent.output`'s; a failing or slow `on_output` never delays the time limit or
+  aborts (this thread does those), and its first error is `StepOutcome.output_error`.
 - **Environment.** `PYTHONUNBUFFERED=1` is added unless set, so Python steps stream.
 - **Outcome.** `exit_code` is the return code (negative signal number when killed by
   a signal); `reason` is a `StatusReason` value: completed / exit_code / signal /
@@ -38,10 +27,8 @@ Decisions:
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import os
-import re
 import selectors
 import signal
 import subprocess
@@ -55,18 +42,20 @@ from typing import Any
 
 import psutil
 
+from agent.output import (
+    DEFAULT_MAX_PENDING_CHARS,
+    OutputCallback,
+    PendingLines,
+    StreamSplitter,
+    deliver_batches,
+)
 from agent.watchdog import guard_process_group, release_process_group
-from controller.models import MAX_LOG_LINE_CHARS, MAX_LOG_LINES_PER_CALL, StatusReason
-
-OutputCallback = Callable[[list[dict[str, Any]]], None]
+from controller.models import MAX_LOG_LINE_CHARS, StatusReason
 
 _PR_SET_PDEATHSIG = 1
 _READ_SIZE = 64 * 1024
 _POLL_S = 0.2
 _SNAPSHOT_EVERY_S = 1.0
-#: Characters handed to one on_output call (one line may exceed it alone).
-MAX_CALL_CHARS = 4 * 1024 * 1024
-_LINE_END_RE = re.compile(r"\r\n|\n|\r")
 
 
 @dataclass(frozen=True)
@@ -82,87 +71,15 @@ class StepOutcome:
 
 
 # ----------------------------------------------------------------- output
-class _Output:
-    """Pending log lines, shared by the reader and the delivery thread."""
-
-    def __init__(self, max_pending_chars: int):
-        self.cond = threading.Condition()
-        self.pending: list[dict[str, Any] | None] = []  # None: a superseded \r line
-        self.pending_chars = 0
-        self.max_pending_chars = max_pending_chars
-        self._cr_index: dict[str, int] = {}  # stream → index of its undelivered \r line
-
-    def add(self, stream: str, text: str, cr_terminated: bool) -> None:
-        if cr_terminated and not text:
-            return
-        entry = {"line": text, "stream": stream, "timestamp": time.time()}
-        with self.cond:
-            index = self._cr_index.pop(stream, None)
-            if index is not None:  # a progress update superseded before delivery
-                superseded = self.pending[index]
-                self.pending_chars -= len(superseded["line"]) if superseded else 0
-                self.pending[index] = None
-            if cr_terminated:
-                self._cr_index[stream] = len(self.pending)
-            self.pending.append(entry)
-            self.pending_chars += len(text)
-
-    def take(self) -> list[dict[str, Any]]:
-        with self.cond:
-            batch, self.pending, self.pending_chars = self.pending, [], 0
-            self._cr_index.clear()
-            self.cond.notify_all()
-        return [entry for entry in batch if entry is not None]
-
-    def wait_for_room(self, stop: threading.Event) -> None:
-        with self.cond:
-            while self.pending_chars > self.max_pending_chars and not stop.is_set():
-                self.cond.wait(0.1)
-
-
-class _StreamSplitter:
-    """Turns one stream's bytes into lines (see the module docstring)."""
-
-    def __init__(self, name: str, output: _Output, max_line_chars: int):
-        self.name = name
-        self.output = output
-        self.max_line_chars = max_line_chars
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.rest = ""
-
-    def feed(self, data: bytes, final: bool = False) -> None:
-        buf = self.rest + self.decoder.decode(data, final=final)
-        start = 0
-        for match in _LINE_END_RE.finditer(buf):
-            if match.group() == "\r" and match.end() == len(buf) and not final:
-                break  # maybe the first half of \r\n
-            self._emit(buf[start : match.start()], match.group() == "\r")
-            start = match.end()
-        rest = buf[start:]
-        while len(rest) > self.max_line_chars:
-            self.output.add(self.name, rest[: self.max_line_chars], False)
-            rest = rest[self.max_line_chars :]
-        if final and rest:
-            self._emit(rest, False)
-            rest = ""
-        self.rest = rest
-
-    def _emit(self, text: str, cr: bool) -> None:
-        while len(text) > self.max_line_chars:
-            self.output.add(self.name, text[: self.max_line_chars], False)
-            text = text[self.max_line_chars :]
-        self.output.add(self.name, text, cr)
-
-
 def _read_pipes(
-    pipes: dict[str, Any], output: _Output, max_line_chars: int, stop: threading.Event
+    pipes: dict[str, Any], output: PendingLines, max_line_chars: int, stop: threading.Event
 ) -> None:
     """Reader thread: read both pipes until EOF or `stop`, splitting into lines."""
     selector = selectors.DefaultSelector()
     splitters = {}
     for name, pipe in pipes.items():
         os.set_blocking(pipe.fileno(), False)
-        splitters[pipe.fileno()] = _StreamSplitter(name, output, max_line_chars)
+        splitters[pipe.fileno()] = StreamSplitter(name, output, max_line_chars)
         selector.register(pipe.fileno(), selectors.EVENT_READ)
     try:
         while selector.get_map() and not stop.is_set():
@@ -182,43 +99,6 @@ def _read_pipes(
         selector.close()
         for pipe in pipes.values():
             pipe.close()
-
-
-def _chunks(batch: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Split a batch into calls of at most 10,000 lines and about MAX_CALL_CHARS."""
-    chunks: list[list[dict[str, Any]]] = []
-    current: list[dict[str, Any]] = []
-    chars = 0
-    for entry in batch:
-        if current and (
-            len(current) >= MAX_LOG_LINES_PER_CALL or chars + len(entry["line"]) > MAX_CALL_CHARS
-        ):
-            chunks.append(current)
-            current, chars = [], 0
-        current.append(entry)
-        chars += len(entry["line"])
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def _deliver(
-    output: _Output,
-    on_output: OutputCallback,
-    interval_s: float,
-    reader_done: threading.Event,
-    errors: list[str],
-) -> None:
-    """Delivery thread: hand batches to `on_output` until the reader is done and drained."""
-    while True:
-        finished = reader_done.wait(interval_s)
-        for chunk in _chunks(output.take()):
-            try:
-                on_output(chunk)
-            except Exception as exc:  # keep the step running; report at the end
-                errors.append(f"{type(exc).__name__}: {exc}")
-        if finished and not output.pending:
-            return
 
 
 # ----------------------------------------------------------------- process tree
@@ -363,7 +243,7 @@ def run_step(
     *,
     flush_interval_s: float = 0.25,
     max_line_chars: int = MAX_LOG_LINE_CHARS,
-    max_pending_chars: int = 64 * 1024 * 1024,
+    max_pending_chars: int = DEFAULT_MAX_PENDING_CHARS,
 ) -> StepOutcome:
     """Run `argv` in `cwd` until it ends, its time limit passes or `should_abort()` says so.
 
@@ -395,7 +275,7 @@ def run_step(
         )
     assert proc.stdout is not None and proc.stderr is not None
 
-    output = _Output(max_pending_chars)
+    output = PendingLines(max_pending_chars)
     stop_reading, reader_done = threading.Event(), threading.Event()
     errors: list[str] = []
 
@@ -410,7 +290,7 @@ def run_step(
     threads = [
         threading.Thread(target=reader, name=f"step-{proc.pid}-reader", daemon=True),
         threading.Thread(
-            target=_deliver,
+            target=deliver_batches,
             args=(output, on_output, flush_interval_s, reader_done, errors),
             name=f"step-{proc.pid}-delivery",
             daemon=True,
@@ -460,7 +340,24 @@ def run_step(
             thread.join(30.0)
 
     duration = (ended_at or time.monotonic()) - started
-    code = proc.returncode
+    return step_outcome(
+        proc.returncode, stop_reason, time_limit_s, duration, errors[0] if errors else None
+    )
+
+
+def step_outcome(
+    code: int | None,
+    stop_reason: str | None,
+    time_limit_s: float | None,
+    duration_s: float,
+    output_error: str | None = None,
+) -> StepOutcome:
+    """The outcome of a step that exited with `code` (negative: killed by that signal).
+
+    `stop_reason` (time_limit, aborted, agent_shutdown) wins over the exit code: the
+    step was stopped on purpose. Shared by host and container steps, so both report
+    the same reasons and messages.
+    """
     signal_name = _signal_name(-code) if code is not None and code < 0 else None
     if stop_reason == StatusReason.time_limit:
         reason, message = (
@@ -476,4 +373,4 @@ def run_step(
         reason, message = StatusReason.signal, f"killed by {signal_name}"
     else:
         reason, message = StatusReason.exit_code, f"exited with code {code}"
-    return StepOutcome(code, signal_name, reason, message, duration, errors[0] if errors else None)
+    return StepOutcome(code, signal_name, reason, message, duration_s, output_error)

@@ -1,12 +1,17 @@
-"""A watchdog process that kills step process groups if the agent dies.
+"""A watchdog process that kills step process groups and containers if the agent dies.
 
-PR_SET_PDEATHSIG only reaches a step's own process, not its children. So each agent
-process starts one small watchdog (lazily, at its first step) connected by a pipe, and
-tells it the process group of every step it starts. If the agent dies, even by
-SIGKILL, the kernel closes the pipe; the watchdog reads end-of-file and SIGKILLs every
-group still registered, so no step process outlives its agent.
+PR_SET_PDEATHSIG only reaches a step's own process, not its children, and a container
+is not the agent's child at all. So each agent process starts one small watchdog
+(lazily, at its first step) connected by a pipe, and tells it the process group of
+every step and the id of every container it starts. If the agent dies, even by
+SIGKILL, the kernel closes the pipe; the watchdog reads end-of-file, SIGKILLs every
+group still registered and force-removes every container still registered (docker
+SDK, same engine settings as the agent), so no step outlives its agent. The daemon
+also removes leftover containers of its worker id when it starts (the watchdog itself
+may have been killed too, e.g. by the OOM killer or a reboot).
 
-Protocol on the watchdog's stdin: `+PGID` registers a group, `-PGID` forgets it.
+Protocol on the watchdog's stdin: `+PGID` / `-PGID` register and forget a process
+group, `+cID` / `-cID` a container.
 """
 
 from __future__ import annotations
@@ -50,14 +55,43 @@ def release_process_group(pgid: int) -> None:
     _send(f"-{pgid}")
 
 
+def guard_container(container_id: str) -> None:
+    """Have the container removed if this process dies before `release_container`."""
+    _send(f"+c{container_id}")
+
+
+def release_container(container_id: str) -> None:
+    """The container was removed normally; stop guarding it."""
+    _send(f"-c{container_id}")
+
+
+def _remove_containers(ids: set[str]) -> None:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=30)
+    except Exception:  # noqa: BLE001 - no SDK or no engine: nothing we can do
+        return
+    for container_id in ids:
+        try:
+            client.api.remove_container(container_id, force=True, v=True)
+        except Exception:  # noqa: BLE001 - already gone, or the engine is down
+            pass
+
+
 def _main() -> None:
-    """Watchdog process: track groups until stdin closes, then kill the survivors."""
+    """Watchdog process: track groups and containers until stdin closes, then kill."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     groups: set[int] = set()
+    containers: set[str] = set()
     for raw in sys.stdin.buffer:
         line = raw.strip().decode(errors="replace")
-        if line[:1] == "+" and line[1:].isdigit():
+        if line[:2] == "+c" and line[2:].isalnum():
+            containers.add(line[2:])
+        elif line[:2] == "-c":
+            containers.discard(line[2:])
+        elif line[:1] == "+" and line[1:].isdigit():
             groups.add(int(line[1:]))
         elif line[:1] == "-" and line[1:].isdigit():
             groups.discard(int(line[1:]))
@@ -66,6 +100,8 @@ def _main() -> None:
             os.killpg(pgid, signal.SIGKILL)
         except OSError:
             pass
+    if containers:
+        _remove_containers(containers)
 
 
 if __name__ == "__main__":

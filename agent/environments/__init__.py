@@ -1,4 +1,4 @@
-"""Python environments the agent runs steps in (one cached virtualenv per package set)."""
+"""Environments the agent runs steps in: cached virtualenvs (`venv`), containers (`docker`)."""
 
 from agent.environments.venv import (
     DEFAULT_DISK_BUDGET_BYTES,

@@ -16,6 +16,7 @@ Python, so upgrading the agent's environment yields a new directory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -29,7 +30,7 @@ from pathlib import Path
 
 LAYOUT_VERSION = 1
 #: Requirements of `conveyor` a step never needs (server or agent only).
-SDK_EXCLUDED = frozenset({"fastapi", "uvicorn", "gitpython", "uv"})
+SDK_EXCLUDED = frozenset({"fastapi", "uvicorn", "gitpython", "uv", "docker"})
 #: Used when the `conveyor` distribution metadata is not installed.
 SDK_FALLBACK_REQUIREMENTS = (
     "sqlalchemy>=2.0",
@@ -39,6 +40,7 @@ SDK_FALLBACK_REQUIREMENTS = (
     "click>=8.1",
     "psutil>=5.9",
     "filelock>=3.12",
+    "fsspec>=2023.1",
 )
 
 #: The project name and extras at the start of a requirement line.
@@ -131,6 +133,38 @@ def default_sdk_source() -> Path:
 _SDK_DIRS: dict[tuple[str, str, bool], Path] = {}
 
 
+def sdk_packages(sdk_source: Path) -> dict[str, Path]:
+    """The `controller` (and `agent`) package folders of `sdk_source`, by name.
+
+    FileNotFoundError if there is no `controller` package.
+    """
+    entries: dict[str, Path] = {}
+    for package in ("controller", "agent"):
+        if (sdk_source / package).is_dir():
+            entries[package] = (sdk_source / package).resolve()
+    if "controller" not in entries:
+        raise FileNotFoundError(f"no 'controller' package in the SDK source {sdk_source}")
+    return entries
+
+
+def sdk_dependency_paths() -> dict[str, Path]:
+    """Top-level installed files and folders of the SDK's dependencies, by name.
+
+    Computed once per process (~50 ms of metadata reads): the agent's own environment
+    does not change under a running agent, and a restarted agent sees an upgrade.
+    """
+    return dict(_sdk_dependency_paths())
+
+
+@functools.lru_cache(maxsize=1)
+def _sdk_dependency_paths() -> dict[str, Path]:
+    entries: dict[str, Path] = {}
+    for dist in _closure(sdk_requirements()):
+        for path in _top_level_paths(dist):
+            entries.setdefault(path.name, path)
+    return entries
+
+
 def sdk_dir(cache_root: Path, sdk_source: Path, with_deps: bool) -> Path:
     """The directory of symlinks to the SDK packages (and their dependencies).
 
@@ -140,16 +174,10 @@ def sdk_dir(cache_root: Path, sdk_source: Path, with_deps: bool) -> Path:
     cached = _SDK_DIRS.get(memo_key)
     if cached is not None and cached.is_dir():
         return cached
-    entries: dict[str, Path] = {}
-    for package in ("controller", "agent"):
-        if (sdk_source / package).is_dir():
-            entries[package] = (sdk_source / package).resolve()
-    if "controller" not in entries:
-        raise FileNotFoundError(f"no 'controller' package in the SDK source {sdk_source}")
+    entries = sdk_packages(sdk_source)
     if with_deps:
-        for dist in _closure(sdk_requirements()):
-            for path in _top_level_paths(dist):
-                entries.setdefault(path.name, path)
+        for name, path in sdk_dependency_paths().items():
+            entries.setdefault(name, path)
     blob = json.dumps(
         [LAYOUT_VERSION, sys.version, sorted((k, str(v)) for k, v in entries.items())]
     )

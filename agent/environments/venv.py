@@ -218,7 +218,7 @@ def _ensure_pth(venv_dir: Path, sdk_path: Path) -> None:
 
 
 # ----------------------------------------------------------------- building
-def _find_uv() -> str | None:
+def find_uv() -> str | None:
     try:
         import uv
 
@@ -286,7 +286,7 @@ def _build(
     env: dict[str, str],
     timeout_s: float,
 ) -> None:
-    uv = _find_uv() if installer in ("auto", "uv") else None
+    uv = find_uv() if installer in ("auto", "uv") else None
     if installer == "uv" and uv is None:
         raise EnvironmentBuildError("installer 'uv' requested but not found")
     cwd = venv_dir.parent
@@ -374,7 +374,7 @@ def _take_lease(venv_dir: Path) -> IO[bytes] | None:
 
 
 # ----------------------------------------------------------------- eviction
-def _evict(root: Path, budget: int, keep: str, log: Log) -> None:
+def evict_venvs(root: Path, budget: int, keep: str, log: Log) -> None:
     """Delete least-recently-used venvs while the cache is over `budget` bytes."""
     for trash in root.glob(".trash-*"):
         shutil.rmtree(trash, ignore_errors=True)
@@ -517,6 +517,6 @@ def ensure_venv(
         raise EnvironmentBuildError(
             f"timed out waiting for another process building {venv_dir}"
         ) from exc
-    _evict(root, disk_budget_bytes, key, log)
+    evict_venvs(root, disk_budget_bytes, key, log)
     log(f"virtualenv ready in {time.monotonic() - started:.1f} s")
     return result(lease, False)

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from agent.environments.venv import _find_uv, ensure_venv  # noqa: E402
+from agent.environments.venv import ensure_venv, find_uv  # noqa: E402
 from controller.backend import Backend, backend_from_url  # noqa: E402
 from tests.helpers_server import start_server, stop_server  # noqa: E402
 
@@ -111,7 +111,7 @@ def environment_times(work: Path, runs: int) -> None:
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), *BENCH_PACKAGES],
                    check=True)
     index_args = ["--no-index", "--find-links", str(wheels)]
-    uv = _find_uv()
+    uv = find_uv()
     assert uv, "uv is not installed"
     misses, hits, bare = [], [], []
     cache_root = work / "cache"
