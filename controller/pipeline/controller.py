@@ -39,7 +39,7 @@ from controller.pipeline import dag
 from controller.pipeline.dag import PipelineDefinitionError, step_error
 from controller.pipeline.function_step import build_function_spec, repository_fields
 from controller.pipeline.launch import ResolvedStep
-from controller.pipeline.node import CACHED, COMPLETED, ContinueBehaviour, Node
+from controller.pipeline.node import CACHED, COMPLETED, ContinueBehaviour, Node, to_json_value
 from controller.pipeline.runner import PipelineRunner
 
 log = logging.getLogger("conveyor.pipeline")
@@ -567,7 +567,7 @@ class PipelineController:
         sections: dict[str, dict[str, Any]] = {}
         for key, value in self._parameters.items():
             section, name = self._parameter_location(key)
-            sections.setdefault(section, {})[name] = _jsonable(value)
+            sections.setdefault(section, {})[name] = to_json_value(value)
         return sections or {PIPELINE_SECTION: {}}
 
     def _create_controller_task(self, queue: str | None) -> TaskRecord:
@@ -618,7 +618,7 @@ class PipelineController:
             "name": self._name,
             "version": version or self._version or "",
             "steps": {n.name: {**n.state(), "status": "pending", "task_id": None} for n in self._nodes.values()},
-            "parameters": {k: _jsonable(v) for k, v in self._parameters.items()},
+            "parameters": {k: to_json_value(v) for k, v in self._parameters.items()},
             "abort_on_failure": self._abort_on_failure,
             "time_limit_s": self._time_limit_s,
         }
@@ -696,7 +696,7 @@ class PipelineController:
                 "started": self._started_at,
                 "updated": time.time(),
                 "nodes": {name: node.state() for name, node in list(self._nodes.items())},
-                "parameters": {k: _jsonable(v) for k, v in self._parameters.items()},
+                "parameters": {k: to_json_value(v) for k, v in self._parameters.items()},
             }
             self._edit_own_task({"runtime": {"pipeline": state}})
 
@@ -804,16 +804,6 @@ def _packages_list(packages: str | Sequence[str]) -> list[str]:
 
 def _version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else -1 for p in str(version).split("."))
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
 
 
 __all__ = ["PipelineController", "PipelineDefinitionError", "COMPLETED", "CACHED"]

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from controller.pipeline.node import to_json_value
+
 _MISSING = object()
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_]+")
 
@@ -129,7 +131,7 @@ def build_function_spec(
         "task_spec": {
             "script": {"code": code, "entry_point": entry, "working_dir": "."},
             "packages": package_list,
-            "hyperparams": {"kwargs": {k: _jsonable_default(v) for k, v in kwargs.items()}},
+            "hyperparams": {"kwargs": {k: to_json_value(v) for k, v in kwargs.items()}},
         },
     }
 
@@ -157,16 +159,6 @@ def render_step_code(
         f"deserialization_function={deserializer or 'None'})\n"
     )
     return "".join(parts)
-
-
-def _jsonable_default(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, list | tuple):
-        return [_jsonable_default(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable_default(v) for k, v in value.items()}
-    return repr(value)
 
 
 def repository_fields(url: str | None, branch: str | None, commit: str | None) -> dict[str, str]:

@@ -177,9 +177,9 @@ class Node:
             "base_task_id": self.base_task_id,
             "parents": list(self.parents),
             "queue": self.queue,
-            "parameters": _jsonable(self.parameters),
-            "resolved_parameters": _jsonable(self.resolved_parameters),
-            "overrides": _jsonable(self.resolved_overrides),
+            "parameters": to_json_value(self.parameters),
+            "resolved_parameters": to_json_value(self.resolved_parameters),
+            "overrides": to_json_value(self.resolved_overrides),
             "retries": self.retries,
             "started": self.job_started,
             "ended": self.job_ended,
@@ -189,11 +189,12 @@ class Node:
         }
 
 
-def _jsonable(value: Any) -> Any:
+def to_json_value(value: Any) -> Any:
+    """`value` as JSON can hold it: containers kept, other objects as their repr."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_json_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [to_json_value(v) for v in value]
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return repr(value)

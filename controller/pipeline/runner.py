@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from controller.errors import ConveyorError, IllegalTransitionError
 from controller.models import TaskRecord, TaskStatus
 from controller.pipeline import dag
-from controller.pipeline.function_step import _jsonable_default
 from controller.pipeline.launch import (
     KWARGS_ARTIFACTS_SECTION,
     KWARGS_SECTION,
@@ -48,6 +47,7 @@ from controller.pipeline.node import (
     Node,
     StepJob,
     node_status_of,
+    to_json_value,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -248,7 +248,7 @@ class PipelineRunner:
         changes: dict[str, Any] = {}
         hyperparams = hyperparams_from_overrides(resolved.parameters)
         if node.function_spec:
-            hyperparams[KWARGS_SECTION] = {k: _jsonable_default(v) for k, v in resolved.kwargs.items()}
+            hyperparams[KWARGS_SECTION] = {k: to_json_value(v) for k, v in resolved.kwargs.items()}
             hyperparams[KWARGS_ARTIFACTS_SECTION] = resolved.kwargs_artifacts
         output_uri = node.output_uri if node.output_uri is not None else pipe._output_uri
         if isinstance(output_uri, str) and output_uri:  # where the step's SDK stores outputs
