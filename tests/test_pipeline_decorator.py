@@ -163,16 +163,31 @@ def test_independent_components_run_in_parallel(backend: Backend) -> None:
         f"the two components did not overlap (pipeline took {elapsed:.1f} s)")
 
 
+@PipelineDecorator.component(return_values=["squares"], cache=True, packages=[])
+def squares(n: int = 3):
+    return [i * i for i in range(n)]
+
+
+@PipelineDecorator.component(return_values=["total"], packages=[])
+def total_of(values: list = None):
+    return sum(values or [])
+
+
 def test_cached_components_are_reused_on_a_second_run(backend: Backend) -> None:
+    def cached_pipeline(n: int = 4):
+        return total_of(squares(n)) + 0
+
     project = f"cache-{uuid.uuid4().hex[:6]}"
-    first = make_pipeline(executing_pipeline, project)(test_rows=120)
-    second = make_pipeline(executing_pipeline, project)(test_rows=120)
-    assert first == second
+    first = make_pipeline(cached_pipeline, project)(n=5)
+    second = make_pipeline(cached_pipeline, project)(n=5)
+    assert first == second == 30
     runs = sorted(backend.query_tasks(project=project, type="controller"), key=lambda t: t.created_at)
     nodes = runs[1].runtime.pipeline["nodes"]
-    assert nodes["step_one"]["status"] == "cached"
-    assert nodes["step_one"]["task_id"] == runs[0].runtime.pipeline["nodes"]["step_one"]["task_id"]
-    assert nodes["step_two"]["status"] == "completed"
+    assert nodes["squares"]["status"] == "cached"
+    assert nodes["squares"]["task_id"] == runs[0].runtime.pipeline["nodes"]["squares"]["task_id"]
+    assert nodes["total_of"]["status"] == "completed"
+    third = make_pipeline(cached_pipeline, project)(n=6)  # other arguments: no cache hit
+    assert third == 55
 
 
 def test_a_failing_component_raises_where_its_result_is_used(backend: Backend) -> None:
