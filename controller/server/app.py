@@ -1,4 +1,5 @@
-"""The Conveyor HTTP API: every Backend operation under /api/v1, served by uvicorn.
+"""The Conveyor HTTP API: every Backend operation under /api/v1, served by uvicorn,
+and the web dashboard at `/` (`controller.server.dashboard`).
 
 `create_app(backend, token)` builds the FastAPI application around any Backend;
 `serve(host, port, db_url, token)` opens a SqlBackend and runs it (one process).
@@ -31,6 +32,11 @@ from starlette.responses import JSONResponse
 import controller
 from controller.backend import Backend, conveyor_home
 from controller.errors import ConveyorError
+from controller.server.dashboard import (
+    add_dashboard_routes,
+    is_dashboard_path,
+    unauthorized_page,
+)
 from controller.server.error_bodies import (
     conveyor_error_body,
     internal_error_body,
@@ -41,6 +47,7 @@ from controller.server.error_bodies import (
 from controller.server.fastpath import FastPath
 from controller.server.files import MAX_FILE_BYTES, add_file_routes
 from controller.server.middleware import MAX_BODY_BYTES, BodyLimitMiddleware, TokenAuthMiddleware
+from controller.server.routes_pipelines import add_pipeline_routes
 from controller.server.routes_queues import HEALTH_JSON, add_queue_routes
 from controller.server.routes_tasks import add_task_routes
 from controller.server.waker import ClaimWaker, Runner, run_inline
@@ -113,6 +120,7 @@ def create_app(
     fast_path: bool = True,
     files_dir: Path | str | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,
+    dashboard: bool = True,
 ) -> FastAPI:
     """The FastAPI application exposing `backend` under /api/v1.
 
@@ -123,6 +131,9 @@ def create_app(
     The files endpoint (`controller.server.files`) stores files under `files_dir`
     (default `$CONVEYOR_HOME/files` of the server process), up to `max_file_bytes` each;
     its uploads are streamed, so `max_body_bytes` does not apply to them.
+
+    `dashboard` serves the web dashboard at `/` (see `controller.server.dashboard`);
+    its extra JSON endpoints (`/pipelines`, `/info`) are always there.
 
     `fast_path` serves the hot agent endpoints without FastAPI's per-request machinery
     (same answers, see `controller.server.fastpath`). On a SQLite store it also runs
@@ -177,6 +188,9 @@ def create_app(
     files_root = Path(files_dir) if files_dir is not None else conveyor_home() / "files"
     app.state.files_dir = files_root
     add_file_routes(app.router, API_PREFIX, files_root, max_file_bytes)
+    add_pipeline_routes(app.router, API_PREFIX, backend, files_root.resolve().as_uri())
+    if dashboard:
+        add_dashboard_routes(app.router)
 
     app.add_exception_handler(ConveyorError, _conveyor_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
@@ -200,7 +214,12 @@ def create_app(
         BodyLimitMiddleware, limit=max_body_bytes, exempt_prefixes=(API_PREFIX + "/files/",)
     )
     if token:
-        app.add_middleware(TokenAuthMiddleware, token=token)
+        app.add_middleware(
+            TokenAuthMiddleware,
+            token=token,
+            is_page=is_dashboard_path if dashboard else None,
+            unauthorized_page=unauthorized_page,
+        )
     return app
 
 
@@ -256,6 +275,12 @@ def serve(
     print(
         f"Conveyor API on http://{host}:{port} ({auth}; store {redact_url(db_url)}; "
         f"files in {app.state.files_dir})",
+        file=sys.stderr,
+        flush=True,
+    )
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    print(
+        f"Dashboard on http://{shown_host}:{port}/" + ("?token=<token>" if token else ""),
         file=sys.stderr,
         flush=True,
     )

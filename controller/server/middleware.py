@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from http.cookies import SimpleCookie
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,19 +43,35 @@ class TokenAuthMiddleware:
 
     The token is accepted as `Authorization: Bearer <token>`, as the cookie
     `conveyor_token` or as the query parameter `token` (for the web dashboard).
+
+    Paths for which `is_page(path)` is true (the dashboard) are for browsers: without the
+    token they get an HTML page (`unauthorized_page(wrong_token)`) saying how to pass it
+    instead of the JSON error, and a GET with a right `?token=` is redirected to the same
+    URL without it, setting the cookie (HttpOnly, SameSite=Strict, for this browser
+    session), so the token leaves the address bar and the history after one visit.
     """
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str,
+        *,
+        is_page: Callable[[str], bool] | None = None,
+        unauthorized_page: Callable[[bool, str], bytes] | None = None,
+    ) -> None:
         self.app = app
         self._token = token.encode()
+        self._is_page = is_page
+        self._unauthorized_page = unauthorized_page
 
-    def _presented(self, scope: Scope) -> list[bytes]:
-        found: list[bytes] = []
+    def _presented(self, scope: Scope) -> list[tuple[str, bytes]]:
+        """(where, token) pairs the request carries: header, cookie, query."""
+        found: list[tuple[str, bytes]] = []
         auth = _header(scope, b"authorization")
         if auth:
             scheme, _, value = auth.partition(b" ")
             if scheme.lower() == b"bearer":
-                found.append(value.strip())
+                found.append(("header", value.strip()))
         cookie = _header(scope, b"cookie")
         if cookie:
             try:
@@ -62,23 +79,44 @@ class TokenAuthMiddleware:
             except Exception:  # a malformed cookie header is just no token
                 morsel = None
             if morsel is not None:
-                found.append(morsel.value.encode())
+                found.append(("cookie", morsel.value.encode()))
         query = scope.get("query_string", b"")
         if query and TOKEN_QUERY_PARAM.encode() + b"=" in query:
             for key, value in parse_qsl(query.decode("latin-1")):
                 if key == TOKEN_QUERY_PARAM:
-                    found.append(value.encode())
+                    found.append(("query", value.encode()))
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if any(hmac.compare_digest(t, self._token) for t in self._presented(scope)):
+        presented = self._presented(scope)
+        valid = {where for where, t in presented if hmac.compare_digest(t, self._token)}
+        is_page = (
+            scope["type"] == "http"
+            and self._is_page is not None
+            and self._is_page(scope.get("path", ""))
+        )
+        if valid:
+            if "query" in valid and is_page and scope.get("method") in ("GET", "HEAD"):
+                await self._redirect_setting_cookie(scope, send)
+                return
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 4401})
+            return
+        if is_page and self._unauthorized_page is not None:
+            host = (_header(scope, b"host") or b"HOST:PORT").decode("latin-1")
+            scheme = "https" if scope.get("scheme") == "https" else "http"
+            page = self._unauthorized_page(bool(presented), f"{scheme}://{host}/")
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(page)).encode()),
+                (b"cache-control", b"no-store"),
+            ]})
+            await send({"type": "http.response.body", "body": page})
             return
         await send_json(
             send,
@@ -89,6 +127,32 @@ class TokenAuthMiddleware:
             },
             [(b"www-authenticate", b'Bearer realm="conveyor"')],
         )
+
+    async def _redirect_setting_cookie(self, scope: Scope, send: Send) -> None:
+        cookie: SimpleCookie = SimpleCookie()
+        cookie[TOKEN_COOKIE] = self._token.decode()
+        morsel = cookie[TOKEN_COOKIE]
+        morsel["path"] = "/"
+        morsel["httponly"] = True
+        morsel["samesite"] = "Strict"
+        if scope.get("scheme") == "https":
+            morsel["secure"] = True
+        rest = [
+            (k, v)
+            for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+            if k != TOKEN_QUERY_PARAM
+        ]
+        # Relative, so the redirect also works behind a proxy serving under a prefix.
+        location = "./" + scope.get("path", "/").rsplit("/", 1)[-1]
+        if rest:
+            location += "?" + urlencode(rest)
+        await send({"type": "http.response.start", "status": 303, "headers": [
+            (b"location", location.encode("latin-1")),
+            (b"set-cookie", morsel.OutputString().encode("latin-1")),
+            (b"cache-control", b"no-store"),
+            (b"content-length", b"0"),
+        ]})
+        await send({"type": "http.response.body", "body": b""})
 
 
 def _too_large(size: int | None, limit: int) -> dict[str, Any]:
