@@ -121,6 +121,19 @@ def test_a_script_that_raises_marks_its_task_failed_with_the_exception(api: Back
     assert any("Traceback" in line for line in log)
 
 
+def test_a_script_exiting_with_a_non_zero_code_marks_its_task_failed(api: Backend, tmp_path: Path) -> None:
+    script = write(tmp_path / "exits.py", """\
+        import sys
+        from controller import Task
+        print("TASK", Task.init("local", "exits").id, flush=True)
+        sys.exit(3)
+    """)
+    proc = run_script(script)
+    assert proc.returncode == 3
+    task = api.get_task(task_id_from(proc))
+    assert task.status == TaskStatus.failed and task.status_message == "the script exited with code 3"
+
+
 def test_reports_are_flushed_before_a_local_task_completes(api: Backend, tmp_path: Path) -> None:
     script = write(tmp_path / "report.py", """\
         from controller import Logger, Task

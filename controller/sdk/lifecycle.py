@@ -7,8 +7,9 @@ Decisions:
   (sys.excepthook) marks it failed with `Type: message` as status_message and the
   traceback appended to the task's log (stream "stderr"); KeyboardInterrupt and SIGTERM
   mark it stopped (reason "aborted").
-- `sys.exit(code)` with a non-zero code still counts as completed: Python does not tell
-  atexit handlers the exit code. Raise an exception to fail the task.
+- `sys.exit(code)` with a non-zero code (or a message) marks it failed: atexit handlers
+  are not told the exit code, so `watch` wraps `sys.exit` to remember it. A bare
+  `raise SystemExit(code)` or `os._exit` is not seen (the first counts as completed).
 - A SIGTERM handler is only installed when the script has none of its own (and only
   from the main thread); after recording the status it re-raises the signal, so the
   process still ends the way the sender asked. SIGKILL cannot be seen: such a task stays
@@ -39,6 +40,15 @@ _lock = threading.Lock()
 _task: Task | None = None
 _settled = False
 _previous_excepthook = sys.excepthook
+_exit_code: object = None
+_original_exit = sys.exit
+
+
+def _recording_exit(code: object = None) -> None:
+    """sys.exit that remembers its code for the exit handler."""
+    global _exit_code
+    _exit_code = code
+    _original_exit(code)
 
 
 def watch(task: Task) -> None:
@@ -47,6 +57,7 @@ def watch(task: Task) -> None:
     with _lock:
         _task, _settled = task, False
     atexit.register(_at_exit)
+    sys.exit = _recording_exit
     _previous_excepthook = sys.excepthook
     sys.excepthook = _excepthook
     if threading.current_thread() is threading.main_thread():
@@ -88,7 +99,13 @@ def finish(status: TaskStatus, reason: str, message: str) -> None:
 
 
 def _at_exit() -> None:
-    finish(TaskStatus.completed, StatusReason.completed, "the script finished")
+    code = _exit_code
+    if code is None or code == 0:
+        finish(TaskStatus.completed, StatusReason.completed, "the script finished")
+    elif isinstance(code, int):
+        finish(TaskStatus.failed, StatusReason.exit_code, f"the script exited with code {code}")
+    else:
+        finish(TaskStatus.failed, StatusReason.exit_code, f"the script exited: {code}"[:2000])
 
 
 def _excepthook(
