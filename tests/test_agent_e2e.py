@@ -345,10 +345,14 @@ def test_sigkill_of_the_daemon_kills_the_step_and_the_lease_fails_the_task(
 def test_two_daemons_run_each_of_100_tasks_exactly_once(
     backend: Backend, api_url: str, daemons: Daemons
 ) -> None:
-    code = "import os\nprint('ran', os.environ['CONVEYOR_TASK_ID'])\n"
+    code = "import os, time\nprint('ran', os.environ['CONVEYOR_TASK_ID'])\ntime.sleep(0.05)\n"
+    daemons.start(api_url, "--concurrency", "2")
+    daemons.start(api_url, "--concurrency", "2")
+    deadline = time.monotonic() + 60
+    while len(backend.list_workers()) < 2:  # both wait for work before any arrives
+        assert time.monotonic() < deadline, "the daemons did not register"
+        time.sleep(0.1)
     tasks = [code_task(backend, code) for _ in range(100)]
-    daemons.start(api_url, "--concurrency", "2")
-    daemons.start(api_url, "--concurrency", "2")
     workers = set()
     for task in tasks:
         done = wait_for(backend, task.id, "completed", "failed", timeout=120)
