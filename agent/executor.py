@@ -179,20 +179,6 @@ def execute_task(
     return report(backend, task.id, settings.worker_id, status, outcome.reason, outcome.message)
 
 
-class _NoVenv:
-    """Stands in for a venv when the task runs a non-Python binary."""
-
-    def __init__(self) -> None:
-        self.path: Path | None = None
-        self.python_path = Path(sys.executable)
-
-    def __enter__(self) -> _NoVenv:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def run_in_container(
     backend: Backend,
     task: TaskRecord,

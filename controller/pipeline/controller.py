@@ -36,7 +36,7 @@ from controller.models import TaskStatus
 from controller.pipeline import dag
 from controller.pipeline.dag import PipelineDefinitionError
 from controller.pipeline.definition import DefinitionMixin
-from controller.pipeline.node import CACHED, COMPLETED, Node
+from controller.pipeline.node import Node
 from controller.pipeline.pipeline_task import PipelineTaskMixin
 from controller.pipeline.runner import PipelineRunner
 
@@ -330,4 +330,4 @@ class PipelineController(DefinitionMixin, PipelineTaskMixin):
 
 
 
-__all__ = ["PipelineController", "PipelineDefinitionError", "COMPLETED", "CACHED"]
+__all__ = ["PipelineController", "PipelineDefinitionError"]

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from controller.errors import ConveyorError, IllegalTransitionError
 from controller.models import TaskRecord, TaskStatus
-from controller.pipeline import dag
 from controller.pipeline.launch import (
     KWARGS_ARTIFACTS_SECTION,
     KWARGS_SECTION,
@@ -461,5 +460,3 @@ def _model_matches(name: str, pattern: str) -> bool:
         return name.startswith(pattern[:-1])
     return name == pattern
 
-
-__all__ = ["PipelineRunner", "dag"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,21 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 from agent.environments.venv import ensure_venv, find_uv  # noqa: E402
 from controller.backend import Backend, backend_from_url  # noqa: E402
+from scripts.bench.stats import show  # noqa: E402
 from tests.helpers_server import start_server, stop_server  # noqa: E402
 
 STEP = "import time\nprint('started', repr(time.time()), flush=True)\n"
 BENCH_PACKAGES = ["six", "idna", "certifi", "attrs"]
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def show(name: str, values: list[float], unit: str) -> None:
-    print(f"{name:<52} p50 {statistics.median(values):>9.2f}  p95 {percentile(values, 95):>9.2f}  "
-          f"{unit}  (n={len(values)})", flush=True)
 
 
 def start_daemon(api: str, home: Path, *args: str) -> subprocess.Popen[bytes]:

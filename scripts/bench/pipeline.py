@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from scripts.bench.stats import show  # noqa: E402
 from tests.helpers_server import start_server, stop_server  # noqa: E402
 
 
@@ -29,15 +29,6 @@ def noop(value: int = 0):
     return value + 1
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def show(name: str, values: list[float], unit: str) -> None:
-    print(f"{name:<52} p50 {statistics.median(values):>9.2f}  p95 {percentile(values, 95):>9.2f}  "
-          f"{unit}  (n={len(values)})", flush=True)
 
 
 def run_pipeline(kind: str, size: int) -> tuple[float, list[float]]:

@@ -27,16 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from controller.backend import Backend, backend_from_url  # noqa: E402
+from scripts.bench.stats import percentile  # noqa: E402
 from tests.helpers_server import start_server, stop_server  # noqa: E402
 
 POSTGRES_URL = os.environ.get("CONVEYOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by nearest rank."""
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def cycles(url: str, count: int, queue: str = "default", start_at: float | None = None) -> tuple[float, float]:
