@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from typing import Any
 
 from controller.backend import Backend, backend_from_url
 
@@ -11,11 +12,10 @@ TASKS = 200
 CLAIMERS = 4
 
 
-def _claim_until_empty(url: str, worker_id: str, start_at: float) -> list[str]:
+def _claim_until_empty(url: str, worker_id: str, start: Any) -> list[str]:
     """Claim (and complete) tasks until the queue stays empty; return the ids taken."""
     backend = backend_from_url(url)
-    while time.time() < start_at:  # start together to maximize contention
-        time.sleep(0.001)
+    start.wait(timeout=60)  # every claimer is connected: start together, for contention
     taken: list[str] = []
     idle_since = None
     while True:
@@ -38,11 +38,11 @@ def test_concurrent_claimers_take_each_task_exactly_once(backend: Backend, backe
         task = backend.create_task({"name": f"t{i}"})
         backend.enqueue(task.id)
         ids.add(task.id)
-    start_at = time.time() + 1.0
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(CLAIMERS) as pool:
+    with ctx.Manager() as manager, ctx.Pool(CLAIMERS) as pool:
+        start = manager.Barrier(CLAIMERS)
         results = pool.starmap(
-            _claim_until_empty, [(backend_url, f"w{i}", start_at) for i in range(CLAIMERS)]
+            _claim_until_empty, [(backend_url, f"w{i}", start) for i in range(CLAIMERS)]
         )
     claimed = [task_id for taken in results for task_id in taken]
     assert len(claimed) == len(set(claimed)), "a task was claimed twice"

@@ -13,11 +13,13 @@ turns into wake-ups for waiting claimers in other processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,7 @@ from controller.store import schema
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
-#: PostgreSQL channel carrying the names of queues that got a task.
-NOTIFY_CHANNEL = "conveyor_enqueue"
+NOTIFY_CHANNEL = schema.NOTIFY_CHANNEL
 # Any fixed number: serializes schema creation between processes on PostgreSQL.
 _SCHEMA_LOCK_KEY = 7_362_541_118
 
@@ -86,11 +87,7 @@ def _sqlite_engines(url: str) -> tuple[sa.Engine, sa.Engine]:
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # noqa: ANN001
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-            cur.close()
+            _sqlite_pragmas(dbapi_conn)
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn):  # noqa: ANN001
@@ -101,43 +98,63 @@ def _sqlite_engines(url: str) -> tuple[sa.Engine, sa.Engine]:
     return make("BEGIN IMMEDIATE"), make("BEGIN")
 
 
+def _sqlite_pragmas(dbapi_conn: Any) -> None:
+    """WAL (readers never wait for the writer), no fsync per commit, the busy timeout."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    cur.close()
+
+
 def init_schema(engine: sa.Engine) -> None:
     """Create the tables and default queues if missing; migrate an older schema."""
     try:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
-            schema.metadata.create_all(conn)
-            row = conn.execute(
-                sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
-            ).first()
-            if row is None:
+            version = _schema_version(conn)
+            if version is not None and version > schema.SCHEMA_VERSION:
+                raise ConflictError(
+                    f"the database schema is version {version}, newer than this Conveyor "
+                    f"understands ({schema.SCHEMA_VERSION}); upgrade Conveyor"
+                )
+            if version is not None and version < schema.SCHEMA_VERSION:
+                log.warning(
+                    "migrating the Conveyor store from schema version %s to %s",
+                    version, schema.SCHEMA_VERSION,
+                )
+                while version < schema.SCHEMA_VERSION:
+                    schema.MIGRATIONS[version](conn)
+                    version += 1
+                    conn.execute(
+                        schema.meta.update()
+                        .where(schema.meta.c.key == "schema_version")
+                        .values(value=str(version))
+                    )
+            schema.metadata.create_all(conn)  # tables added since (and all of a new store)
+            if version is None:
                 conn.execute(
                     schema.meta.insert().values(key="schema_version", value=str(schema.SCHEMA_VERSION))
                 )
                 now = time.time()
                 for name in DEFAULT_QUEUES:
                     conn.execute(schema.queues.insert().values(name=name, created_at=now))
-                return
-            version = int(row.value)
-            if version > schema.SCHEMA_VERSION:
-                raise ConflictError(
-                    f"the database schema is version {version}, newer than this Conveyor "
-                    f"understands ({schema.SCHEMA_VERSION}); upgrade Conveyor"
-                )
-            while version < schema.SCHEMA_VERSION:
-                schema.MIGRATIONS[version](conn)
-                version += 1
-                conn.execute(
-                    schema.meta.update()
-                    .where(schema.meta.c.key == "schema_version")
-                    .values(value=str(version))
-                )
     except sa.exc.OperationalError as exc:
         raise BackendUnavailableError(
             f"cannot open the Conveyor store at {engine.url.render_as_string(hide_password=True)}: "
             f"{exc.orig}"
         ) from exc
+
+
+def _schema_version(conn: sa.Connection) -> int | None:
+    """The recorded schema version, or None for a new (empty) store."""
+    if not sa.inspect(conn).has_table(schema.meta.name):
+        return None
+    row = conn.execute(
+        sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
+    ).first()
+    return None if row is None else int(row.value)
 
 
 class EnqueueListener:
@@ -195,49 +212,152 @@ class EnqueueListener:
                 time.sleep(1.0)
 
 
+class DirectConnection:
+    """A DBAPI connection in autocommit mode: each statement is its own transaction."""
+
+    __slots__ = ("dbapi", "dialect")
+
+    def __init__(self, dbapi: Any, dialect: sa.Dialect) -> None:
+        self.dbapi = dbapi
+        self.dialect = dialect
+
+
+class DirectConnections:
+    """A pool of `DirectConnection`s for the hot one-statement operations.
+
+    Enqueue, claim and status changes are each ONE statement (see `schema`), so they need
+    no BEGIN/COMMIT: on PostgreSQL that is one network round trip instead of three, and on
+    both databases it skips SQLAlchemy's pool, events and transaction bookkeeping, which
+    cost more per call than the statement. Connections are per process (a forked child
+    opens its own) and broken ones are dropped.
+    """
+
+    def __init__(self, url: str, dialect: sa.Dialect) -> None:
+        self._url = sa.engine.make_url(normalize_url(url))
+        self._dialect = dialect
+        self._idle: list[DirectConnection] = []
+        self._pid = os.getpid()
+        if dialect.name == "sqlite":
+            import sqlite3
+
+            self._errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+        else:
+            import psycopg
+
+            self._errors = (psycopg.OperationalError, psycopg.InterfaceError)
+
+    def _connect(self) -> DirectConnection:
+        try:
+            if self._dialect.name == "sqlite":
+                import sqlite3
+
+                dbapi = sqlite3.connect(
+                    self._url.database,
+                    timeout=SQLITE_BUSY_TIMEOUT_S,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                _sqlite_pragmas(dbapi)
+            else:
+                import psycopg
+
+                dsn = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
+                dbapi = psycopg.connect(dsn, autocommit=True)
+        except self._errors as exc:
+            raise BackendUnavailableError(f"cannot connect to the Conveyor store: {exc}") from exc
+        return DirectConnection(dbapi, self._dialect)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[DirectConnection]:
+        """An idle connection (or a new one), returned to the pool afterwards."""
+        if os.getpid() != self._pid:  # forked: the parent's connections are not ours
+            self._idle, self._pid = [], os.getpid()
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._connect()
+        try:
+            yield conn
+        except self._errors as exc:
+            _close_quietly(conn)
+            raise BackendUnavailableError(f"the Conveyor store failed: {exc}") from exc
+        except BaseException:
+            _close_quietly(conn)  # state unknown (e.g. interrupted mid-statement)
+            raise
+        self._idle.append(conn)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            _close_quietly(conn)
+
+
+def _close_quietly(conn: DirectConnection) -> None:
+    with contextlib.suppress(Exception):
+        conn.dbapi.close()
+
+
 class Prepared:
     """A Core statement compiled once per dialect and run without re-compiling.
 
     SQLAlchemy rebuilds and re-keys a statement on every execution; on the hot paths
-    (claim, enqueue, status changes) that costs more than SQLite itself. The SQL text is
-    still produced by SQLAlchemy from the table definitions, once per dialect.
-    Parameters are named bind parameters (`sa.bindparam("x")`).
+    (claim, enqueue, status changes) that costs more than the database's own work. The
+    SQL text is still produced by SQLAlchemy from the table definitions, once per dialect.
+    Parameters are named bind parameters (`sa.bindparam("x")`). Runs on a SQLAlchemy
+    connection (inside its transaction) or on a `DirectConnection` (autocommit).
     """
 
     __slots__ = ("_statement", "_compiled")
 
     def __init__(self, statement: sa.Executable) -> None:
         self._statement = statement
-        self._compiled: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
+        self._compiled: dict[str, _Compiled] = {}
 
-    def run(self, conn: sa.Connection, params: Mapping[str, Any] | None = None) -> RawResult:
+    def run(self, conn: sa.Connection | DirectConnection, params: Mapping[str, Any] | None = None) -> RawResult:
         """Execute with `params` on `conn`."""
-        dialect = conn.dialect
+        if isinstance(conn, DirectConnection):
+            dbapi, dialect = conn.dbapi, conn.dialect
+        else:
+            dbapi, dialect = conn.connection.driver_connection, conn.dialect
         entry = self._compiled.get(dialect.name)
         if entry is None:
-            compiled = self._statement.compile(dialect=dialect)
-            if "POSTCOMPILE" in compiled.string:
-                raise TypeError("Prepared statements cannot hold expanding IN parameters")
-            order = tuple(compiled.positiontup) if compiled.positional else None
-            literals = {
-                name: bind.value
-                for bind, name in compiled.bind_names.items()
-                if not bind.required and bind.callable is None
-            }
-            entry = self._compiled[dialect.name] = (compiled.string, order, literals)
-        sql, order, literals = entry
-        values = {**literals, **params} if params else literals
-        args = tuple(values[name] for name in order) if order is not None else values
-        # Straight to the DBAPI cursor, inside the transaction SQLAlchemy began on `conn`:
-        # result handling per execution costs more than SQLite's own work here.
-        cursor = conn.connection.driver_connection.cursor()
+            entry = self._compiled[dialect.name] = _Compiled(self._statement, dialect)
+        values = {**entry.literals, **params} if params else entry.literals
+        args = tuple(values[name] for name in entry.order) if entry.order is not None else values
+        # Straight to the DBAPI cursor: result handling per execution costs more than the
+        # database's own work here.
+        cursor = dbapi.cursor()
         try:
-            cursor.execute(sql, args)
-            if cursor.description is None:
+            cursor.execute(entry.sql, args)
+            if entry.columns is None:
+                # Column names once per statement (psycopg builds objects per column).
+                description = cursor.description
+                entry.columns = tuple(d[0] for d in description) if description else ()
+            if not entry.columns:
                 return RawResult((), [], cursor.rowcount)
-            return RawResult(tuple(d[0] for d in cursor.description), cursor.fetchall(), cursor.rowcount)
+            return RawResult(entry.columns, cursor.fetchall(), cursor.rowcount)
         finally:
             cursor.close()
+
+
+class _Compiled:
+    """SQL text, positional parameter order, literal values and result columns."""
+
+    __slots__ = ("sql", "order", "literals", "columns")
+
+    def __init__(self, statement: sa.Executable, dialect: sa.Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if "POSTCOMPILE" in compiled.string:
+            raise TypeError("Prepared statements cannot hold expanding IN parameters")
+        self.sql: str = compiled.string
+        self.order: tuple[str, ...] | None = tuple(compiled.positiontup) if compiled.positional else None
+        self.literals: dict[str, Any] = {
+            name: bind.value
+            for bind, name in compiled.bind_names.items()
+            if not bind.required and bind.callable is None
+        }
+        self.columns: tuple[str, ...] | None = None
 
 
 _row_classes: dict[tuple[str, ...], type] = {}

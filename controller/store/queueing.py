@@ -1,10 +1,11 @@
 """Queues, the atomic claim, workers, heartbeats and lease expiry for SqlBackend.
 
-A claim reads the next queue entry and turns its task in_progress in one transaction.
-On PostgreSQL the entry is selected `FOR UPDATE SKIP LOCKED`, so concurrent claimers
-each take a different task without waiting for each other; on SQLite `BEGIN IMMEDIATE`
-makes claims take turns. A claim first checks, without any lock, whether the queues hold
-anything, so idle claimers polling an empty queue never take the write lock.
+A task is in a queue exactly while it is `queued` (see `schema`). A claim is one UPDATE
+that picks the head of a queue in a subquery (highest priority, then lowest `queue_seq`)
+and turns it in_progress. On PostgreSQL the head is selected `FOR UPDATE SKIP LOCKED`, so
+concurrent claimers each take a different task without waiting for each other; on SQLite
+writers take turns. A repeated claim (a poll) first checks, without any lock, whether the
+queues hold anything, so idle claimers polling an empty queue never take the write lock.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from controller.backend import MAX_CLAIM_WAIT_S
-from controller.errors import ConflictError, InvalidInputError, NotFoundError
+from controller.errors import (
+    ConflictError,
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+)
 from controller.models import (
     DEFAULT_LEASE_S,
+    LEGAL_TRANSITIONS,
     QUEUE_NAME_PATTERN,
     HeartbeatReply,
     QueueInfo,
@@ -31,14 +38,14 @@ from controller.models import (
     check_worker_id,
 )
 from controller.store import schema
-from controller.store.engine import NOTIFY_CHANNEL, Prepared, prepared
+from controller.store.engine import DirectConnection, Prepared, prepared
 from controller.store.records import dumps, row_to_record
+from controller.store.status import status_columns
 
 if TYPE_CHECKING:  # pragma: no cover
     from controller.store.sql import SqlBackend
 
 T = schema.tasks
-QE = schema.queue_entries
 W = schema.workers
 
 #: How often a waiting claimer re-checks the queues (covers enqueues by other processes).
@@ -48,7 +55,6 @@ LEASE_SWEEP_INTERVAL_S = 1.0
 MAX_LEASE_S = 86_400.0
 #: How long a client trusts that a queue it saw still exists (claims skip the look-up).
 KNOWN_QUEUE_TTL_S = 5.0
-_ACTIVE = (TaskStatus.in_progress.value, TaskStatus.stopping.value)
 
 _queue_name_re = re.compile(QUEUE_NAME_PATTERN)
 
@@ -91,9 +97,10 @@ class QueueingMixin:
 
     def _queue_infos(self: SqlBackend, conn: sa.Connection, name: str | None = None) -> list[QueueInfo]:
         Q = schema.queues
+        waiting = sa.and_(schema.IS_QUEUED, T.c.queue == Q.c.name)
         query = (
-            sa.select(Q.c.name, Q.c.created_at, sa.func.count(QE.c.seq), sa.func.min(QE.c.enqueued_at))
-            .select_from(Q.outerjoin(QE, QE.c.queue == Q.c.name))
+            sa.select(Q.c.name, Q.c.created_at, sa.func.count(T.c.id), sa.func.min(T.c.queued_at))
+            .select_from(Q.outerjoin(T, waiting))
             .group_by(Q.c.name, Q.c.created_at)
             .order_by(Q.c.name)
         )
@@ -117,21 +124,27 @@ class QueueingMixin:
             raise NotFoundError(f"no queue named {name!r}", field="queue")
         return infos[0]
 
-    def _require_queue(self: SqlBackend, conn: sa.Connection, name: str, *, cached: bool = False) -> None:
-        """NotFoundError unless the queue exists. `cached`: trust a recent positive answer."""
+    def _require_queue(self: SqlBackend, conn: sa.Connection | DirectConnection, name: str) -> None:
+        """NotFoundError unless the queue exists."""
         check_queue_name(name)
-        if cached and time.monotonic() - self._known_queues.get(name, -1e9) < KNOWN_QUEUE_TTL_S:
-            return
-        Q = schema.queues
-        if conn.execute(sa.select(Q.c.name).where(Q.c.name == name)).first() is None:
+        if _SELECT_QUEUE.run(conn, {"name": name}).first() is None:
             raise NotFoundError(f"no queue named {name!r}", field="queue")
         self._known_queues[name] = time.monotonic()
+
+    def _require_queues(self: SqlBackend, names: Sequence[str]) -> None:
+        """NotFoundError unless every queue exists; trusts a recent positive answer."""
+        now = time.monotonic()
+        unsure = [n for n in names if now - self._known_queues.get(n, -1e9) >= KNOWN_QUEUE_TTL_S]
+        if unsure:
+            with self._direct() as conn:
+                for name in unsure:
+                    self._require_queue(conn, name)
 
     def delete_queue(self: SqlBackend, name: str, *, force: bool = False) -> None:
         """Delete a queue; a non-empty queue needs `force` (its tasks go back to created)."""
         with self._write() as conn:
             self._require_queue(conn, name)
-            waiting = [r.task_id for r in conn.execute(sa.select(QE.c.task_id).where(QE.c.queue == name))]
+            waiting = [r.id for r in conn.execute(sa.select(T.c.id).where(schema.IS_QUEUED, T.c.queue == name))]
             if waiting and not force:
                 raise ConflictError(
                     f"queue {name!r} holds {len(waiting)} task(s): dequeue them or delete with force",
@@ -147,30 +160,43 @@ class QueueingMixin:
     def enqueue(
         self: SqlBackend, task_id: str, queue: str | None = None, *, priority: int | None = None
     ) -> TaskRecord:
-        """Put a created (or finished: a re-run) task on a queue."""
+        """Put a created (or finished: a re-run) task on a queue (its own by default)."""
         if priority is not None and (not isinstance(priority, int) or abs(priority) > 1_000_000):
             raise InvalidInputError(f"priority must be an integer within ±1000000, got {priority!r}", field="priority")
+        row = None
+        if queue is not None:
+            # The common case in one statement: a created task onto a named, existing queue.
+            check_queue_name(queue)
+            values = status_columns(TaskStatus.queued, StatusReason.enqueued, f"enqueued on {queue}")
+            with self._direct() as conn:
+                row = _enqueue_update(rerun=False).run(conn, _enqueue_params(task_id, queue, priority, values)).first()
+        if row is None:
+            row = self._enqueue_in_transaction(task_id, queue, priority)
+        self._listener.fire(row.queue)
+        return row_to_record(row)
+
+    def _enqueue_in_transaction(
+        self: SqlBackend, task_id: str, queue: str | None, priority: int | None
+    ) -> sa.Row:
+        """Enqueue in general: the task's own queue, a re-run, or the precise refusal."""
         with self._write() as conn:
             row = self._row(conn, task_id, for_update=True)
-            body = json.loads(row.body)
-            execution = body.setdefault("execution", {})
-            queue_name = queue or execution.get("queue") or "default"
-            self._require_queue(conn, queue_name, cached=True)
-            prio = priority if priority is not None else int(execution.get("priority") or 0)
-            execution.update(queue=queue_name, priority=prio)
-            body.setdefault("runtime", {}).pop("exit_code", None)
-            row = self._change_status(
-                conn, task_id, TaskStatus.queued, StatusReason.enqueued, f"enqueued on {queue_name}",
-                body=body,
-            )
-            _INSERT_ENTRY.run(
-                conn, dict(task_id=task_id, queue=queue_name, priority=prio, enqueued_at=time.time())
-            )
-            if self.dialect == "postgresql":
-                _NOTIFY.run(conn, {"queue": queue_name})
-        record = row_to_record(row)
-        self._listener.fire(queue_name)
-        return record
+            queue_name = queue or row.queue or "default"
+            self._require_queue(conn, queue_name)
+            current = TaskStatus(row.status)
+            if TaskStatus.queued not in LEGAL_TRANSITIONS[current]:
+                raise IllegalTransitionError(current.value, TaskStatus.queued.value, task_id)
+            values = status_columns(TaskStatus.queued, StatusReason.enqueued, f"enqueued on {queue_name}")
+            rerun = current.is_terminal
+            if rerun:  # a re-run starts without the previous run's exit code
+                body = json.loads(row.body)
+                body.setdefault("runtime", {}).pop("exit_code", None)
+                values["body"] = dumps(body)
+            params = _enqueue_params(task_id, queue_name, priority, values)
+            row = _enqueue_update(rerun=rerun).run(conn, params).first()
+            if row is None:  # cannot happen while we hold the row; say so if it does
+                raise ConflictError(f"task {task_id} changed while being enqueued; try again")
+            return row
 
     def dequeue(self: SqlBackend, task_id: str) -> TaskRecord:
         """Take a queued task off its queue, back to created."""
@@ -187,9 +213,8 @@ class QueueingMixin:
             self._require_queue(conn, name)
             query = (
                 sa.select(T)
-                .join(QE, QE.c.task_id == T.c.id)
-                .where(QE.c.queue == name)
-                .order_by(QE.c.priority.desc(), QE.c.seq)
+                .where(schema.IS_QUEUED, T.c.queue == name)
+                .order_by(T.c.priority.desc(), T.c.queue_seq)
             )
             return [row_to_record(r) for r in conn.execute(query)]
 
@@ -210,9 +235,7 @@ class QueueingMixin:
         lease_s = _check_lease(lease_s)
         if not isinstance(wait_s, int | float) or not 0 <= wait_s <= MAX_CLAIM_WAIT_S:
             raise InvalidInputError(f"wait_s must be in [0, {MAX_CLAIM_WAIT_S:.0f}], got {wait_s!r}", field="wait_s")
-        with self._read() as conn:
-            for name in queues:
-                self._require_queue(conn, name, cached=True)
+        self._require_queues(queues)
         deadline = time.monotonic() + wait_s
         polling = False
         while True:
@@ -242,26 +265,25 @@ class QueueingMixin:
         self: SqlBackend, queues: list[str], worker_id: str, lease_s: float, *, look_first: bool
     ) -> TaskRecord | None:
         """One claim attempt. `look_first`: check without locks that there is anything to
-        take before taking the write lock (for repeated polls of likely-empty queues)."""
-        params = {f"q{i}": q for i, q in enumerate(queues)}
-        if look_first:
-            with self._read() as conn:
+        take before writing (for repeated polls of likely-empty queues)."""
+        claim_head = _claim_head(self.dialect == "postgresql")
+        with self._direct() as conn:
+            if look_first:
+                params = {f"q{i}": q for i, q in enumerate(queues)}
                 if _any_queued(len(queues)).run(conn, params).first() is None:
                     return None
-        take_next = _take_next(self.dialect == "postgresql")
-        with self._write() as conn:
-            for queue in queues:  # one indexed look-up per queue, in the given order
-                entry = take_next.run(conn, {"queue": queue}).first()
-                if entry is not None:
-                    break
-            else:
-                return None
-            row = self._change_status(
-                conn, entry.task_id, TaskStatus.in_progress, StatusReason.claimed,
-                f"claimed by worker {worker_id} from queue {entry.queue}",
-                worker_id=worker_id, lease_s=lease_s, drop_queue_entry=False,
-            )
-            return row_to_record(row)
+            for queue in queues:  # one statement per queue, in the given order
+                values = status_columns(
+                    TaskStatus.in_progress, StatusReason.claimed,
+                    f"claimed by worker {worker_id} from queue {queue}",
+                    worker_id=worker_id, lease_s=lease_s,
+                )
+                params = {f"v_{k}": v for k, v in values.items()}
+                params["queue"] = queue
+                row = claim_head.run(conn, params).first()
+                if row is not None:
+                    return row_to_record(row)
+        return None
 
     # ----------------------------------------------------------------- leases
     def sweep_expired_leases_if_due(self: SqlBackend) -> None:
@@ -275,7 +297,7 @@ class QueueingMixin:
     def expire_leases(self: SqlBackend) -> list[str]:
         """Fail every active task whose lease expired; returns their ids."""
         now = time.time()
-        expired = sa.and_(T.c.status.in_(_ACTIVE), T.c.lease_expires_at < now)
+        expired = sa.and_(schema.IS_ACTIVE, T.c.lease_expires_at < now)
         with self._read() as conn:
             if conn.execute(sa.select(T.c.id).where(expired).limit(1)).first() is None:
                 return []
@@ -343,7 +365,7 @@ class QueueingMixin:
             if resources is not None:
                 values["resources"] = dumps(dict(resources))
             conn.execute(W.update().where(W.c.id == worker_id).values(**values))
-            mine = sa.and_(T.c.worker == worker_id, T.c.status.in_(_ACTIVE))
+            mine = sa.and_(T.c.worker == worker_id, schema.IS_ACTIVE)
             conn.execute(T.update().where(mine).values(lease_expires_at=now + lease_s))
             abort = {r.id for r in conn.execute(sa.select(T.c.id).where(mine, T.c.status == TaskStatus.stopping.value))}
             if current_tasks:
@@ -370,7 +392,7 @@ class QueueingMixin:
                 query = query.where(W.c.id == worker_id)
             rows = conn.execute(query).all()
             running: dict[str, list[str]] = {}
-            active = sa.select(T.c.worker, T.c.id).where(T.c.status.in_(_ACTIVE), T.c.worker.isnot(None))
+            active = sa.select(T.c.worker, T.c.id).where(schema.IS_ACTIVE, T.c.worker.isnot(None))
             for r in conn.execute(active.order_by(T.c.started_at)):
                 running.setdefault(r.worker, []).append(r.id)
         return [
@@ -392,31 +414,80 @@ def _queue_params(count: int) -> list[sa.BindParameter]:
 
 
 def _any_queued(count: int) -> Prepared:
-    """SELECT one entry of the queues :q0..:qN (no lock): is there anything to claim?"""
+    """SELECT one queued task of the queues :q0..:qN (no lock): is there anything to claim?"""
     return prepared(
         ("any_queued", count),
-        lambda: sa.select(QE.c.seq).where(QE.c.queue.in_(_queue_params(count))).limit(1),
+        lambda: sa.select(T.c.id).where(schema.IS_QUEUED, T.c.queue.in_(_queue_params(count))).limit(1),
     )
 
 
-def _take_next(skip_locked: bool) -> Prepared:
-    """DELETE the next entry of queue :queue (highest priority, then oldest); return its task."""
+def _claim_head(skip_locked: bool) -> Prepared:
+    """UPDATE the head of queue :queue (highest priority, then oldest) to in_progress."""
 
     def build() -> sa.Executable:
+        head = T.alias("head")
         query = (
-            sa.select(QE.c.seq)
-            .where(QE.c.queue == sa.bindparam("queue"))
-            .order_by(QE.c.priority.desc(), QE.c.seq)
+            sa.select(head.c.id)
+            .where(head.c.status == sa.literal_column("'queued'"), head.c.queue == sa.bindparam("queue"))
+            .order_by(head.c.priority.desc(), head.c.queue_seq)
             .limit(1)
         )
         if skip_locked:
             query = query.with_for_update(skip_locked=True)
-        return QE.delete().where(QE.c.seq == query.scalar_subquery()).returning(QE.c.task_id, QE.c.queue)
+        keys = status_columns(TaskStatus.in_progress, "", "", worker_id="w").keys()
+        values: dict[str, Any] = {key: sa.bindparam(f"v_{key}") for key in keys}
+        values["attempt"] = T.c.attempt + sa.literal_column("1")
+        return (
+            T.update()
+            .where(T.c.id == query.scalar_subquery(), schema.IS_QUEUED)
+            .values(values)
+            .returning(*T.c)
+        )
 
-    return prepared(("take_next", skip_locked), build)
+    return prepared(("claim_head", skip_locked), build)
 
 
-_INSERT_ENTRY = Prepared(
-    QE.insert().values({c: sa.bindparam(c) for c in ("task_id", "queue", "priority", "enqueued_at")})
-)
-_NOTIFY = Prepared(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, sa.bindparam("queue"))))
+def _enqueue_params(
+    task_id: str, queue: str, priority: int | None, values: Mapping[str, Any]
+) -> dict[str, Any]:
+    params = {f"v_{k}": v for k, v in values.items()}
+    params.update(_id=task_id, queue=queue, priority=priority)
+    return params
+
+
+def _enqueue_update(*, rerun: bool) -> Prepared:
+    """UPDATE a task to queued on :queue, at the end of its priority's line.
+
+    `rerun=False`: only from created (and :queue must exist), the hot path; `rerun=True`:
+    from a finished status, with a new body. :priority NULL keeps the task's priority.
+    """
+
+    def build() -> sa.Executable:
+        priority = sa.func.coalesce(sa.bindparam("priority", type_=sa.Integer), T.c.priority)
+        line = T.alias("line")
+        next_seq = (
+            sa.select(sa.func.coalesce(sa.func.max(line.c.queue_seq), 0) + 1)
+            .where(
+                line.c.status == sa.literal_column("'queued'"),
+                line.c.queue == sa.bindparam("queue"),
+                line.c.priority == priority,
+            )
+            .scalar_subquery()
+        )
+        keys = list(status_columns(TaskStatus.queued, "", "").keys())
+        if rerun:
+            keys.append("body")
+        values: dict[str, Any] = {key: sa.bindparam(f"v_{key}") for key in keys}
+        values.update(queue=sa.bindparam("queue"), priority=priority, queue_seq=next_seq)
+        if rerun:
+            allowed = [s.value for s in TaskStatus if s.is_terminal]
+            condition = T.c.status.in_([sa.literal_column(f"'{s}'") for s in allowed])
+        else:
+            queue_exists = sa.exists().where(schema.queues.c.name == sa.bindparam("queue"))
+            condition = sa.and_(T.c.status == sa.literal_column("'created'"), queue_exists)
+        return T.update().where(T.c.id == sa.bindparam("_id"), condition).values(values).returning(*T.c)
+
+    return prepared(("enqueue", rerun), build)
+
+
+_SELECT_QUEUE = Prepared(sa.select(schema.queues.c.name).where(schema.queues.c.name == sa.bindparam("name")))

@@ -6,7 +6,6 @@ import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
 
 from controller.errors import InvalidInputError
@@ -60,29 +59,47 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def row_to_record(row: sa.Row) -> TaskRecord:
-    """Build a TaskRecord from a row of `tasks`."""
-    data: dict[str, Any] = json.loads(row.body)
-    runtime = data.setdefault("runtime", {})
-    runtime["worker"] = row.worker or ""
-    runtime["attempt"] = row.attempt
-    data.update(
-        id=row.id,
-        name=row.name,
-        project=row.project,
-        type=row.type,
-        parent=row.parent,
-        status=row.status,
-        status_reason=row.status_reason,
-        status_message=row.status_message,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        queued_at=row.queued_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        lease_expires_at=row.lease_expires_at,
-    )
-    return TaskRecord.model_validate(data)
+# Columns of `tasks` that are fields of TaskRecord as they are.
+_RECORD_COLUMNS = (
+    "id",
+    "name",
+    "project",
+    "type",
+    "parent",
+    "status",
+    "status_reason",
+    "status_message",
+    "created_at",
+    "updated_at",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "lease_expires_at",
+)
+
+
+def row_to_record(row: Any) -> TaskRecord:
+    """Build a TaskRecord from a row of `tasks`.
+
+    The body and the columns are joined as JSON text and validated in one pass by
+    pydantic's JSON parser (about twice as fast as json.loads + model_validate, which
+    remains the fallback for bodies the strict JSON parser refuses, such as NaN).
+    """
+    columns = dumps({key: getattr(row, key) for key in _RECORD_COLUMNS})
+    body: str = row.body
+    text = columns if len(body) <= 2 else f"{body[:-1]},{columns[1:]}"
+    try:
+        record = TaskRecord.model_validate_json(text)
+    except ValidationError:
+        data: dict[str, Any] = json.loads(body)
+        data.update(json.loads(columns))
+        record = TaskRecord.model_validate(data)
+    # Columns are the truth for these (their copies in the body may be stale).
+    record.runtime.worker = row.worker or ""
+    record.runtime.attempt = row.attempt
+    record.execution.queue = row.queue or ""
+    record.execution.priority = row.priority
+    return record
 
 
 def body_of(record_data: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,4 +109,6 @@ def body_of(record_data: Mapping[str, Any]) -> dict[str, Any]:
     runtime.pop("worker", None)  # columns are the truth for these
     runtime.pop("attempt", None)
     body["runtime"] = runtime
+    if isinstance(body.get("execution"), Mapping):
+        body["execution"] = {k: v for k, v in body["execution"].items() if k not in ("queue", "priority")}
     return body

@@ -1,26 +1,40 @@
 """Tables of the task store (SQLAlchemy Core), one definition for SQLite and PostgreSQL.
 
-Columns that are filtered, ordered or changed by the hot paths (status, queue entries,
+Columns that are filtered, ordered or changed by the hot paths (status, queue, priority,
 leases, log line counter) are real columns; the rest of the task record (script,
 packages, container, hyperparams, configuration, execution, runtime, artifacts, models)
-is one JSON document in `tasks.body`, read and written whole. Status changes are
-appended to `status_changes`, so a status change never rewrites the body.
+is one JSON document in `tasks.body`, read and written whole.
 
-The schema version is recorded in `meta`; `SCHEMA_VERSION` and `MIGRATIONS` let a later
-version upgrade an older database in place.
+Built so that each hot state change is ONE statement touching few pages:
+
+- a task is in a queue exactly while its status is `queued`: the queue, priority and
+  position (`queue_seq`) are columns of `tasks`, and the partial index `ix_tasks_queued`
+  holds only queued tasks, in claim order. Enqueue and claim are one UPDATE each;
+- the partial index `ix_tasks_active` holds only tasks a worker owns (leases, heartbeats);
+  there is no index over every status, so finishing a task does not move index entries;
+- status history is appended by a trigger on `tasks` (`status_changes`), so a status
+  change never needs a second statement; on PostgreSQL the same trigger sends the NOTIFY
+  that wakes claimers in other processes.
+
+The schema version is recorded in `meta`; `SCHEMA_VERSION` and `MIGRATIONS` upgrade an
+older database in place.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import sqlalchemy as sa
 
 #: Version of the schema this code writes. Bump it and add a migration on change.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-#: from-version → function upgrading a connection in a transaction to from-version + 1.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {}
+#: PostgreSQL channel carrying the names of queues that got a task.
+NOTIFY_CHANNEL = "conveyor_enqueue"
+QUEUED = "queued"
+#: Statuses in which a worker owns a task (it holds a lease).
+ACTIVE_STATUSES = ("in_progress", "stopping")
 
 metadata = sa.MetaData()
 
@@ -54,11 +68,44 @@ tasks = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     sa.Column("lease_expires_at", sa.Float),
+    # Where the task runs (execution.queue / execution.priority of the record) and, while
+    # queued, its place in the queue: claims take the highest priority, then the lowest seq.
+    sa.Column("queue", sa.String(128)),
+    sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("queue_seq", sa.BigInteger),
     sa.Column("body", sa.Text, nullable=False),
     sa.Index("ix_tasks_project_name", "project", "name"),
-    sa.Index("ix_tasks_status", "status"),
     sa.Index("ix_tasks_parent", "parent"),
     sa.Index("ix_tasks_created_at", "created_at"),
+)
+
+
+def _status_in(*statuses: str) -> sa.ColumnElement[bool]:
+    # Literal values, so the partial index predicate is plain SQL both databases accept.
+    literals = [sa.literal_column(f"'{s}'") for s in statuses]
+    return tasks.c.status == literals[0] if len(literals) == 1 else tasks.c.status.in_(literals)
+
+
+#: The condition of `ix_tasks_queued`; queries must use this very expression to use it.
+IS_QUEUED = _status_in(QUEUED)
+#: The condition of `ix_tasks_active`.
+IS_ACTIVE = _status_in(*ACTIVE_STATUSES)
+
+# Queued tasks in claim order: a claim reads the first entry of one queue.
+ix_tasks_queued = sa.Index(
+    "ix_tasks_queued",
+    tasks.c.queue,
+    tasks.c.priority.desc(),
+    tasks.c.queue_seq,
+    sqlite_where=IS_QUEUED,
+    postgresql_where=IS_QUEUED,
+)
+# Tasks that workers own, by worker: heartbeats, lease sweeps and the workers list.
+ix_tasks_active = sa.Index(
+    "ix_tasks_active",
+    tasks.c.worker,
+    sqlite_where=IS_ACTIVE,
+    postgresql_where=IS_ACTIVE,
 )
 
 task_tags = sa.Table(
@@ -75,18 +122,6 @@ queues = sa.Table(
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("created_at", sa.Float, nullable=False),
 )
-
-queue_entries = sa.Table(
-    "queue_entries",
-    metadata,
-    sa.Column("seq", _RowId, primary_key=True, autoincrement=True),
-    sa.Column("task_id", sa.String(64), nullable=False, unique=True),
-    sa.Column("queue", sa.String(128), nullable=False),
-    sa.Column("priority", sa.Integer, nullable=False, default=0),
-    sa.Column("enqueued_at", sa.Float, nullable=False),
-)
-# Matches the claim order exactly (queue, highest priority, oldest): a claim reads one entry.
-sa.Index("ix_queue_entries_order", queue_entries.c.queue, queue_entries.c.priority.desc(), queue_entries.c.seq)
 
 workers = sa.Table(
     "workers",
@@ -134,3 +169,79 @@ scalars = sa.Table(
     sa.Column("timestamp", sa.Float, nullable=False),
     sa.Index("ix_scalars_task", "task_id", "title", "series", "iteration"),
 )
+
+
+# ------------------------------------------------------------------ triggers
+_HISTORY_VALUES = "(NEW.id, NEW.status, NEW.status_reason, NEW.status_message, NEW.updated_at)"
+_HISTORY_INSERT = f"INSERT INTO status_changes (task_id, status, reason, message, time) VALUES {_HISTORY_VALUES}"
+
+#: dialect → DDL statements creating the status-history triggers (and the NOTIFY).
+TRIGGER_DDL: dict[str, tuple[str, ...]] = {
+    "sqlite": (
+        f"CREATE TRIGGER IF NOT EXISTS tasks_history_on_insert AFTER INSERT ON tasks "
+        f"BEGIN {_HISTORY_INSERT}; END",
+        f"CREATE TRIGGER IF NOT EXISTS tasks_history_on_status AFTER UPDATE OF status ON tasks "
+        f"BEGIN {_HISTORY_INSERT}; END",
+    ),
+    "postgresql": (
+        f"""CREATE OR REPLACE FUNCTION conveyor_task_status_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    {_HISTORY_INSERT};
+    IF NEW.status = '{QUEUED}' THEN
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.queue);
+    END IF;
+    RETURN NULL;
+END
+$$""",
+        "DROP TRIGGER IF EXISTS tasks_status_changed ON tasks",
+        "CREATE TRIGGER tasks_status_changed AFTER INSERT OR UPDATE OF status ON tasks "
+        "FOR EACH ROW EXECUTE FUNCTION conveyor_task_status_changed()",
+    ),
+}
+
+
+def create_triggers(conn: sa.Connection) -> None:
+    """Create (or replace) the triggers of `tasks` on this connection's database."""
+    for statement in TRIGGER_DDL.get(conn.dialect.name, ()):
+        conn.exec_driver_sql(statement)
+
+
+@sa.event.listens_for(tasks, "after_create")
+def _create_triggers_with_table(_table: sa.Table, conn: sa.Connection, **_kw: object) -> None:
+    create_triggers(conn)
+
+
+# ---------------------------------------------------------------- migrations
+def _migrate_1_to_2(conn: sa.Connection) -> None:
+    """Version 1 kept queues in a `queue_entries` table, indexed every status and wrote
+    history from Python. Move queue membership onto `tasks`, swap the indexes, add the
+    triggers."""
+    add = "ALTER TABLE tasks ADD COLUMN"
+    conn.exec_driver_sql(f"{add} queue VARCHAR(128)")
+    conn.exec_driver_sql(f"{add} priority INTEGER NOT NULL DEFAULT 0")
+    conn.exec_driver_sql(f"{add} queue_seq BIGINT")
+    # Every task keeps the queue and priority of its definition ...
+    rows = conn.exec_driver_sql("SELECT id, body FROM tasks").all()
+    for task_id, body in rows:
+        execution = (json.loads(body).get("execution") or {}) if body else {}
+        conn.execute(
+            tasks.update()
+            .where(tasks.c.id == task_id)
+            .values(queue=execution.get("queue") or None, priority=int(execution.get("priority") or 0))
+        )
+    # ... and queued tasks their place in line.
+    entries = conn.exec_driver_sql("SELECT task_id, queue, priority, seq FROM queue_entries").all()
+    for task_id, queue, priority, seq in entries:
+        conn.execute(
+            tasks.update().where(tasks.c.id == task_id).values(queue=queue, priority=priority, queue_seq=seq)
+        )
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tasks_status")
+    conn.exec_driver_sql("DROP TABLE queue_entries")
+    ix_tasks_queued.create(conn)
+    ix_tasks_active.create(conn)
+    create_triggers(conn)
+
+
+#: from-version → function upgrading a connection in a transaction to from-version + 1.
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _migrate_1_to_2}

@@ -1,9 +1,14 @@
 """SqlBackend: the Backend straight on SQLite or PostgreSQL (SQLAlchemy Core).
 
-One code path serves both databases. Every change runs in one transaction that first
-reads the task row (locked with FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE already
-serializes writers), asks the status rules in `controller.models`, then writes. A refused
-request raises before anything is written, so bad input never changes the store.
+One code path serves both databases. A status change is one UPDATE whose WHERE clause
+holds the status rule (`status IN (legal predecessors)`), so it is atomic by itself; the
+trigger of `schema` appends the history. The hot operations (enqueue of a created task,
+claim, status reports) are therefore single statements run in autocommit on a
+`DirectConnection`; when such a statement matches nothing, the general path (one
+transaction that reads the row first, locked FOR UPDATE on PostgreSQL; SQLite's BEGIN
+IMMEDIATE already serializes writers) either does the rarer work or raises the precise
+error. A refused request raises before anything is written, so bad input never changes
+the store.
 """
 
 from __future__ import annotations
@@ -27,9 +32,7 @@ from controller.errors import (
     NotFoundError,
 )
 from controller.models import (
-    DEFAULT_LEASE_S,
     EDITABLE_FIELDS,
-    LEGAL_TRANSITIONS,
     MAX_INT64,
     MAX_LOG_LINES_PER_CALL,
     LogLine,
@@ -42,6 +45,8 @@ from controller.models import (
 )
 from controller.store import schema
 from controller.store.engine import (
+    DirectConnection,
+    DirectConnections,
     EnqueueListener,
     Prepared,
     create_engines,
@@ -56,17 +61,13 @@ from controller.store.records import (
     row_to_record,
     validate,
 )
+from controller.store.status import PREDECESSORS, status_columns
 
 T = schema.tasks
 MAX_QUERY_LIMIT = 10_000
-_ACTIVE = (TaskStatus.in_progress.value, TaskStatus.stopping.value)
+_ACTIVE = schema.ACTIVE_STATUSES
 #: How often `wait_for_status_change` re-reads the statuses it follows (one indexed query).
 STATUS_POLL_INTERVAL_S = 0.01
-#: status → the statuses it may be reached from (inverse of LEGAL_TRANSITIONS).
-PREDECESSORS: dict[TaskStatus, tuple[str, ...]] = {
-    target: tuple(s.value for s, targets in LEGAL_TRANSITIONS.items() if target in targets)
-    for target in TaskStatus
-}
 # Definition parts merged key by key on edit (the rest is replaced whole).
 _MERGED_FIELDS = ("script", "container", "execution", "runtime", "configuration", "artifacts")
 
@@ -79,6 +80,7 @@ class SqlBackend(QueueingMixin, Backend):
         self._engine, self._read_engine = create_engines(url)
         self.dialect = self._engine.dialect.name
         init_schema(self._engine)
+        self._direct_connections = DirectConnections(url, self._engine.dialect)
         self._listener = EnqueueListener(normalize_url(url))
         self._work_arrived = threading.Condition()
         self._listener.add(self._wake_waiters)
@@ -91,6 +93,10 @@ class SqlBackend(QueueingMixin, Backend):
         with self._engine.begin() as conn:
             yield conn
 
+    def _direct(self) -> contextlib.AbstractContextManager[DirectConnection]:
+        """An autocommit connection for one-statement operations."""
+        return self._direct_connections.connection()
+
     @contextlib.contextmanager
     def _read(self) -> Iterator[sa.Connection]:
         # begin() (not connect()): the read transaction must end here, or the pooled
@@ -98,7 +104,7 @@ class SqlBackend(QueueingMixin, Backend):
         with self._read_engine.begin() as conn:
             yield conn
 
-    def _row(self, conn: sa.Connection, task_id: str, *, for_update: bool = False) -> sa.Row:
+    def _row(self, conn: sa.Connection | DirectConnection, task_id: str, *, for_update: bool = False) -> sa.Row:
         select = _SELECT_TASK_FOR_UPDATE if for_update and self.dialect == "postgresql" else _SELECT_TASK
         row = select.run(conn, {"id": task_id}).first()
         if row is None:
@@ -110,7 +116,7 @@ class SqlBackend(QueueingMixin, Backend):
 
     def _change_status(
         self,
-        conn: sa.Connection,
+        conn: sa.Connection | DirectConnection,
         task_id: str,
         status: TaskStatus,
         reason: str,
@@ -120,28 +126,14 @@ class SqlBackend(QueueingMixin, Backend):
         worker_id: str | None = None,
         lease_s: float | None = None,
         extra: Mapping[str, Any] | None = None,
-        drop_queue_entry: bool = True,
     ) -> sa.Row:
         """Apply one legal status change (the one place that does) and return the new row.
 
         The rule is checked in the UPDATE itself (`status IN (legal predecessors)`), so
-        the change is atomic on both databases; when it matches nothing the current row
-        is read to raise the precise error.
+        the change is atomic on both databases, in a transaction or alone; when it matches
+        nothing the current row is read to raise the precise error.
         """
-        now = time.time()
-        values: dict[str, Any] = dict(
-            status=status.value, status_reason=reason, status_message=message, updated_at=now
-        )
-        if status == TaskStatus.in_progress:
-            values.update(started_at=now, finished_at=None)
-            if worker_id:
-                values.update(worker=worker_id, lease_expires_at=now + (lease_s or DEFAULT_LEASE_S))
-        elif status.is_terminal:
-            values.update(finished_at=now, lease_expires_at=None)
-        elif status == TaskStatus.queued:
-            values.update(queued_at=now, started_at=None, finished_at=None, lease_expires_at=None, worker=None)
-        elif status == TaskStatus.created:
-            values.update(lease_expires_at=None)
+        values = status_columns(status, reason, message, worker_id=worker_id, lease_s=lease_s)
         if extra:
             values.update(extra)
         if body is not None:
@@ -154,25 +146,27 @@ class SqlBackend(QueueingMixin, Backend):
         )
         row = update.run(conn, params).first()
         if row is None:
-            current = conn.execute(sa.select(T.c.status, T.c.worker).where(T.c.id == task_id)).first()
-            if current is None:
-                raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
-            if worker_id and current.status in _ACTIVE and current.worker != worker_id:
-                raise ConflictError(
-                    f"task {task_id} is held by worker {current.worker!r}, not {worker_id!r}",
-                    field="worker_id",
-                )
-            raise IllegalTransitionError(current.status, status.value, task_id)
-        _INSERT_HISTORY.run(
-            conn, dict(task_id=task_id, status=status.value, reason=reason, message=message, time=now)
-        )
-        if drop_queue_entry and TaskStatus.queued.value in PREDECESSORS[status]:
-            _DROP_QUEUE_ENTRY.run(conn, {"task_id": task_id})
+            self._explain_refusal(conn, task_id, status, worker_id)
         return row
+
+    def _explain_refusal(
+        self, conn: sa.Connection | DirectConnection, task_id: str, status: TaskStatus, worker_id: str | None
+    ) -> None:
+        """Raise why a status change to `status` matched no row."""
+        current = _SELECT_STATUS.run(conn, {"id": task_id}).first()
+        if current is None:
+            raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+        if worker_id and current.status in _ACTIVE and current.worker != worker_id:
+            raise ConflictError(
+                f"task {task_id} is held by worker {current.worker!r}, not {worker_id!r}",
+                field="worker_id",
+            )
+        raise IllegalTransitionError(current.status, status.value, task_id)
 
     def close(self) -> None:
         """Release connections and stop the LISTEN thread."""
         self._listener.close()
+        self._direct_connections.close()
         self._engine.dispose()
         self._read_engine.dispose()
 
@@ -202,15 +196,12 @@ class SqlBackend(QueueingMixin, Backend):
                     log_lines=0,
                     created_at=now,
                     updated_at=now,
+                    queue=spec.execution.queue or None,
+                    priority=spec.execution.priority,
                     body=dumps(body),
                 )
-            )
+            )  # the trigger records the first status
             self._write_tags(conn, task_id, spec.tags)
-            conn.execute(
-                schema.status_changes.insert().values(
-                    task_id=task_id, status="created", reason=StatusReason.created, message="", time=now
-                )
-            )
             return self._fetch(conn, task_id)
 
     def _write_tags(self, conn: sa.Connection, task_id: str, tags: Sequence[str]) -> None:
@@ -315,6 +306,12 @@ class SqlBackend(QueueingMixin, Backend):
                     parent=spec.parent,
                     updated_at=time.time(),
                     body=dumps(body_of(data)),
+                    # A queued task (forced edit) keeps its place; others take the new queue.
+                    **(
+                        {}
+                        if row.status == TaskStatus.queued.value
+                        else dict(queue=spec.execution.queue or None, priority=spec.execution.priority)
+                    ),
                 )
             )
             if "tags" in changes:
@@ -349,7 +346,7 @@ class SqlBackend(QueueingMixin, Backend):
                     f"task {task_id} is {row.status}: abort it first, or delete with force",
                     field="status",
                 )
-            for table in (schema.queue_entries, schema.task_tags, schema.log_lines, schema.scalars):
+            for table in (schema.task_tags, schema.log_lines, schema.scalars, schema.status_changes):
                 conn.execute(table.delete().where(table.c.task_id == task_id))
             conn.execute(T.delete().where(T.c.id == task_id))
 
@@ -372,15 +369,18 @@ class SqlBackend(QueueingMixin, Backend):
             ) from None
         if status == TaskStatus.queued:
             return self.enqueue(task_id)
-        with self._write() as conn:
-            if status == TaskStatus.created:
+        if status == TaskStatus.created:  # from a finished status it is a reset
+            with self._write() as conn:
                 row = self._row(conn, task_id, for_update=True)
                 if TaskStatus(row.status).is_terminal:
                     return row_to_record(self._reset(conn, row))
+                row = self._change_status(conn, task_id, status, reason or status.value, message)
+                return row_to_record(row)
+        with self._direct() as conn:
             row = self._change_status(
                 conn, task_id, status, reason or status.value, message, worker_id=worker_id
             )
-            return row_to_record(row)
+        return row_to_record(row)
 
     def abort_task(self, task_id: str, *, message: str = "") -> TaskRecord:
         """Abort: created/queued → stopped; in_progress → stopping; stopping stays."""
@@ -580,14 +580,7 @@ def _status_update(status: TaskStatus, keys: tuple[str, ...], check_worker: bool
 
 _SELECT_TASK = Prepared(sa.select(T).where(T.c.id == sa.bindparam("id")))
 _SELECT_TASK_FOR_UPDATE = Prepared(sa.select(T).where(T.c.id == sa.bindparam("id")).with_for_update())
-_INSERT_HISTORY = Prepared(
-    schema.status_changes.insert().values(
-        {c: sa.bindparam(c) for c in ("task_id", "status", "reason", "message", "time")}
-    )
-)
-_DROP_QUEUE_ENTRY = Prepared(
-    schema.queue_entries.delete().where(schema.queue_entries.c.task_id == sa.bindparam("task_id"))
-)
+_SELECT_STATUS = Prepared(sa.select(T.c.status, T.c.worker).where(T.c.id == sa.bindparam("id")))
 
 
 def _merge_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
