@@ -19,13 +19,18 @@ import os
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from controller.errors import BackendUnavailableError, ConflictError, InvalidInputError
+from controller.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    ConveyorError,
+    InvalidInputError,
+)
 from controller.models import DEFAULT_QUEUES
 from controller.store import schema
 
@@ -213,13 +218,33 @@ class EnqueueListener:
 
 
 class DirectConnection:
-    """A DBAPI connection in autocommit mode: each statement is its own transaction."""
+    """A DBAPI connection in autocommit mode: each statement is its own transaction.
 
-    __slots__ = ("dbapi", "dialect")
+    Used as a context manager (`with pool.connection() as conn:`): leaving the block
+    returns it to its pool, or closes it if a database error or an interruption left it
+    in an unknown state (database errors are raised as BackendUnavailableError).
+    """
 
-    def __init__(self, dbapi: Any, dialect: sa.Dialect) -> None:
+    __slots__ = ("dbapi", "dialect", "cursor", "_pool")
+
+    def __init__(self, dbapi: Any, dialect: sa.Dialect, pool: DirectConnections) -> None:
         self.dbapi = dbapi
         self.dialect = dialect
+        self.cursor = dbapi.cursor()  # one per connection, reused by every statement
+        self._pool = pool
+
+    def __enter__(self) -> DirectConnection:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        pool = self._pool
+        if exc_type is None or issubclass(exc_type, ConveyorError):
+            pool._idle.append(self)  # a refusal raised by our code leaves it clean
+            return
+        with contextlib.suppress(Exception):
+            self.dbapi.close()
+        if isinstance(exc, pool._errors):
+            raise BackendUnavailableError(f"the Conveyor store failed: {exc}") from exc
 
 
 class DirectConnections:
@@ -265,37 +290,23 @@ class DirectConnections:
                 dbapi = psycopg.connect(dsn, autocommit=True)
         except self._errors as exc:
             raise BackendUnavailableError(f"cannot connect to the Conveyor store: {exc}") from exc
-        return DirectConnection(dbapi, self._dialect)
+        return DirectConnection(dbapi, self._dialect, self)
 
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[DirectConnection]:
-        """An idle connection (or a new one), returned to the pool afterwards."""
+    def connection(self) -> DirectConnection:
+        """An idle connection (or a new one); use it as a context manager."""
         if os.getpid() != self._pid:  # forked: the parent's connections are not ours
             self._idle, self._pid = [], os.getpid()
         try:
-            conn = self._idle.pop()
+            return self._idle.pop()
         except IndexError:
-            conn = self._connect()
-        try:
-            yield conn
-        except self._errors as exc:
-            _close_quietly(conn)
-            raise BackendUnavailableError(f"the Conveyor store failed: {exc}") from exc
-        except BaseException:
-            _close_quietly(conn)  # state unknown (e.g. interrupted mid-statement)
-            raise
-        self._idle.append(conn)
+            return self._connect()
 
     def close(self) -> None:
         """Close every idle connection."""
         idle, self._idle = self._idle, []
         for conn in idle:
-            _close_quietly(conn)
-
-
-def _close_quietly(conn: DirectConnection) -> None:
-    with contextlib.suppress(Exception):
-        conn.dbapi.close()
+            with contextlib.suppress(Exception):
+                conn.dbapi.close()
 
 
 class Prepared:
@@ -316,29 +327,28 @@ class Prepared:
 
     def run(self, conn: sa.Connection | DirectConnection, params: Mapping[str, Any] | None = None) -> RawResult:
         """Execute with `params` on `conn`."""
-        if isinstance(conn, DirectConnection):
-            dbapi, dialect = conn.dbapi, conn.dialect
-        else:
-            dbapi, dialect = conn.connection.driver_connection, conn.dialect
+        own_cursor = conn.__class__ is not DirectConnection
+        dialect = conn.dialect
+        cursor = conn.connection.driver_connection.cursor() if own_cursor else conn.cursor
         entry = self._compiled.get(dialect.name)
         if entry is None:
             entry = self._compiled[dialect.name] = _Compiled(self._statement, dialect)
-        values = {**entry.literals, **params} if params else entry.literals
-        args = tuple(values[name] for name in entry.order) if entry.order is not None else values
+        literals = entry.literals
+        values = ({**literals, **params} if literals else params) if params else literals
+        args = [values[name] for name in entry.order] if entry.order is not None else values
         # Straight to the DBAPI cursor: result handling per execution costs more than the
         # database's own work here.
-        cursor = dbapi.cursor()
-        try:
-            cursor.execute(entry.sql, args)
-            if entry.columns is None:
-                # Column names once per statement (psycopg builds objects per column).
-                description = cursor.description
-                entry.columns = tuple(d[0] for d in description) if description else ()
-            if not entry.columns:
-                return RawResult((), [], cursor.rowcount)
-            return RawResult(entry.columns, cursor.fetchall(), cursor.rowcount)
-        finally:
+        cursor.execute(entry.sql, args)
+        columns = entry.columns
+        if columns is None:
+            # Column names once per statement (psycopg builds objects per column).
+            description = cursor.description
+            columns = entry.columns = tuple(d[0] for d in description) if description else ()
+        rows = cursor.fetchall() if columns else []
+        result = RawResult(columns, rows, cursor.rowcount)
+        if own_cursor:
             cursor.close()
+        return result
 
 
 class _Compiled:

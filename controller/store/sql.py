@@ -93,8 +93,8 @@ class SqlBackend(QueueingMixin, Backend):
         with self._engine.begin() as conn:
             yield conn
 
-    def _direct(self) -> contextlib.AbstractContextManager[DirectConnection]:
-        """An autocommit connection for one-statement operations."""
+    def _direct(self) -> DirectConnection:
+        """An autocommit connection for one-statement operations (a context manager)."""
         return self._direct_connections.connection()
 
     @contextlib.contextmanager
