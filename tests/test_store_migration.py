@@ -113,6 +113,7 @@ def test_version_1_store_is_migrated_and_keeps_its_queues(store_url: str) -> Non
         with engine.connect() as conn:
             version = conn.execute(sa.text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar()
             assert not sa.inspect(conn).has_table("queue_entries")
+            assert not sa.inspect(conn).has_table("status_changes")
         engine.dispose()
         assert version == str(SCHEMA_VERSION)
 
@@ -127,7 +128,7 @@ def test_version_1_store_is_migrated_and_keeps_its_queues(store_url: str) -> Non
         assert store.claim(["gpu"], "w1").id == "waiting"
         assert store.claim(["gpu"], "w1") is None
 
-        # The migrated store works like a new one: history by trigger, enqueue by default queue.
+        # The migrated store works like a new one: history appended, enqueue on its own queue.
         queued = store.enqueue("draft")
         assert (queued.status.value, queued.execution.queue) == ("queued", "services")
         assert [h.status.value for h in store.get_task("draft").status_history] == ["created", "queued"]

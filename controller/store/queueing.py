@@ -40,7 +40,7 @@ from controller.models import (
 from controller.store import schema
 from controller.store.engine import DirectConnection, Prepared, prepared
 from controller.store.records import dumps, row_to_record
-from controller.store.status import status_columns
+from controller.store.status import set_clause, status_columns
 
 if TYPE_CHECKING:  # pragma: no cover
     from controller.store.sql import SqlBackend
@@ -212,7 +212,7 @@ class QueueingMixin:
         with self._read() as conn:
             self._require_queue(conn, name)
             query = (
-                sa.select(T)
+                sa.select(*schema.RECORD_COLUMNS)
                 .where(schema.IS_QUEUED, T.c.queue == name)
                 .order_by(T.c.priority.desc(), T.c.queue_seq)
             )
@@ -434,14 +434,13 @@ def _claim_head(skip_locked: bool) -> Prepared:
         )
         if skip_locked:
             query = query.with_for_update(skip_locked=True)
-        keys = status_columns(TaskStatus.in_progress, "", "", worker_id="w").keys()
-        values: dict[str, Any] = {key: sa.bindparam(f"v_{key}") for key in keys}
+        values = set_clause(status_columns(TaskStatus.in_progress, "", "", worker_id="w"))
         values["attempt"] = T.c.attempt + sa.literal_column("1")
         return (
             T.update()
             .where(T.c.id == query.scalar_subquery(), schema.IS_QUEUED)
             .values(values)
-            .returning(*T.c)
+            .returning(*schema.RECORD_COLUMNS)
         )
 
     return prepared(("claim_head", skip_locked), build)
@@ -477,7 +476,7 @@ def _enqueue_update(*, rerun: bool) -> Prepared:
         keys = list(status_columns(TaskStatus.queued, "", "").keys())
         if rerun:
             keys.append("body")
-        values: dict[str, Any] = {key: sa.bindparam(f"v_{key}") for key in keys}
+        values = set_clause(keys)
         values.update(queue=sa.bindparam("queue"), priority=priority, queue_seq=next_seq)
         if rerun:
             allowed = [s.value for s in TaskStatus if s.is_terminal]
@@ -485,7 +484,12 @@ def _enqueue_update(*, rerun: bool) -> Prepared:
         else:
             queue_exists = sa.exists().where(schema.queues.c.name == sa.bindparam("queue"))
             condition = sa.and_(T.c.status == sa.literal_column("'created'"), queue_exists)
-        return T.update().where(T.c.id == sa.bindparam("_id"), condition).values(values).returning(*T.c)
+        return (
+            T.update()
+            .where(T.c.id == sa.bindparam("_id"), condition)
+            .values(values)
+            .returning(*schema.RECORD_COLUMNS)
+        )
 
     return prepared(("enqueue", rerun), build)
 

@@ -12,9 +12,10 @@ Built so that each hot state change is ONE statement touching few pages:
   holds only queued tasks, in claim order. Enqueue and claim are one UPDATE each;
 - the partial index `ix_tasks_active` holds only tasks a worker owns (leases, heartbeats);
   there is no index over every status, so finishing a task does not move index entries;
-- status history is appended by a trigger on `tasks` (`status_changes`), so a status
-  change never needs a second statement; on PostgreSQL the same trigger sends the NOTIFY
-  that wakes claimers in other processes.
+- the status history is a column of `tasks` (`history`: one JSON line per change, each
+  change appends its line in the same UPDATE), so a status change writes no other table;
+  on PostgreSQL a trigger on the change to `queued` sends the NOTIFY that wakes claimers
+  in other processes.
 
 The schema version is recorded in `meta`; `SCHEMA_VERSION` and `MIGRATIONS` upgrade an
 older database in place.
@@ -74,6 +75,8 @@ tasks = sa.Table(
     sa.Column("priority", sa.Integer, nullable=False, default=0),
     sa.Column("queue_seq", sa.BigInteger),
     sa.Column("body", sa.Text, nullable=False),
+    # Status changes, oldest first: one JSON object per line (see `history_line`).
+    sa.Column("history", sa.Text, nullable=False, server_default=""),
     sa.Index("ix_tasks_project_name", "project", "name"),
     sa.Index("ix_tasks_parent", "parent"),
     sa.Index("ix_tasks_created_at", "created_at"),
@@ -135,18 +138,6 @@ workers = sa.Table(
     sa.Column("resources", sa.Text, nullable=False, default="{}"),
 )
 
-status_changes = sa.Table(
-    "status_changes",
-    metadata,
-    sa.Column("id", _RowId, primary_key=True, autoincrement=True),
-    sa.Column("task_id", sa.String(64), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("reason", sa.String(64), nullable=False),
-    sa.Column("message", sa.Text, nullable=False),
-    sa.Column("time", sa.Float, nullable=False),
-    sa.Index("ix_status_changes_task", "task_id", "id"),
-)
-
 log_lines = sa.Table(
     "log_lines",
     metadata,
@@ -171,32 +162,37 @@ scalars = sa.Table(
 )
 
 
-# ------------------------------------------------------------------ triggers
-_HISTORY_VALUES = "(NEW.id, NEW.status, NEW.status_reason, NEW.status_message, NEW.updated_at)"
-_HISTORY_INSERT = f"INSERT INTO status_changes (task_id, status, reason, message, time) VALUES {_HISTORY_VALUES}"
+#: The columns of `tasks` a TaskRecord is made of (all but the history).
+RECORD_COLUMNS = tuple(c for c in tasks.c if c.name != "history")
 
-#: dialect → DDL statements creating the status-history triggers (and the NOTIFY).
+
+def history_line(status: str, reason: str, message: str, time: float) -> str:
+    """The line a status change appends to `tasks.history`."""
+    return json.dumps(
+        {"status": status, "reason": reason, "message": message, "time": time}, separators=(",", ":")
+    ) + "\n"
+
+
+def parse_history(text: str) -> list[dict[str, object]]:
+    """The status changes recorded in a `tasks.history` value, oldest first."""
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+# ------------------------------------------------------------------ triggers
+#: dialect → DDL statements creating the triggers of `tasks`: on PostgreSQL, the NOTIFY
+#: of each enqueue (SQLite has no cross-process notification; waiters poll).
 TRIGGER_DDL: dict[str, tuple[str, ...]] = {
-    "sqlite": (
-        f"CREATE TRIGGER IF NOT EXISTS tasks_history_on_insert AFTER INSERT ON tasks "
-        f"BEGIN {_HISTORY_INSERT}; END",
-        f"CREATE TRIGGER IF NOT EXISTS tasks_history_on_status AFTER UPDATE OF status ON tasks "
-        f"BEGIN {_HISTORY_INSERT}; END",
-    ),
     "postgresql": (
-        f"""CREATE OR REPLACE FUNCTION conveyor_task_status_changed() RETURNS trigger
+        f"""CREATE OR REPLACE FUNCTION conveyor_task_enqueued() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    {_HISTORY_INSERT};
-    IF NEW.status = '{QUEUED}' THEN
-        PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.queue);
-    END IF;
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.queue);
     RETURN NULL;
 END
 $$""",
-        "DROP TRIGGER IF EXISTS tasks_status_changed ON tasks",
-        "CREATE TRIGGER tasks_status_changed AFTER INSERT OR UPDATE OF status ON tasks "
-        "FOR EACH ROW EXECUTE FUNCTION conveyor_task_status_changed()",
+        "DROP TRIGGER IF EXISTS tasks_enqueued ON tasks",
+        f"CREATE TRIGGER tasks_enqueued AFTER UPDATE OF status ON tasks FOR EACH ROW "
+        f"WHEN (NEW.status = '{QUEUED}') EXECUTE FUNCTION conveyor_task_enqueued()",
     ),
 }
 
@@ -214,21 +210,32 @@ def _create_triggers_with_table(_table: sa.Table, conn: sa.Connection, **_kw: ob
 
 # ---------------------------------------------------------------- migrations
 def _migrate_1_to_2(conn: sa.Connection) -> None:
-    """Version 1 kept queues in a `queue_entries` table, indexed every status and wrote
-    history from Python. Move queue membership onto `tasks`, swap the indexes, add the
-    triggers."""
+    """Version 1 kept queues in a `queue_entries` table, history in `status_changes`, and
+    indexed every status. Move queue membership and history onto `tasks`, swap the
+    indexes, add the trigger."""
     add = "ALTER TABLE tasks ADD COLUMN"
     conn.exec_driver_sql(f"{add} queue VARCHAR(128)")
     conn.exec_driver_sql(f"{add} priority INTEGER NOT NULL DEFAULT 0")
     conn.exec_driver_sql(f"{add} queue_seq BIGINT")
-    # Every task keeps the queue and priority of its definition ...
+    conn.exec_driver_sql(f"{add} history TEXT NOT NULL DEFAULT ''")
+    histories: dict[str, list[str]] = {}
+    changes = conn.exec_driver_sql(
+        "SELECT task_id, status, reason, message, time FROM status_changes ORDER BY id"
+    )
+    for task_id, status, reason, message, at in changes:
+        histories.setdefault(task_id, []).append(history_line(status, reason, message, at))
+    # Every task keeps the queue and priority of its definition, and its history ...
     rows = conn.exec_driver_sql("SELECT id, body FROM tasks").all()
     for task_id, body in rows:
         execution = (json.loads(body).get("execution") or {}) if body else {}
         conn.execute(
             tasks.update()
             .where(tasks.c.id == task_id)
-            .values(queue=execution.get("queue") or None, priority=int(execution.get("priority") or 0))
+            .values(
+                queue=execution.get("queue") or None,
+                priority=int(execution.get("priority") or 0),
+                history="".join(histories.get(task_id, ())),
+            )
         )
     # ... and queued tasks their place in line.
     entries = conn.exec_driver_sql("SELECT task_id, queue, priority, seq FROM queue_entries").all()
@@ -238,6 +245,7 @@ def _migrate_1_to_2(conn: sa.Connection) -> None:
         )
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tasks_status")
     conn.exec_driver_sql("DROP TABLE queue_entries")
+    conn.exec_driver_sql("DROP TABLE status_changes")
     ix_tasks_queued.create(conn)
     ix_tasks_active.create(conn)
     create_triggers(conn)

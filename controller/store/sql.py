@@ -1,8 +1,8 @@
 """SqlBackend: the Backend straight on SQLite or PostgreSQL (SQLAlchemy Core).
 
 One code path serves both databases. A status change is one UPDATE whose WHERE clause
-holds the status rule (`status IN (legal predecessors)`), so it is atomic by itself; the
-trigger of `schema` appends the history. The hot operations (enqueue of a created task,
+holds the status rule (`status IN (legal predecessors)`), so it is atomic by itself, and
+that appends the change to the task's history column. The hot operations (enqueue of a created task,
 claim, status reports) are therefore single statements run in autocommit on a
 `DirectConnection`; when such a statement matches nothing, the general path (one
 transaction that reads the row first, locked FOR UPDATE on PostgreSQL; SQLite's BEGIN
@@ -61,7 +61,7 @@ from controller.store.records import (
     row_to_record,
     validate,
 )
-from controller.store.status import PREDECESSORS, status_columns
+from controller.store.status import PREDECESSORS, set_clause, status_columns
 
 T = schema.tasks
 MAX_QUERY_LIMIT = 10_000
@@ -199,8 +199,9 @@ class SqlBackend(QueueingMixin, Backend):
                     queue=spec.execution.queue or None,
                     priority=spec.execution.priority,
                     body=dumps(body),
+                    history=schema.history_line(TaskStatus.created.value, StatusReason.created, "", now),
                 )
-            )  # the trigger records the first status
+            )
             self._write_tags(conn, task_id, spec.tags)
             return self._fetch(conn, task_id)
 
@@ -211,19 +212,13 @@ class SqlBackend(QueueingMixin, Backend):
 
     def get_task(self, task_id: str) -> TaskRecord:
         """Return one task with its status history; NotFoundError if there is none."""
-        with self._read() as conn:
-            record = self._fetch(conn, task_id)
-            H = schema.status_changes
-            history = conn.execute(
-                sa.select(H.c.status, H.c.reason, H.c.message, H.c.time)
-                .where(H.c.task_id == task_id)
-                .order_by(H.c.id)
-            )
-            record.status_history = [
-                StatusChange(status=h.status, reason=h.reason, message=h.message, time=h.time)
-                for h in history
-            ]
-            return record
+        with self._direct() as conn:
+            row = _SELECT_TASK_WITH_HISTORY.run(conn, {"id": task_id}).first()
+        if row is None:
+            raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+        record = row_to_record(row)
+        record.status_history = [StatusChange.model_validate(h) for h in schema.parse_history(row.history)]
+        return record
 
     def query_tasks(
         self,
@@ -244,7 +239,7 @@ class SqlBackend(QueueingMixin, Backend):
             raise InvalidInputError(f"offset must be an integer >= 0, got {offset!r}", field="offset")
         if isinstance(tags, str):
             tags = [tags]
-        query = sa.select(T)
+        query = sa.select(*schema.RECORD_COLUMNS)
         if project is not None:
             query = query.where(T.c.project == project)
         if name is not None:
@@ -346,7 +341,7 @@ class SqlBackend(QueueingMixin, Backend):
                     f"task {task_id} is {row.status}: abort it first, or delete with force",
                     field="status",
                 )
-            for table in (schema.task_tags, schema.log_lines, schema.scalars, schema.status_changes):
+            for table in (schema.task_tags, schema.log_lines, schema.scalars):
                 conn.execute(table.delete().where(table.c.task_id == task_id))
             conn.execute(T.delete().where(T.c.id == task_id))
 
@@ -439,7 +434,7 @@ class SqlBackend(QueueingMixin, Backend):
                     raise NotFoundError(f"no task with id {missing[0]!r}", field="known")
                 changed = [task_id for task_id, status in current.items() if status != wanted[task_id]]
                 if changed:
-                    return [row_to_record(r) for r in conn.execute(sa.select(T).where(T.c.id.in_(changed)))]
+                    return [row_to_record(r) for r in conn.execute(sa.select(*schema.RECORD_COLUMNS).where(T.c.id.in_(changed)))]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
@@ -564,7 +559,7 @@ def _literal(value: str) -> sa.ColumnElement:
 
 def _status_update(status: TaskStatus, keys: tuple[str, ...], check_worker: bool) -> sa.Executable:
     """UPDATE tasks SET <keys> WHERE id = :_id AND status IN (legal predecessors)."""
-    values: dict[str, Any] = {key: sa.bindparam(f"v_{key}") for key in keys}
+    values = set_clause(keys)
     if status == TaskStatus.in_progress and "attempt" not in keys:
         values["attempt"] = T.c.attempt + sa.literal_column("1")
     condition = sa.and_(
@@ -575,11 +570,14 @@ def _status_update(status: TaskStatus, keys: tuple[str, ...], check_worker: bool
             condition,
             sa.or_(T.c.worker == sa.bindparam("_worker"), T.c.status.notin_([_literal(s) for s in _ACTIVE])),
         )
-    return T.update().where(condition).values(values).returning(*T.c)
+    return T.update().where(condition).values(values).returning(*schema.RECORD_COLUMNS)
 
 
-_SELECT_TASK = Prepared(sa.select(T).where(T.c.id == sa.bindparam("id")))
-_SELECT_TASK_FOR_UPDATE = Prepared(sa.select(T).where(T.c.id == sa.bindparam("id")).with_for_update())
+_SELECT_TASK = Prepared(sa.select(*schema.RECORD_COLUMNS).where(T.c.id == sa.bindparam("id")))
+_SELECT_TASK_FOR_UPDATE = Prepared(
+    sa.select(*schema.RECORD_COLUMNS).where(T.c.id == sa.bindparam("id")).with_for_update()
+)
+_SELECT_TASK_WITH_HISTORY = Prepared(sa.select(T).where(T.c.id == sa.bindparam("id")))
 _SELECT_STATUS = Prepared(sa.select(T.c.status, T.c.worker).where(T.c.id == sa.bindparam("id")))
 
 
