@@ -176,10 +176,21 @@ class EnqueueListener:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
-    def add(self, callback: Callable[[str], None]) -> None:
-        """Register a callback; starts the LISTEN thread on PostgreSQL."""
+    def add(self, callback: Callable[[str], None], *, listen: bool = True) -> None:
+        """Register a callback. `listen`: also hear other processes' enqueues now (starts
+        the LISTEN thread on PostgreSQL); else only once `listen()` is called."""
         with self._lock:
             self._callbacks.append(callback)
+        if listen:
+            self.listen()
+
+    def listen(self) -> None:
+        """Start hearing enqueues by other processes (PostgreSQL; idempotent).
+
+        Only processes that wait for work listen: every listening connection is woken by
+        every enqueue in the database, which would make clients that never wait slow
+        each other down."""
+        with self._lock:
             if self._thread is None and not is_sqlite(self._url):
                 self._thread = threading.Thread(
                     target=self._listen, name="conveyor-pg-listen", daemon=True

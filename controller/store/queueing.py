@@ -236,6 +236,8 @@ class QueueingMixin:
         if not isinstance(wait_s, int | float) or not 0 <= wait_s <= MAX_CLAIM_WAIT_S:
             raise InvalidInputError(f"wait_s must be in [0, {MAX_CLAIM_WAIT_S:.0f}], got {wait_s!r}", field="wait_s")
         self._require_queues(queues)
+        if wait_s > 0:
+            self._listener.listen()  # wake up on enqueues by other processes too
         deadline = time.monotonic() + wait_s
         polling = False
         while True:

@@ -56,9 +56,12 @@ def invalid_input(exc: ValidationError, *, prefix: str = "") -> InvalidInputErro
     return InvalidInputError(message, field=fields[0] if fields else None)
 
 
+_encoder = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def dumps(value: Any) -> str:
     """Compact JSON for storage."""
-    return json.dumps(value, separators=(",", ":"), default=str)
+    return _encoder.encode(value)
 
 
 # Columns of `tasks` that are fields of TaskRecord as they are.

@@ -168,9 +168,10 @@ RECORD_COLUMNS = tuple(c for c in tasks.c if c.name != "history")
 
 def history_line(status: str, reason: str, message: str, time: float) -> str:
     """The line a status change appends to `tasks.history`."""
-    return json.dumps(
-        {"status": status, "reason": reason, "message": message, "time": time}, separators=(",", ":")
-    ) + "\n"
+    return _encode_line({"status": status, "reason": reason, "message": message, "time": time}) + "\n"
+
+
+_encode_line = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def parse_history(text: str) -> list[dict[str, object]]:

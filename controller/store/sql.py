@@ -83,7 +83,7 @@ class SqlBackend(QueueingMixin, Backend):
         self._direct_connections = DirectConnections(url, self._engine.dialect)
         self._listener = EnqueueListener(normalize_url(url))
         self._work_arrived = threading.Condition()
-        self._listener.add(self._wake_waiters)
+        self._listener.add(self._wake_waiters, listen=False)  # listens once a claim waits
         self._last_sweep = 0.0
         self._known_queues: dict[str, float] = {}
 
