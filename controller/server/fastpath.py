@@ -4,7 +4,8 @@ Agents call claim, enqueue, status, heartbeat, log and scalars many times a seco
 FastAPI's routing and dependency machinery costs more per request than the work itself,
 so this pure-ASGI layer serves the *happy path* of those endpoints directly: it parses
 the body with the very same request models (`controller.server.schemas`), calls the
-Backend in the threadpool and sends the pre-serialized record.
+Backend with the app's runner (inline on SQLite, else on a few threads: see
+`create_app`) and sends the pre-serialized record.
 
 Anything else, and anything unusual (another content type, a body that does not
 validate, an unknown path), is replayed to the full FastAPI application, which produces
@@ -68,7 +69,7 @@ class FastPath:
         prefix: str,
         notify_enqueues: bool,
         health: bytes,
-        inline: bool = False,
+        run: Runner = run_in_threadpool,
     ) -> None:
         self.app = app
         self.backend = backend
@@ -76,7 +77,8 @@ class FastPath:
         self.prefix = prefix
         self.notify_enqueues = notify_enqueues
         self.health = health
-        self._run: Runner = run_inline if inline else run_in_threadpool
+        self._run = run
+        self._inline = run is run_inline
         self._task_posts: dict[str, Callable[..., Awaitable[Any]]] = {
             "enqueue": self._enqueue,
             "status": self._status,
@@ -132,7 +134,9 @@ class FastPath:
             if body and not _is_json(scope):
                 await self._replay(scope, receive, send, body)
                 return
-        run = self._run if len(body) <= INLINE_MAX_BODY_BYTES else run_in_threadpool
+        run = self._run
+        if self._inline and len(body) > INLINE_MAX_BODY_BYTES:
+            run = run_in_threadpool
         try:
             result = await handler(param, body, receive, run)
         except _Unparsed:
