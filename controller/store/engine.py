@@ -51,6 +51,14 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def psycopg_connect_args(url: str | sa.URL) -> tuple[list[Any], dict[str, Any]]:
+    """The arguments SQLAlchemy passes to psycopg.connect for `url` (a rendered URL
+    would not do: libpq reads '+' in a query value as itself, not as a space)."""
+    parsed = sa.engine.make_url(normalize_url(str(url)) if isinstance(url, str) else url)
+    cargs, cparams = parsed.get_dialect()().create_connect_args(parsed)
+    return list(cargs), dict(cparams)
+
+
 def is_sqlite(url: str) -> bool:
     """True for sqlite URLs."""
     return url.startswith("sqlite")
@@ -212,11 +220,10 @@ class EnqueueListener:
     def _listen(self) -> None:
         import psycopg
 
-        dsn = sa.engine.make_url(self._url).set(drivername="postgresql")
-        dsn_str = dsn.render_as_string(hide_password=False)
+        cargs, cparams = psycopg_connect_args(self._url)
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(dsn_str, autocommit=True) as conn:
+                with psycopg.connect(*cargs, **cparams, autocommit=True) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     while not self._stopping.is_set():
                         for notify in conn.notifies(timeout=1.0):
@@ -297,8 +304,8 @@ class DirectConnections:
             else:
                 import psycopg
 
-                dsn = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
-                dbapi = psycopg.connect(dsn, autocommit=True)
+                cargs, cparams = psycopg_connect_args(self._url)
+                dbapi = psycopg.connect(*cargs, **cparams, autocommit=True)
         except self._errors as exc:
             raise BackendUnavailableError(f"cannot connect to the Conveyor store: {exc}") from exc
         return DirectConnection(dbapi, self._dialect, self)
