@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
+from controller.store.records import dumps
+
 #: Version of the schema this code writes. Bump it and add a migration on change.
 SCHEMA_VERSION = 2
 
@@ -168,10 +170,7 @@ RECORD_COLUMNS = tuple(c for c in tasks.c if c.name != "history")
 
 def history_line(status: str, reason: str, message: str, time: float) -> str:
     """The line a status change appends to `tasks.history`."""
-    return _encode_line({"status": status, "reason": reason, "message": message, "time": time}) + "\n"
-
-
-_encode_line = json.JSONEncoder(separators=(",", ":")).encode
+    return dumps({"status": status, "reason": reason, "message": message, "time": time}) + "\n"
 
 
 def parse_history(text: str) -> list[dict[str, object]]:
