@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh store per test on SQLite, PostgreSQL and over HTTP.
+"""Shared fixtures: a fresh store per test on SQLite, PostgreSQL and over HTTP (a server
+on SQLite, and one on PostgreSQL).
 
 PostgreSQL tests use `CONVEYOR_TEST_POSTGRES` (default postgresql://postgres@127.0.0.1:5432/test),
 each test in its own schema. Without a reachable server they skip, except under CI=true,
@@ -74,9 +75,50 @@ def http_url(sqlite_url: str) -> Iterator[str]:
         stop_server(proc)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "http"])
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the `http_postgres` transport only for tests marked `hot_path`.
+
+    Over PostgreSQL the API server serves enqueue, claim and status reports on a path of
+    its own (controller/server/hotpath.py); every other call is the same code as over
+    SQLite, already covered by the `http` transport. A server start costs ~1.5 s, so
+    the rest are deselected rather than run twice."""
+    keep, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend_url") == "http_postgres":
+            if item.get_closest_marker("hot_path") is None:
+                dropped.append(item)
+                continue
+        keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.fixture
+def http_postgres_url(postgres_url: str) -> Iterator[str]:
+    """A real `controller serve` process over a fresh PostgreSQL schema (its hot calls
+    take their own path there: see controller/server/hotpath.py)."""
+    from tests.helpers_server import start_server, stop_server
+
+    proc, base_url = start_server(postgres_url)
+    try:
+        yield base_url
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        "http",
+        pytest.param("http_postgres", marks=pytest.mark.postgres),
+    ]
+)
 def backend_url(request: pytest.FixtureRequest) -> str:
-    """The URL of a fresh store, once per transport."""
+    """The URL of a fresh store, once per transport: SQLite, PostgreSQL, and the HTTP
+    API server over each."""
     return request.getfixturevalue(f"{request.param}_url")
 
 

@@ -6,6 +6,8 @@ import multiprocessing
 import time
 from typing import Any
 
+import pytest
+
 from controller.backend import Backend, backend_from_url
 
 TASKS = 200
@@ -32,6 +34,7 @@ def _claim_until_empty(url: str, worker_id: str, start: Any) -> list[str]:
     return taken
 
 
+@pytest.mark.hot_path
 def test_concurrent_claimers_take_each_task_exactly_once(backend: Backend, backend_url: str) -> None:
     ids = set()
     for i in range(TASKS):

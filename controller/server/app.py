@@ -46,11 +46,13 @@ from controller.server.error_bodies import (
 )
 from controller.server.fastpath import FastPath
 from controller.server.files import MAX_FILE_BYTES, add_file_routes
+from controller.server.hotpath import AsyncHotCalls
 from controller.server.middleware import MAX_BODY_BYTES, BodyLimitMiddleware, TokenAuthMiddleware
 from controller.server.routes_pipelines import add_pipeline_routes
 from controller.server.routes_queues import HEALTH_JSON, add_queue_routes
 from controller.server.routes_tasks import add_task_routes
 from controller.server.waker import ClaimWaker, Runner, ThreadRunner, run_inline
+from controller.store.async_direct import AsyncDirectConnections
 
 log = logging.getLogger("conveyor.server")
 
@@ -110,6 +112,16 @@ async def _sweep_leases(backend: Backend, every_s: float, run: Runner) -> None:
                 log.warning("lease sweep failed: %s", exc)
 
 
+def _async_hot_calls(backend: Backend) -> AsyncHotCalls | None:
+    """The event-loop versions of the hot calls, for a PostgreSQL SqlBackend."""
+    from controller.store import SqlBackend
+
+    if not isinstance(backend, SqlBackend) or backend.dialect != "postgresql":
+        return None
+    connections = AsyncDirectConnections(backend.url, backend.sa_dialect, backend_pids=backend.own_backend_pids)
+    return AsyncHotCalls(backend, connections)
+
+
 def create_app(
     backend: Backend,
     token: str | None = None,
@@ -141,13 +153,16 @@ def create_app(
     SQLite serializes writers anyway, and the hop costs as much as the call (this about
     doubles the agent-cycle throughput). On other stores (PostgreSQL: a network round
     trip per call, which must not stall the event loop) they run on a few threads of
-    their own (`ThreadRunner`), a hop that costs a fifth of anyio's threadpool.
+    their own (`ThreadRunner`), a hop that costs a fifth of anyio's threadpool, except
+    enqueue, claim and status reports, whose single statements run on the event loop
+    on asyncio connections (`controller.server.hotpath`).
     """
     inline = fast_path and getattr(backend, "dialect", "") == "sqlite"
     threads = ThreadRunner() if fast_path and not inline else None
     run: Runner = run_inline if inline else threads or run_in_threadpool
     waker = ClaimWaker()
     add_listener = getattr(backend, "add_enqueue_listener", None)
+    hot = _async_hot_calls(backend) if fast_path and not inline else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -172,6 +187,8 @@ def create_app(
                 remove(waker.notify_threadsafe)
             if threads is not None:
                 threads.close()
+            if hot is not None:
+                await hot.close()
 
     options: dict[str, Any] = {}
     if "telemetry" in inspect.signature(FastAPI).parameters:
@@ -214,6 +231,7 @@ def create_app(
             notify_enqueues=notify_enqueues,
             health=HEALTH_JSON,
             run=run,
+            hot=hot,
         )
     app.add_middleware(
         BodyLimitMiddleware, limit=max_body_bytes, exempt_prefixes=(API_PREFIX + "/files/",)

@@ -5,7 +5,9 @@ FastAPI's routing and dependency machinery costs more per request than the work 
 so this pure-ASGI layer serves the *happy path* of those endpoints directly: it parses
 the body with the very same request models (`controller.server.schemas`), calls the
 Backend with the app's runner (inline on SQLite, else on a few threads: see
-`create_app`) and sends the pre-serialized record.
+`create_app`) and sends the pre-serialized record. Over PostgreSQL, enqueue, claim and
+status reports first try their one statement on the event loop (`hot`, see
+`controller.server.hotpath`).
 
 Anything else, and anything unusual (another content type, a body that does not
 validate, an unknown path), is replayed to the full FastAPI application, which produces
@@ -26,8 +28,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.backend import Backend
 from controller.errors import ConveyorError
+from controller.models import TaskRecord
 from controller.server import encode
 from controller.server.error_bodies import conveyor_error_body, value_error_body
+from controller.server.hotpath import GENERAL, AsyncHotCalls
 from controller.server.schemas import (
     ClaimRequest,
     EnqueueRequest,
@@ -70,8 +74,10 @@ class FastPath:
         notify_enqueues: bool,
         health: bytes,
         run: Runner = run_in_threadpool,
+        hot: AsyncHotCalls | None = None,
     ) -> None:
         self.app = app
+        self.hot = hot
         self.backend = backend
         self.waker = waker
         self.prefix = prefix
@@ -187,6 +193,16 @@ class FastPath:
         async def is_disconnected() -> bool:
             return await _client_gone(receive)
 
+        hot = self.hot
+        attempt = None
+        if hot is not None:
+
+            async def attempt() -> TaskRecord | None:
+                rec = await hot.claim(req.queues, req.worker_id, req.lease_s)
+                if rec is GENERAL:
+                    rec = await run(self.backend.claim, req.queues, req.worker_id, wait_s=0, lease_s=req.lease_s)
+                return rec
+
         rec = await long_poll_claim(
             self.backend,
             self.waker,
@@ -196,12 +212,15 @@ class FastPath:
             lease_s=req.lease_s,
             is_disconnected=is_disconnected,
             run=run,
+            attempt=attempt,
         )
         return 200, (encode.NULL if rec is None else rec.model_dump_json().encode())
 
     async def _enqueue(self, task_id: str, body: bytes, receive: Receive, run: Runner) -> Any:
         req = _parse(EnqueueRequest, body) if body else EnqueueRequest()
-        rec = await run(self.backend.enqueue, task_id, req.queue, priority=req.priority)
+        rec = GENERAL if self.hot is None else await self.hot.enqueue(task_id, req.queue, req.priority)
+        if rec is GENERAL:
+            rec = await run(self.backend.enqueue, task_id, req.queue, priority=req.priority)
         if self.notify_enqueues:
             self.waker.notify_threadsafe(None)
         return 200, rec.model_dump_json().encode()
@@ -210,11 +229,17 @@ class FastPath:
         if not body:
             return _FALL_THROUGH
         req = _parse(StatusRequest, body)
-        rec = await run(
-            lambda: self.backend.set_status(
+        rec = GENERAL
+        if self.hot is not None:
+            rec = await self.hot.set_status(
                 task_id, req.status, reason=req.reason, message=req.message, worker_id=req.worker_id
             )
-        )
+        if rec is GENERAL:
+            rec = await run(
+                lambda: self.backend.set_status(
+                    task_id, req.status, reason=req.reason, message=req.message, worker_id=req.worker_id
+                )
+            )
         return 200, rec.model_dump_json().encode()
 
     async def _log(self, task_id: str, body: bytes, receive: Receive, run: Runner) -> Any:

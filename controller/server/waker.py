@@ -250,15 +250,22 @@ async def long_poll_claim(
     lease_s: float,
     is_disconnected: Callable[[], Awaitable[bool]],
     run: Runner = run_in_threadpool,
+    attempt: Callable[[], Awaitable[TaskRecord | None]] | None = None,
 ) -> TaskRecord | None:
     """Claim the next task of `queues`, waiting up to `wait_s` seconds for one.
 
-    Each attempt is a cheap non-blocking `backend.claim(wait_s=0)` run by `run`; between
-    attempts the claimer waits for a wake-up (see the module doc). A client that went
-    away gets no task: the claim would be lost until its lease expired.
+    Each attempt is a cheap non-blocking `backend.claim(wait_s=0)` run by `run` (or the
+    coroutine `attempt`, if given); between attempts the claimer waits for a wake-up (see
+    the module doc). A client that went away gets no task: the claim would be lost until
+    its lease expired.
     """
+    if attempt is None:
+
+        async def attempt() -> TaskRecord | None:
+            return await run(backend.claim, queues, worker_id, wait_s=0, lease_s=lease_s)
+
     if wait_s <= 0:
-        return await run(backend.claim, queues, worker_id, wait_s=0, lease_s=lease_s)
+        return await attempt()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     reason = ""  # why the previous wait ended ("" before the first attempt)
@@ -269,7 +276,7 @@ async def long_poll_claim(
             if reason and await is_disconnected():
                 finished, pass_on = True, reason  # hand our wake-up to someone else
             else:
-                result = await run(backend.claim, queues, worker_id, wait_s=0, lease_s=lease_s)
+                result = await attempt()
                 if result is not None:
                     finished = True
                     if reason == MAYBE_MORE:

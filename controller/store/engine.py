@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import threading
 import time
 from collections import namedtuple
@@ -38,6 +39,15 @@ log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 NOTIFY_CHANNEL = schema.NOTIFY_CHANNEL
+#: Run once on each PostgreSQL connection of the hot one-statement operations. They
+#: are a handful of fixed statements, each driven by a primary key or a small partial
+#: index, so one generic plan per statement is always right; left to itself PostgreSQL
+#: may keep re-planning some of them on every execution (a custom plan costs more to
+#: make than the statement costs to run).
+HOT_CONNECTION_SETUP = "SET plan_cache_mode = force_generic_plan"
+#: `plan_cache_mode` exists from PostgreSQL 12 on (`server_version` 120000); older
+#: servers keep their own planning choice.
+PLAN_CACHE_MODE_SINCE = 120000
 # Any fixed number: serializes schema creation between processes on PostgreSQL.
 _SCHEMA_LOCK_KEY = 7_362_541_118
 
@@ -183,6 +193,10 @@ class EnqueueListener:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        #: PostgreSQL backend PIDs of this process's own connections: their enqueues
+        #: already fired the callbacks here (`fire`), so their NOTIFY echoes are skipped
+        #: (that would be a second wake-up, and an empty claim, per enqueue).
+        self.own_backend_pids: set[int] = set()
 
     def add(self, callback: Callable[[str], None], *, listen: bool = True) -> None:
         """Register a callback. `listen`: also hear other processes' enqueues now (starts
@@ -227,12 +241,31 @@ class EnqueueListener:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     while not self._stopping.is_set():
                         for notify in conn.notifies(timeout=1.0):
-                            self.fire(notify.payload)
+                            if notify.pid not in self.own_backend_pids:
+                                self.fire(notify.payload)
             except Exception as exc:  # reconnect after a lost connection
                 if self._stopping.is_set():
                     return
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
                 time.sleep(1.0)
+
+
+def server_hung_up(dbapi: Any) -> bool:
+    """True if an idle PostgreSQL connection was closed by the server (a restart, an
+    administrator's pg_terminate_backend, an idle timeout), so that it must not be used.
+
+    An idle connection that is not LISTENing receives nothing unless the server ends
+    it: then its socket is readable (the termination message, or end of file). The look
+    costs one `poll` system call, no round trip; SQLite connections are never stale."""
+    fileno = getattr(dbapi, "fileno", None)
+    if fileno is None or not hasattr(dbapi, "pgconn"):
+        return False
+    try:
+        poller = select.poll()
+        poller.register(fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except Exception:  # closed or broken: unusable
+        return True
 
 
 class DirectConnection:
@@ -259,8 +292,7 @@ class DirectConnection:
         if exc_type is None or issubclass(exc_type, ConveyorError):
             pool._idle.append(self)  # a refusal raised by our code leaves it clean
             return
-        with contextlib.suppress(Exception):
-            self.dbapi.close()
+        pool.discard(self.dbapi)
         if isinstance(exc, pool._errors):
             raise BackendUnavailableError(f"the Conveyor store failed: {exc}") from exc
 
@@ -275,9 +307,10 @@ class DirectConnections:
     opens its own) and broken ones are dropped.
     """
 
-    def __init__(self, url: str, dialect: sa.Dialect) -> None:
+    def __init__(self, url: str, dialect: sa.Dialect, backend_pids: set[int] | None = None) -> None:
         self._url = sa.engine.make_url(normalize_url(url))
         self._dialect = dialect
+        self._backend_pids = backend_pids if backend_pids is not None else set()
         self._idle: list[DirectConnection] = []
         self._pid = os.getpid()
         if dialect.name == "sqlite":
@@ -306,6 +339,9 @@ class DirectConnections:
 
                 cargs, cparams = psycopg_connect_args(self._url)
                 dbapi = psycopg.connect(*cargs, **cparams, autocommit=True)
+                if dbapi.info.server_version >= PLAN_CACHE_MODE_SINCE:
+                    dbapi.execute(HOT_CONNECTION_SETUP)
+                self._backend_pids.add(dbapi.info.backend_pid)
         except self._errors as exc:
             raise BackendUnavailableError(f"cannot connect to the Conveyor store: {exc}") from exc
         return DirectConnection(dbapi, self._dialect, self)
@@ -314,17 +350,26 @@ class DirectConnections:
         """An idle connection (or a new one); use it as a context manager."""
         if os.getpid() != self._pid:  # forked: the parent's connections are not ours
             self._idle, self._pid = [], os.getpid()
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self._connect()
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not server_hung_up(conn.dbapi):
+                return conn
+            self.discard(conn.dbapi)
+        return self._connect()
 
     def close(self) -> None:
         """Close every idle connection."""
         idle, self._idle = self._idle, []
         for conn in idle:
-            with contextlib.suppress(Exception):
-                conn.dbapi.close()
+            self.discard(conn.dbapi)
+
+    def discard(self, dbapi: Any) -> None:
+        """Close a connection of this pool for good."""
+        with contextlib.suppress(Exception):
+            self._backend_pids.discard(dbapi.info.backend_pid)
+        with contextlib.suppress(Exception):
+            dbapi.close()
 
 
 class Prepared:
@@ -343,25 +388,25 @@ class Prepared:
         self._statement = statement
         self._compiled: dict[str, _Compiled] = {}
 
-    def run(self, conn: sa.Connection | DirectConnection, params: Mapping[str, Any] | None = None) -> RawResult:
-        """Execute with `params` on `conn`."""
-        own_cursor = conn.__class__ is not DirectConnection
-        dialect = conn.dialect
-        cursor = conn.connection.driver_connection.cursor() if own_cursor else conn.cursor
+    def bind(self, dialect: sa.Dialect, params: Mapping[str, Any] | None) -> tuple[_Compiled, Any]:
+        """The compiled statement for `dialect` and the DBAPI arguments for `params`."""
         entry = self._compiled.get(dialect.name)
         if entry is None:
             entry = self._compiled[dialect.name] = _Compiled(self._statement, dialect)
         literals = entry.literals
         values = ({**literals, **params} if literals else params) if params else literals
         args = [values[name] for name in entry.order] if entry.order is not None else values
+        return entry, args
+
+    def run(self, conn: sa.Connection | DirectConnection, params: Mapping[str, Any] | None = None) -> RawResult:
+        """Execute with `params` on `conn`."""
+        own_cursor = conn.__class__ is not DirectConnection
+        cursor = conn.connection.driver_connection.cursor() if own_cursor else conn.cursor
+        entry, args = self.bind(conn.dialect, params)
         # Straight to the DBAPI cursor: result handling per execution costs more than the
         # database's own work here.
         cursor.execute(entry.sql, args)
-        columns = entry.columns
-        if columns is None:
-            # Column names once per statement (psycopg builds objects per column).
-            description = cursor.description
-            columns = entry.columns = tuple(d[0] for d in description) if description else ()
+        columns = entry.result_columns(cursor)
         rows = cursor.fetchall() if columns else []
         result = RawResult(columns, rows, cursor.rowcount)
         if own_cursor:
@@ -386,6 +431,15 @@ class _Compiled:
             if not bind.required and bind.callable is None
         }
         self.columns: tuple[str, ...] | None = None
+
+    def result_columns(self, cursor: Any) -> tuple[str, ...]:
+        """The names of the result columns (read from the first execution's cursor:
+        psycopg builds objects per column on every `description`)."""
+        columns = self.columns
+        if columns is None:
+            description = cursor.description
+            columns = self.columns = tuple(d[0] for d in description) if description else ()
+        return columns
 
 
 _row_classes: dict[tuple[str, ...], type] = {}

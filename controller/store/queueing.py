@@ -133,12 +133,17 @@ class QueueingMixin:
 
     def _require_queues(self: SqlBackend, names: Sequence[str]) -> None:
         """NotFoundError unless every queue exists; trusts a recent positive answer."""
-        now = time.monotonic()
-        unsure = [n for n in names if now - self._known_queues.get(n, -1e9) >= KNOWN_QUEUE_TTL_S]
+        unsure = self.unverified_queues(names)
         if unsure:
             with self._direct() as conn:
                 for name in unsure:
                     self._require_queue(conn, name)
+
+    def unverified_queues(self: SqlBackend, names: Sequence[str]) -> list[str]:
+        """The queues of `names` not seen to exist in the last `KNOWN_QUEUE_TTL_S` seconds
+        (claims check those with the database)."""
+        now = time.monotonic()
+        return [n for n in names if now - self._known_queues.get(n, -1e9) >= KNOWN_QUEUE_TTL_S]
 
     def delete_queue(self: SqlBackend, name: str, *, force: bool = False) -> None:
         """Delete a queue; a non-empty queue needs `force` (its tasks go back to created)."""
@@ -161,17 +166,34 @@ class QueueingMixin:
         self: SqlBackend, task_id: str, queue: str | None = None, *, priority: int | None = None
     ) -> TaskRecord:
         """Put a created (or finished: a re-run) task on a queue (its own by default)."""
-        if priority is not None and (not isinstance(priority, int) or abs(priority) > 1_000_000):
-            raise InvalidInputError(f"priority must be an integer within ±1000000, got {priority!r}", field="priority")
+        fast = self.enqueue_statement(task_id, queue, priority)
         row = None
-        if queue is not None:
-            # The common case in one statement: a created task onto a named, existing queue.
-            check_queue_name(queue)
-            values = status_columns(TaskStatus.queued, StatusReason.enqueued, f"enqueued on {queue}")
+        if fast is not None:
             with self._direct() as conn:
-                row = _enqueue_update(rerun=False).run(conn, _enqueue_params(task_id, queue, priority, values)).first()
+                row = fast[0].run(conn, fast[1]).first()
         if row is None:
             row = self._enqueue_in_transaction(task_id, queue, priority)
+        return self.enqueued(row)
+
+    def enqueue_statement(
+        self: SqlBackend, task_id: str, queue: str | None, priority: int | None
+    ) -> tuple[Prepared, dict[str, Any]] | None:
+        """The one statement that enqueues in the common case (a created task onto a
+        named, existing queue) and its parameters; None if no queue is named.
+
+        The statement returns the task's new row, or nothing when the common case does
+        not apply: then `enqueue` does it in general (or says why it cannot). Bad
+        arguments raise InvalidInputError."""
+        if priority is not None and (not isinstance(priority, int) or abs(priority) > 1_000_000):
+            raise InvalidInputError(f"priority must be an integer within ±1000000, got {priority!r}", field="priority")
+        if queue is None:
+            return None
+        check_queue_name(queue)
+        values = status_columns(TaskStatus.queued, StatusReason.enqueued, f"enqueued on {queue}")
+        return _enqueue_update(rerun=False), _enqueue_params(task_id, queue, priority, values)
+
+    def enqueued(self: SqlBackend, row: Any) -> TaskRecord:
+        """The record of a task row just enqueued; wakes this process's waiting claimers."""
         self._listener.fire(row.queue)
         return row_to_record(row)
 
@@ -228,11 +250,7 @@ class QueueingMixin:
         lease_s: float = DEFAULT_LEASE_S,
     ) -> TaskRecord | None:
         """Atomically take the next task and mark it in_progress, owned by `worker_id`."""
-        if isinstance(queues, str) or not isinstance(queues, Sequence) or not queues:
-            raise InvalidInputError("queues must be a non-empty list of queue names", field="queues")
-        queues = list(dict.fromkeys(check_queue_name(q) for q in queues))
-        _check_worker(worker_id)
-        lease_s = _check_lease(lease_s)
+        queues, lease_s = check_claim(queues, worker_id, lease_s)
         if not isinstance(wait_s, int | float) or not 0 <= wait_s <= MAX_CLAIM_WAIT_S:
             raise InvalidInputError(f"wait_s must be in [0, {MAX_CLAIM_WAIT_S:.0f}], got {wait_s!r}", field="wait_s")
         self._require_queues(queues)
@@ -268,33 +286,44 @@ class QueueingMixin:
     ) -> TaskRecord | None:
         """One claim attempt. `look_first`: check without locks that there is anything to
         take before writing (for repeated polls of likely-empty queues)."""
-        claim_head = _claim_head(self.dialect == "postgresql")
         with self._direct() as conn:
             if look_first:
                 params = {f"q{i}": q for i, q in enumerate(queues)}
                 if _any_queued(len(queues)).run(conn, params).first() is None:
                     return None
             for queue in queues:  # one statement per queue, in the given order
-                values = status_columns(
-                    TaskStatus.in_progress, StatusReason.claimed,
-                    f"claimed by worker {worker_id} from queue {queue}",
-                    worker_id=worker_id, lease_s=lease_s,
-                )
-                params = {f"v_{k}": v for k, v in values.items()}
-                params["queue"] = queue
+                claim_head, params = self.claim_statement(queue, worker_id, lease_s)
                 row = claim_head.run(conn, params).first()
                 if row is not None:
                     return row_to_record(row)
         return None
 
+    def claim_statement(
+        self: SqlBackend, queue: str, worker_id: str, lease_s: float
+    ) -> tuple[Prepared, dict[str, Any]]:
+        """The one statement that claims the head of `queue` for `worker_id` and its
+        parameters (arguments checked by `check_claim`). It returns the claimed task's
+        row, or nothing when the queue is empty."""
+        values = status_columns(
+            TaskStatus.in_progress, StatusReason.claimed,
+            f"claimed by worker {worker_id} from queue {queue}",
+            worker_id=worker_id, lease_s=lease_s,
+        )
+        params = {f"v_{k}": v for k, v in values.items()}
+        params["queue"] = queue
+        return _claim_head(self.dialect == "postgresql"), params
+
     # ----------------------------------------------------------------- leases
     def sweep_expired_leases_if_due(self: SqlBackend) -> None:
         """Run `expire_leases` if it has not run in this client for a while."""
-        now = time.monotonic()
-        if now - self._last_sweep < LEASE_SWEEP_INTERVAL_S:
+        if not self.lease_sweep_due():
             return
-        self._last_sweep = now
+        self._last_sweep = time.monotonic()
         self.expire_leases()
+
+    def lease_sweep_due(self: SqlBackend) -> bool:
+        """True if `claim` would sweep expired leases first (see LEASE_SWEEP_INTERVAL_S)."""
+        return time.monotonic() - self._last_sweep >= LEASE_SWEEP_INTERVAL_S
 
     def expire_leases(self: SqlBackend) -> list[str]:
         """Fail every active task whose lease expired; returns their ids."""
@@ -409,6 +438,16 @@ class QueueingMixin:
     def list_workers(self: SqlBackend) -> list[WorkerInfo]:
         """Registered workers with last-seen time and current tasks."""
         return self._worker_infos()
+
+
+def check_claim(queues: Any, worker_id: Any, lease_s: Any) -> tuple[list[str], float]:
+    """The claim's queue names (without repeats, in order) and lease, checked.
+    InvalidInputError names the argument at fault."""
+    if isinstance(queues, str) or not isinstance(queues, Sequence) or not queues:
+        raise InvalidInputError("queues must be a non-empty list of queue names", field="queues")
+    names = list(dict.fromkeys(check_queue_name(q) for q in queues))
+    _check_worker(worker_id)
+    return names, _check_lease(lease_s)
 
 
 def _queue_params(count: int) -> list[sa.BindParameter]:

@@ -78,14 +78,29 @@ class SqlBackend(QueueingMixin, Backend):
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine, self._read_engine = create_engines(url)
-        self.dialect = self._engine.dialect.name
+        self.sa_dialect = self._engine.dialect
+        self.dialect = self.sa_dialect.name
         init_schema(self._engine)
-        self._direct_connections = DirectConnections(url, self._engine.dialect)
         self._listener = EnqueueListener(normalize_url(url))
+        self.own_backend_pids = self._listener.own_backend_pids
+        self._direct_connections = DirectConnections(url, self._engine.dialect, self.own_backend_pids)
+        if self.dialect == "postgresql":
+            sa.event.listen(self._engine, "connect", self._note_backend_pid)
+            sa.event.listen(self._engine, "close", self._forget_backend_pid)
+            sa.event.listen(self._engine, "close_detached", self._forget_backend_pid)
         self._work_arrived = threading.Condition()
         self._listener.add(self._wake_waiters, listen=False)  # listens once a claim waits
         self._last_sweep = 0.0
         self._known_queues: dict[str, float] = {}
+
+    def _note_backend_pid(self, dbapi_connection: Any, _record: Any) -> None:
+        """Remember a new PostgreSQL connection's backend PID (see EnqueueListener)."""
+        with contextlib.suppress(Exception):
+            self.own_backend_pids.add(dbapi_connection.info.backend_pid)
+
+    def _forget_backend_pid(self, dbapi_connection: Any, _record: Any = None) -> None:
+        with contextlib.suppress(Exception):
+            self.own_backend_pids.discard(dbapi_connection.info.backend_pid)
 
     # ------------------------------------------------------------ plumbing
     @contextlib.contextmanager
@@ -133,16 +148,8 @@ class SqlBackend(QueueingMixin, Backend):
         the change is atomic on both databases, in a transaction or alone; when it matches
         nothing the current row is read to raise the precise error.
         """
-        values = status_columns(status, reason, message, worker_id=worker_id, lease_s=lease_s)
-        if extra:
-            values.update(extra)
-        if body is not None:
-            values["body"] = dumps(body)
-        params = {f"v_{k}": v for k, v in values.items()}
-        params.update(_id=task_id, _worker=worker_id)
-        update = prepared(
-            ("status", status, tuple(values), bool(worker_id)),
-            lambda: _status_update(status, tuple(values), bool(worker_id)),
+        update, params = _status_statement(
+            task_id, status, reason, message, body=body, worker_id=worker_id, lease_s=lease_s, extra=extra
         )
         row = update.run(conn, params).first()
         if row is None:
@@ -355,13 +362,7 @@ class SqlBackend(QueueingMixin, Backend):
         worker_id: str | None = None,
     ) -> TaskRecord:
         """Move a task to `status` if the status rules allow it."""
-        try:
-            status = TaskStatus(status)
-        except ValueError:
-            raise InvalidInputError(
-                f"unknown status {status!r}: one of {', '.join(s.value for s in TaskStatus)}",
-                field="status",
-            ) from None
+        status = check_status(status)
         if status == TaskStatus.queued:
             return self.enqueue(task_id)
         if status == TaskStatus.created:  # from a finished status it is a reset
@@ -376,6 +377,20 @@ class SqlBackend(QueueingMixin, Backend):
                 conn, task_id, status, reason or status.value, message, worker_id=worker_id
             )
         return row_to_record(row)
+
+    def status_statement(
+        self, task_id: str, status: TaskStatus | str, *, reason: str = "", message: str = "",
+        worker_id: str | None = None,
+    ) -> tuple[Prepared, dict[str, Any]] | None:
+        """The one statement that makes `set_status` change the status in the common case,
+        and its parameters; None for the statuses that need more (queued, created).
+
+        The statement returns the task's new row, or nothing when the status rules refuse
+        the change (or there is no such task): `set_status` then says why."""
+        status = check_status(status)
+        if status in (TaskStatus.queued, TaskStatus.created):
+            return None
+        return _status_statement(task_id, status, reason or status.value, message, worker_id=worker_id)
 
     def abort_task(self, task_id: str, *, message: str = "") -> TaskRecord:
         """Abort: created/queued → stopped; in_progress → stopping; stopping stays."""
@@ -555,6 +570,43 @@ def _literal(value: str) -> sa.ColumnElement:
     # Only for our own status constants: rendered into the SQL so it stays prepared.
     assert value.isidentifier()
     return sa.literal_column(f"'{value}'")
+
+
+def check_status(status: TaskStatus | str) -> TaskStatus:
+    """`status` as a TaskStatus; InvalidInputError naming the known ones if it is not one."""
+    try:
+        return TaskStatus(status)
+    except ValueError:
+        raise InvalidInputError(
+            f"unknown status {status!r}: one of {', '.join(s.value for s in TaskStatus)}",
+            field="status",
+        ) from None
+
+
+def _status_statement(
+    task_id: str,
+    status: TaskStatus,
+    reason: str,
+    message: str,
+    *,
+    body: dict[str, Any] | None = None,
+    worker_id: str | None = None,
+    lease_s: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[Prepared, dict[str, Any]]:
+    """The UPDATE of one status change (see `SqlBackend._change_status`) and its parameters."""
+    values = status_columns(status, reason, message, worker_id=worker_id, lease_s=lease_s)
+    if extra:
+        values.update(extra)
+    if body is not None:
+        values["body"] = dumps(body)
+    params = {f"v_{k}": v for k, v in values.items()}
+    params.update(_id=task_id, _worker=worker_id)
+    update = prepared(
+        ("status", status, tuple(values), bool(worker_id)),
+        lambda: _status_update(status, tuple(values), bool(worker_id)),
+    )
+    return update, params
 
 
 def _status_update(status: TaskStatus, keys: tuple[str, ...], check_worker: bool) -> sa.Executable:
