@@ -328,6 +328,27 @@ def test_enqueue_uses_the_task_queue_and_refuses_unknown_queues(backend: Backend
 
 
 @pytest.mark.hot_path
+def test_enqueue_without_a_queue_uses_the_own_queue_or_default(backend: Backend) -> None:
+    backend.create_queue("gpu")
+    on_gpu = backend.create_task({"name": "g", "execution": {"queue": "gpu", "priority": 7}})
+    plain = backend.create_task({"name": "p"})
+    lost = backend.create_task({"name": "l", "execution": {"queue": "gone"}})
+
+    queued = backend.enqueue(on_gpu.id)
+    assert (queued.status, queued.execution.queue, queued.execution.priority) == ("queued", "gpu", 7)
+    assert queued.status_message == "enqueued on gpu"
+    assert backend.enqueue(plain.id).execution.queue == "default"
+    with pytest.raises(NotFoundError, match="gone"):
+        backend.enqueue(lost.id)
+    assert backend.get_task(lost.id).status == TaskStatus.created
+    with pytest.raises(NotFoundError):
+        backend.enqueue("no-such-task")
+
+    assert backend.claim(["gpu"], "w").id == on_gpu.id
+    assert backend.claim(["default"], "w").id == plain.id
+
+
+@pytest.mark.hot_path
 def test_dequeue_returns_the_task_to_created(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})
     backend.enqueue(task.id)

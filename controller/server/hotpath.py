@@ -41,7 +41,12 @@ class AsyncHotCalls:
 
     async def enqueue(self, task_id: str, queue: str | None, priority: int | None) -> TaskRecord:
         """Like `backend.enqueue`; GENERAL unless it is the common case."""
-        statement = self.backend.enqueue_statement(task_id, queue, priority)
+        current = None
+        if queue is None:  # the task's own queue (see `SqlBackend.enqueue`)
+            current = await self._run(self.backend.task_queue_statement(task_id))
+            if current is GENERAL:
+                return GENERAL
+        statement = self.backend.enqueue_statement(task_id, queue, priority, current=current)
         if statement is None:
             return GENERAL
         row = await self._run(statement)

@@ -55,6 +55,8 @@ LEASE_SWEEP_INTERVAL_S = 1.0
 MAX_LEASE_S = 86_400.0
 #: How long a client trusts that a queue it saw still exists (claims skip the look-up).
 KNOWN_QUEUE_TTL_S = 5.0
+#: The queue of a task enqueued without one that has none of its own.
+DEFAULT_QUEUE = "default"
 
 _queue_name_re = re.compile(QUEUE_NAME_PATTERN)
 
@@ -166,7 +168,12 @@ class QueueingMixin:
         self: SqlBackend, task_id: str, queue: str | None = None, *, priority: int | None = None
     ) -> TaskRecord:
         """Put a created (or finished: a re-run) task on a queue (its own by default)."""
-        fast = self.enqueue_statement(task_id, queue, priority)
+        current = None
+        if queue is None:  # which is its own queue, and is the task still created?
+            lookup, params = self.task_queue_statement(task_id)
+            with self._direct() as conn:
+                current = lookup.run(conn, params).first()
+        fast = self.enqueue_statement(task_id, queue, priority, current=current)
         row = None
         if fast is not None:
             with self._direct() as conn:
@@ -176,21 +183,32 @@ class QueueingMixin:
         return self.enqueued(row)
 
     def enqueue_statement(
-        self: SqlBackend, task_id: str, queue: str | None, priority: int | None
+        self: SqlBackend, task_id: str, queue: str | None, priority: int | None, *, current: Any = None
     ) -> tuple[Prepared, dict[str, Any]] | None:
-        """The one statement that enqueues in the common case (a created task onto a
-        named, existing queue) and its parameters; None if no queue is named.
+        """The one statement that enqueues in the common case (a created task onto an
+        existing queue) and its parameters, or None when the common case cannot apply.
+
+        With no `queue` named, the task goes on its own queue: `current` is then the
+        task's status and queue as `task_queue_statement` read them (None: no such task),
+        and the statement also checks that the task's queue is still that one.
 
         The statement returns the task's new row, or nothing when the common case does
         not apply: then `enqueue` does it in general (or says why it cannot). Bad
         arguments raise InvalidInputError."""
         if priority is not None and (not isinstance(priority, int) or abs(priority) > 1_000_000):
             raise InvalidInputError(f"priority must be an integer within ±1000000, got {priority!r}", field="priority")
-        if queue is None:
-            return None
+        own = queue is None
+        if own:
+            if current is None or current.status != TaskStatus.created.value:
+                return None  # a re-run, or an error to explain: the general path
+            queue = current.queue or DEFAULT_QUEUE
         check_queue_name(queue)
         values = status_columns(TaskStatus.queued, StatusReason.enqueued, f"enqueued on {queue}")
-        return _enqueue_update(rerun=False), _enqueue_params(task_id, queue, priority, values)
+        return _enqueue_update(rerun=False, own=own), _enqueue_params(task_id, queue, priority, values)
+
+    def task_queue_statement(self: SqlBackend, task_id: str) -> tuple[Prepared, dict[str, Any]]:
+        """The statement reading a task's status and queue (for `enqueue_statement`)."""
+        return _SELECT_STATUS_AND_QUEUE, {"id": task_id}
 
     def enqueued(self: SqlBackend, row: Any) -> TaskRecord:
         """The record of a task row just enqueued; wakes this process's waiting claimers."""
@@ -203,7 +221,7 @@ class QueueingMixin:
         """Enqueue in general: the task's own queue, a re-run, or the precise refusal."""
         with self._write() as conn:
             row = self._row(conn, task_id, for_update=True)
-            queue_name = queue or row.queue or "default"
+            queue_name = queue or row.queue or DEFAULT_QUEUE
             self._require_queue(conn, queue_name)
             current = TaskStatus(row.status)
             if TaskStatus.queued not in LEGAL_TRANSITIONS[current]:
@@ -495,11 +513,12 @@ def _enqueue_params(
     return params
 
 
-def _enqueue_update(*, rerun: bool) -> Prepared:
+def _enqueue_update(*, rerun: bool, own: bool = False) -> Prepared:
     """UPDATE a task to queued on :queue, at the end of its priority's line.
 
-    `rerun=False`: only from created (and :queue must exist), the hot path; `rerun=True`:
-    from a finished status, with a new body. :priority NULL keeps the task's priority.
+    `rerun=False`: only from created (and :queue must exist), the hot path; with `own`,
+    only if :queue is (still) the task's own queue. `rerun=True`: from a finished
+    status, with a new body. :priority NULL keeps the task's priority.
     """
 
     def build() -> sa.Executable:
@@ -525,6 +544,9 @@ def _enqueue_update(*, rerun: bool) -> Prepared:
         else:
             queue_exists = sa.exists().where(schema.queues.c.name == sa.bindparam("queue"))
             condition = sa.and_(T.c.status == sa.literal_column("'created'"), queue_exists)
+            if own:
+                own_queue = sa.func.coalesce(T.c.queue, sa.literal_column(f"'{DEFAULT_QUEUE}'"))
+                condition = sa.and_(condition, own_queue == sa.bindparam("queue"))
         return (
             T.update()
             .where(T.c.id == sa.bindparam("_id"), condition)
@@ -532,7 +554,10 @@ def _enqueue_update(*, rerun: bool) -> Prepared:
             .returning(*schema.RECORD_COLUMNS)
         )
 
-    return prepared(("enqueue", rerun), build)
+    return prepared(("enqueue", rerun, own), build)
+
+
+_SELECT_STATUS_AND_QUEUE = Prepared(sa.select(T.c.status, T.c.queue).where(T.c.id == sa.bindparam("id")))
 
 
 _SELECT_QUEUE = Prepared(sa.select(schema.queues.c.name).where(schema.queues.c.name == sa.bindparam("name")))

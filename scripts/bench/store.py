@@ -188,9 +188,8 @@ def main() -> None:
             for label, url_pg in (("", pg_url), (", synchronous_commit=off", no_fsync_url)):
                 proc, url = start_server(url_pg)
                 try:
-                    if not label:
-                        wake = wakeup_latencies(url, args.wakeups)
-                        record("long-poll wake-up over HTTP (PostgreSQL)", [w * 1000 for w in wake], "ms")
+                    wake = wakeup_latencies(url, args.wakeups)
+                    record(f"long-poll wake-up over HTTP (PostgreSQL{label})", [w * 1000 for w in wake], "ms")
                     record(
                         f"cycles/s HTTP over PostgreSQL{label}",
                         [cycles_per_s(url, args.http_cycles) for _ in range(args.runs)],
