@@ -168,15 +168,13 @@ class QueueingMixin:
         self: SqlBackend, task_id: str, queue: str | None = None, *, priority: int | None = None
     ) -> TaskRecord:
         """Put a created (or finished: a re-run) task on a queue (its own by default)."""
-        current = None
-        if queue is None:  # which is its own queue, and is the task still created?
-            lookup, params = self.task_queue_statement(task_id)
-            with self._direct() as conn:
+        current = row = None
+        with self._direct() as conn:  # one connection for the look-up and the update
+            if queue is None:  # which is its own queue, and is the task still created?
+                lookup, params = self.task_queue_statement(task_id)
                 current = lookup.run(conn, params).first()
-        fast = self.enqueue_statement(task_id, queue, priority, current=current)
-        row = None
-        if fast is not None:
-            with self._direct() as conn:
+            fast = self.enqueue_statement(task_id, queue, priority, current=current)
+            if fast is not None:
                 row = fast[0].run(conn, fast[1]).first()
         if row is None:
             row = self._enqueue_in_transaction(task_id, queue, priority)
