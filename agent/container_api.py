@@ -1,62 +1,92 @@
-"""How a step in a container reaches the control plane through an `http://` URL.
+"""How a step in a container reaches the control plane: the `CONVEYOR_API` it gets.
 
-`ContainerApi.endpoint_for(api_url, token)` says what a container gets as
-`CONVEYOR_API` / `CONVEYOR_API_TOKEN`; `ContainerApi.open_relay(pid, endpoint)` makes
-that URL work inside the started container. Decisions:
+`ContainerApi.endpoint_for(api_url, token, client, network_mode)` says what a container
+gets as `CONVEYOR_API` / `CONVEYOR_API_TOKEN`, and which `--add-host` entry makes that
+URL resolve. Everything here is a standard mechanism: the agent never enters a
+container's namespaces and never serves the store from inside its own process.
+
+Decisions:
 
 - **An http(s) API on another host** is handed over as it is: containers route to it
-  like the agent does. Nothing to relay.
-- **A database URL** (the embedded SQLite store, or PostgreSQL): the agent serves it.
-  `controller.server.create_app` over a SqlBackend of that URL runs in a uvicorn server
-  on a thread of the agent, on the host's loopback (random port), with a random bearer
-  token that only this agent's containers get. The database is not mounted into
-  containers: SQLite over a bind mount breaks with a lost agent, and the server keeps
-  the same contract as every other transport. Artifacts of such steps go to the files
-  area the agent mounts (see `agent.environments.docker`), not to this ephemeral server.
-- **An API on the host's loopback** (`http://127.0.0.1:8008`, or the server above)
-  cannot be reached from a container's own network namespace. The agent opens a
-  listening socket *inside the container's network namespace* on the very same
-  loopback address and port (a short-lived thread `setns`-es into
-  `/proc/<container pid>/ns/net`, binds, and ends; the socket stays in that namespace)
-  and forwards each connection to the host's loopback, byte for byte. So the step sees
-  exactly the agent's URL: tokens, long polls, the files endpoint and the URLs of
-  uploaded artifacts are the same inside and outside, nothing is exposed on the docker
-  bridge (other containers cannot reach it), and it works with any `--network`
-  (`none` included; `host` needs no relay). The relay lives as long as the container.
-  The container's bootstrap waits for `run/api-ready` before running anything, so the
-  step never races the relay.
-- **Without CAP_SYS_ADMIN** (an agent that is not root but in the docker group) `setns`
-  is refused; then a relay on the docker bridge's gateway address (the host's side of
-  `docker0`, a random port, shared by the agent's containers) forwards instead, and the
-  container's URL names that address. Artifact URLs of the files endpoint then name it
-  too: run agents as root, or use an API URL containers can reach.
+  like the agent does. Nothing to serve or relay.
+- **A database URL** (the embedded SQLite store, or PostgreSQL): the agent starts the
+  public API server, `python -m controller.server` (what `controller serve` runs), as a
+  child process over the same store URL, once per agent at its first container step. It
+  listens on the docker bridge's gateway address (the host's side of `docker0`, see
+  `bridge_gateway`) on a free port, with a random token (passed in the child's
+  environment, never on its command line) that only this agent's containers get; the
+  agent waits for its `/health` before any container uses it. The database is not
+  mounted into containers: SQLite over a bind mount breaks with a lost agent, and the
+  server keeps the same contract as every other transport. Artifacts of such steps go
+  to the files area the agent mounts (see `agent.environments.docker`). The server runs
+  in its own session (a Ctrl-C to the agent's terminal does not cut running steps off),
+  is registered with the agent's watchdog (an agent killed by SIGKILL takes it along)
+  and is stopped and reaped when the agent process exits (`close`, run at exit). If it
+  dies, the next container step starts a new one. Its output goes to
+  `CONVEYOR_HOME/logs/container-api-<agent pid>.log`.
+- **An http(s) API on the host's loopback** (`http://127.0.0.1:8008`, the default of
+  `controller serve`) cannot be reached from a container's network namespace. The agent
+  forwards it: a TCP relay listening on the bridge gateway address (a free port, shared
+  by the agent's containers, bytes copied as they are, so tokens, long polls and the
+  files endpoint behave as on the host). This keeps `controller serve` with its default
+  `--host` working for container steps. The container's URL names the relay
+  (`http://host.docker.internal:<relay port>`), and so do the URLs of artifacts such a
+  step uploads to the files endpoint; the host resolves them only through the gateway
+  address while the agent runs. For artifact URLs that work everywhere, serve on an
+  address containers can reach (`controller serve --host 0.0.0.0`) and start the agent
+  with that address (`--api http://<host address>:8008`): it is handed over unrelayed.
+- **The name.** Containers get `--add-host host.docker.internal:<gateway address>` (the
+  address the agent's server or relay listens on, not the engine's `host-gateway`
+  setting, which may name another one) and `CONVEYOR_API=http://host.docker.internal:PORT`.
+  Containers on user-defined networks reach the gateway address through the host too.
+- **`--network host`**: the host's loopback is the container's, so a loopback API is
+  handed over as it is; a database URL gets the agent's server as above.
+  **`--network container:<id>`** cannot take `--add-host`: the URL names the gateway
+  address itself. **`--network none`** fails the task (setup_failed) naming the option:
+  such a step could not reach the control plane.
+- **Exposure.** The server and the relays listen on the bridge address, reachable from
+  the host and from every container on the engine's networks (not from other machines).
+  The agent's server requires its token; a relayed API is exactly as open as the API
+  the agent was given.
 """
 
 from __future__ import annotations
 
-import ctypes
+import atexit
 import ipaddress
 import logging
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import psutil
 
+import controller
 from agent.environments.errors import ContainerError
+from agent.watchdog import guard_process_group, release_process_group
+from controller.backend import backend_from_url, conveyor_home
+from controller.errors import ConveyorError
 
 log = logging.getLogger(__name__)
 
-_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
-_CLONE_NEWNET = 0x40000000
-#: Seconds the embedded server gets to start answering.
+#: The name containers use for the host (an `--add-host` entry naming the gateway address).
+HOST_NAME = "host.docker.internal"
+#: Seconds the agent's API server gets to answer /health after it starts.
 SERVER_START_TIMEOUT_S = 30.0
-_RELAY_BUFFER = 64 * 1024
+#: Seconds the agent's API server gets to exit after SIGTERM before SIGKILL.
+SERVER_STOP_TIMEOUT_S = 10.0
+#: Times the server is started on a new port when the one picked was taken meanwhile.
+_SERVER_START_ATTEMPTS = 3
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+_RELAY_BUFFER_BYTES = 64 * 1024
 
 
 class ContainerApiError(ContainerError):
@@ -67,11 +97,11 @@ class ContainerApiError(ContainerError):
 
 @dataclass(frozen=True)
 class ApiEndpoint:
-    """What a container gets, and the host loopback address to relay (None: nothing)."""
+    """What a container gets: its API URL and token, and `--add-host` entries for it."""
 
     url: str
     token: str | None
-    relay_to: tuple[str, int] | None = None
+    extra_hosts: tuple[tuple[str, str], ...] = ()
 
 
 def is_loopback_host(host: str) -> bool:
@@ -109,59 +139,25 @@ def bridge_gateway(client: Any) -> str:
     )
 
 
-def _setns_allowed() -> bool:
-    """True if this process may enter network namespaces (CAP_SYS_ADMIN)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open("/proc/self/ns/net", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        return libc.setns(fd, _CLONE_NEWNET) == 0  # entering our own namespace: a no-op
-    finally:
-        os.close(fd)
-
-
-def _listen_in_netns(pid: int, address: tuple[str, int]) -> socket.socket:
-    """A listening socket on `address` inside the network namespace of process `pid`."""
-    result: list[Any] = []
-
-    def enter_and_bind() -> None:  # this thread never leaves the namespace: it just ends
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-            finally:
-                os.close(fd)
-            result.append(socket.create_server(address))
-        except OSError as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=enter_and_bind, name="netns-bind", daemon=True)
-    thread.start()
-    thread.join(10)
-    if not result or isinstance(result[0], Exception):
-        why = result[0] if result else "timed out"
-        raise ContainerApiError(
-            f"cannot listen on {address[0]}:{address[1]} inside the container: {why}"
-        )
-    return result[0]
+def _free_port(host: str) -> int:
+    """A TCP port on `host` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 class Relay:
-    """Accepts on `sock` and forwards each connection to `target` (threads per side)."""
+    """Accepts on `sock` and copies each connection's bytes to and from `target`."""
 
     def __init__(self, sock: socket.socket, target: tuple[str, int]) -> None:
         self.sock = sock
         self.target = target
-        self.port = sock.getsockname()[1]
+        self.port = int(sock.getsockname()[1])
         self._closed = False
         threading.Thread(target=self._accept, name="api-relay", daemon=True).start()
 
     def close(self) -> None:
-        """Stop accepting (open connections end with the container)."""
+        """Stop accepting (open connections end with their container)."""
         self._closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -188,7 +184,7 @@ class Relay:
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
         try:
-            while data := src.recv(_RELAY_BUFFER):
+            while data := src.recv(_RELAY_BUFFER_BYTES):
                 dst.sendall(data)
         except OSError:
             pass
@@ -201,84 +197,172 @@ class Relay:
             src.close()
 
 
-class _EmbeddedServer:
-    """`create_app` over a SqlBackend, served by uvicorn on a thread, on host loopback."""
+class ApiServerProcess:
+    """`python -m controller.server` over `db_url` on `host`, as a child of the agent."""
 
-    def __init__(self, db_url: str) -> None:
-        import uvicorn
-
-        from controller.server import create_app
-        from controller.store import SqlBackend
-
+    def __init__(self, db_url: str, host: str) -> None:
+        self.db_url = db_url
+        self.host = host
         self.token = secrets.token_urlsafe(24)
-        self.backend = SqlBackend(db_url)
-        app = create_app(self.backend, self.token, lease_sweep_s=0)
-        sock = socket.create_server(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-        self.server = uvicorn.Server(config)
-        thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, name="api-server", daemon=True
+        self.log_path = conveyor_home() / "logs" / f"container-api-{os.getpid()}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        try:
+            for attempt in range(_SERVER_START_ATTEMPTS):
+                if self._start(_free_port(host)):
+                    return
+                log.warning("the agent's API server for containers exited at start "
+                            "(attempt %d); retrying on another port", attempt + 1)
+        except BaseException:
+            self.stop()
+            raise
+        self.stop()
+        raise ContainerApiError(
+            f"the agent's API server for containers did not start (see {self.log_path})"
         )
-        thread.start()
+
+    @property
+    def url(self) -> str:
+        """Where the server answers, from the host and from containers."""
+        return f"http://{self.host}:{self.port}"
+
+    def alive(self) -> bool:
+        """True while the server process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def _start(self, port: int) -> bool:
+        """Run the server on `port`; True once it answers /health, False if it exited."""
+        sdk_root = str(Path(controller.__file__).resolve().parent.parent)  # the agent's own
+        env = dict(os.environ, CONVEYOR_API_TOKEN=self.token)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [sdk_root, env.get("PYTHONPATH")]))
+        self.port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controller.server", "--host", self.host, "--port", str(port),
+             "--db", self.db_url, "--log-level", "warning"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,  # the agent's terminal signals must not stop it early
+        )
+        guard_process_group(self.proc.pid)  # removed with the agent, even on SIGKILL
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not self.server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise ContainerApiError("the agent's API server for containers did not start")
-            time.sleep(0.01)
+        backend = backend_from_url(self.url, token=self.token)
+        try:
+            while self.proc.poll() is None:
+                try:
+                    backend.health()
+                    return True
+                except ConveyorError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ContainerApiError(
+                        f"the agent's API server for containers did not answer within "
+                        f"{SERVER_START_TIMEOUT_S:g} s (see {self.log_path})"
+                    )
+                time.sleep(0.05)
+        finally:
+            backend.close()
+        release_process_group(self.proc.pid)
+        return False
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after `SERVER_STOP_TIMEOUT_S`; reaped, log closed."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(SERVER_STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            release_process_group(proc.pid)
+        self._log.close()
 
 
 class ContainerApi:
-    """The embedded servers and relays of one agent process."""
+    """The API server and relays one agent process runs for its containers."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._servers: dict[str, _EmbeddedServer] = {}
-        self._bridge_relays: dict[tuple[str, int], Relay] = {}
-        self._use_netns: bool | None = None
+        self._servers: dict[str, ApiServerProcess] = {}
+        self._relays: dict[tuple[str, int], tuple[str, Relay]] = {}  # target: (gateway, relay)
+        self._at_exit = False
 
-    def endpoint_for(self, api_url: str, token: str | None, client: Any) -> ApiEndpoint:
-        """The API a container gets for the agent's `api_url` (see the module docstring)."""
+    def endpoint_for(
+        self, api_url: str, token: str | None, client: Any, network_mode: str | None = None
+    ) -> ApiEndpoint:
+        """The API a container on `network_mode` gets for the agent's `api_url`.
+
+        `client` is the docker SDK client (for the bridge address). See the module
+        docstring; ContainerApiError when the API cannot be made reachable.
+        """
+        if network_mode == "none":
+            raise ContainerApiError(
+                "docker_args --network none: the step could not reach the Conveyor API; "
+                "use the default bridge network or a network of your own"
+            )
         parsed = urllib.parse.urlsplit(api_url)
-        with self._lock:
-            if self._use_netns is None:
-                self._use_netns = _setns_allowed()
-                if not self._use_netns:
-                    log.warning("cannot enter network namespaces (not root?): containers "
-                                "reach the API through the docker bridge address")
-            if parsed.scheme in ("http", "https"):
-                host = parsed.hostname or ""
-                if not is_loopback_host(host):
-                    return ApiEndpoint(api_url, token)
-                target = (host, parsed.port or (443 if parsed.scheme == "https" else 80))
-                url = api_url
-            else:
-                server = self._servers.get(api_url)
-                if server is None:
-                    server = self._servers[api_url] = _EmbeddedServer(api_url)
-                    log.info("serving %s to containers on 127.0.0.1:%d", api_url, server.port)
-                target, token = ("127.0.0.1", server.port), server.token
-                url = f"http://127.0.0.1:{server.port}"
-                parsed = urllib.parse.urlsplit(url)
-            if self._use_netns:
-                return ApiEndpoint(url, token, target)
-            relay = self._bridge_relays.get(target)
-            if relay is None:
-                gateway = bridge_gateway(client)
-                try:
-                    sock = socket.create_server((gateway, 0))
-                except OSError as exc:
-                    raise ContainerApiError(
-                        f"cannot listen on the docker bridge address {gateway}: {exc}"
-                    ) from None
-                relay = self._bridge_relays[target] = Relay(sock, target)
-            netloc = f"{bridge_gateway(client)}:{relay.port}"
-            return ApiEndpoint(urllib.parse.urlunsplit(parsed._replace(netloc=netloc)), token)
+        if parsed.scheme in ("http", "https"):
+            host = parsed.hostname or ""
+            if not is_loopback_host(host) or network_mode == "host":
+                return ApiEndpoint(api_url, token)
+            target = (host, parsed.port or (443 if parsed.scheme == "https" else 80))
+            with self._lock:
+                gateway, port = self._relay(target, client)
+        else:
+            with self._lock:
+                server = self._server(api_url, client)
+                gateway, port, token = server.host, server.port, server.token
+            parsed = urllib.parse.urlsplit(server.url)
+        if network_mode is not None and network_mode.startswith("container:"):
+            return ApiEndpoint(urllib.parse.urlunsplit(parsed._replace(
+                netloc=f"{gateway}:{port}")), token)
+        url = urllib.parse.urlunsplit(parsed._replace(netloc=f"{HOST_NAME}:{port}"))
+        return ApiEndpoint(url, token, ((HOST_NAME, gateway),))
 
-    def open_relay(self, container_pid: int, endpoint: ApiEndpoint) -> Relay | None:
-        """Make `endpoint.url` work inside the running container (None: nothing to do)."""
-        if endpoint.relay_to is None:
-            return None
-        host, port = endpoint.relay_to
-        bind_host = "127.0.0.1" if host.lower() in _LOOPBACK_NAMES else host
-        return Relay(_listen_in_netns(container_pid, (bind_host, port)), endpoint.relay_to)
+    def close(self) -> None:
+        """Stop the relays and the API server (run at exit of the agent process)."""
+        with self._lock:
+            relays, self._relays = [relay for _, relay in self._relays.values()], {}
+            servers, self._servers = list(self._servers.values()), {}
+        for relay in relays:
+            relay.close()
+        for server in servers:
+            server.stop()
+
+    def _stop_at_exit(self) -> None:
+        if not self._at_exit:
+            self._at_exit = True
+            atexit.register(self.close)
+
+    def _server(self, db_url: str, client: Any) -> ApiServerProcess:
+        server = self._servers.get(db_url)
+        if server is not None and server.alive():
+            return server
+        if server is not None:
+            log.warning("the agent's API server for containers exited (code %s); starting "
+                        "a new one", server.proc.returncode if server.proc else None)
+            server.stop()
+        self._stop_at_exit()
+        server = self._servers[db_url] = ApiServerProcess(db_url, bridge_gateway(client))
+        log.info("serving the store to containers on %s (pid %s)", server.url,
+                 server.proc.pid if server.proc else None)
+        return server
+
+    def _relay(self, target: tuple[str, int], client: Any) -> tuple[str, int]:
+        if target in self._relays:
+            gateway, relay = self._relays[target]
+            return gateway, relay.port
+        gateway = bridge_gateway(client)
+        try:
+            sock = socket.create_server((gateway, 0))
+        except OSError as exc:
+            raise ContainerApiError(
+                f"cannot listen on the docker bridge address {gateway}: {exc}"
+            ) from None
+        self._stop_at_exit()
+        relay = Relay(sock, target)
+        self._relays[target] = (gateway, relay)
+        log.info("relaying %s:%d to containers on %s:%d", *target, gateway, relay.port)
+        return gateway, relay.port

@@ -40,7 +40,6 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, NotFound
 
-from agent.container_api import ApiEndpoint, Relay
 from agent.environments.container_boot import MARK
 from agent.environments.docker import ContainerSpec
 from agent.environments.errors import ContainerError
@@ -187,7 +186,6 @@ def run_container(
     should_abort: Callable[[], str | None],
     grace_s: float = 10.0,
     *,
-    open_relay: Callable[[int, ApiEndpoint], Relay | None] | None = None,
     flush_interval_s: float = 0.25,
 ) -> StepOutcome:
     """Create, start, supervise and remove the container of `spec`; how the step ended.
@@ -205,7 +203,6 @@ def run_container(
     guard_container(container.id)
     pump = OutputPump(_agent_lines(on_output), flush_interval_s=flush_interval_s)
     reader: threading.Thread | None = None
-    relay: Relay | None = None
     run_started: float | None = None
     ended_at: float | None = None
     stop_reason: str | None = None
@@ -219,9 +216,6 @@ def run_container(
         except _ENGINE_ERRORS as exc:
             raise ContainerError(f"the container from image {spec.image!r} failed to start: "
                                  f"{_one_line(exc)}") from None
-        if spec.api.relay_to is not None and open_relay is not None:
-            relay = open_relay(_state(api, container.id)["Pid"], spec.api)
-            (spec.run_dir / "api-ready").touch()
         deadline: float | None = None
         next_inspect = 0.0
         while True:
@@ -256,8 +250,6 @@ def run_container(
                              f"{_one_line(exc)}") from None
     finally:
         _remove(api, container.id)
-        if relay is not None:
-            relay.close()
         if reader is not None:
             reader.join(5.0)
         output_error = pump.close()

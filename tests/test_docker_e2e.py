@@ -151,9 +151,9 @@ def test_a_container_step_gets_docker_args_setup_script_packages_and_the_api(
     assert done.status == TaskStatus.completed, log
     assert "env: hello | setup: ready | package: tiny 1.0" in log
     assert "setup says hi" in log and "appended through the API" in log
-    # the container sees the agent's own URL (a loopback server is relayed into it);
-    # the embedded store is served by the agent on its loopback
-    assert f"api: {api_url}" in log if api_url.startswith("http") else "api: http://127.0.0.1:" in log
+    # a loopback API is relayed on the bridge address; the embedded store is served by a
+    # `controller serve` child of the agent there: both under the host's name
+    assert "api: http://host.docker.internal:" in log
     assert done.runtime.model_extra["from_container"] == "ready/tiny 1.0"
     assert done.runtime.model_extra["container"]["image"] == TEST_IMAGE
     assert containers_of(docker_client, worker_id) == []
@@ -239,15 +239,18 @@ def test_output_streams_and_an_abort_stops_the_container(
 
 
 @pytest.mark.docker
-def test_agent_shutdown_stops_the_container_after_the_grace(
+def test_agent_shutdown_stops_the_container_after_the_grace_and_its_api_server(
     docker_client: Any, backend: Backend, sqlite_url: str, daemons: Daemons, worker_id: str
 ) -> None:
     task_id = container_task(backend, "import time\nprint('busy', flush=True)\ntime.sleep(300)\n")
     daemon = daemons.start(sqlite_url, "--docker", "--worker-id", worker_id,
                            "--shutdown-grace", "1")
     wait_for_line(backend, task_id, "busy", timeout=60)
+    servers = api_server_children(daemon.pid)
+    assert len(servers) == 1, "the agent serves the store to its containers"
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
+    wait_gone(servers, 5)  # stopped and reaped with the agent
     stopped = backend.get_task(task_id)
     assert (stopped.status, stopped.status_reason) == (TaskStatus.stopped, "agent_shutdown")
     assert containers_of(docker_client, worker_id) == []
@@ -275,27 +278,68 @@ def test_the_agents_gpus_become_a_device_request_and_nvidia_visible_devices(
     assert any("replaces the task's --gpus" in line for line in said)
 
 
+PROBE_QUEUES = (
+    "import sys, urllib.error, urllib.request\n"
+    "headers = {'Authorization': 'Bearer ' + sys.argv[2]} if sys.argv[2] else {}\n"
+    "req = urllib.request.Request(sys.argv[1] + '/api/v1/queues', headers=headers)\n"
+    "try:\n    print(urllib.request.urlopen(req, timeout=10).status)\n"
+    "except urllib.error.HTTPError as exc:\n    print(exc.code)\n"
+)
+
+
+def api_server_children(pid: int) -> list[Any]:
+    """The `controller.server` processes among the children of process `pid`."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children()
+            if "controller.server" in " ".join(p.cmdline())]
+
+
+def wait_gone(processes: list[Any], seconds: float) -> None:
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=seconds)
+    assert not alive, f"still running: {[p.pid for p in alive]}"
+
+
 @pytest.mark.docker
-def test_without_setns_containers_reach_the_store_through_the_bridge_relay(
+def test_the_store_is_served_to_containers_by_a_child_api_server_with_its_own_token(
     docker_client: Any, sqlite_url: str
 ) -> None:
     from agent.container_api import ContainerApi
 
     api = ContainerApi()
-    api._use_netns = False  # as for an agent that is not root
-    endpoint = api.endpoint_for(sqlite_url, None, docker_client)
-    assert endpoint.relay_to is None and not endpoint.url.startswith("http://127.")
-    probe = (
-        "import sys, urllib.request\n"
-        "req = urllib.request.Request(sys.argv[1] + '/api/v1/queues',"
-        " headers={'Authorization': 'Bearer ' + sys.argv[2]})\n"
-        "print(urllib.request.urlopen(req, timeout=10).status)\n"
-    )
-    output = docker_client.containers.run(
-        TEST_IMAGE, ["python3", "-c", probe, endpoint.url, endpoint.token or ""], remove=True,
-        labels={LABEL_WORKER: "bridge-relay-test"},
-    )
-    assert output.decode().strip() == "200"
+    try:
+        endpoint = api.endpoint_for(sqlite_url, None, docker_client)
+        assert endpoint.url.startswith("http://host.docker.internal:") and endpoint.token
+        assert api.endpoint_for(sqlite_url, None, docker_client) == endpoint  # started once
+        [server] = api_server_children(os.getpid())
+
+        def probe(token: str) -> str:
+            output = docker_client.containers.run(
+                TEST_IMAGE, ["python3", "-c", PROBE_QUEUES, endpoint.url, token], remove=True,
+                extra_hosts=dict(endpoint.extra_hosts), labels={LABEL_WORKER: "api-server-test"},
+            )
+            return output.decode().strip()
+
+        assert probe(endpoint.token) == "200"
+        assert probe("") == "401"  # only the agent's containers have the token
+    finally:
+        api.close()
+    wait_gone([server], 5)
+
+
+@pytest.mark.docker
+def test_a_container_without_network_fails_naming_the_option(
+    docker_client: Any, backend: Backend, sqlite_url: str, daemons: Daemons, worker_id: str
+) -> None:
+    task_id = container_task(backend, "print('should not run')\n",
+                             container={"arguments": "--network none"})
+    daemons.start(sqlite_url, "--docker", "--worker-id", worker_id)
+    failed = wait_for(backend, task_id, "completed", "failed", timeout=60)
+    assert (failed.status, failed.status_reason) == (TaskStatus.failed, "setup_failed")
+    assert "--network none" in failed.status_message
+    assert "should not run" not in log_text(backend, task_id)
 
 
 @pytest.mark.docker
@@ -340,19 +384,22 @@ def test_an_image_that_is_missing_and_cannot_be_pulled_fails_naming_it(
 
 
 @pytest.mark.docker
-def test_sigkill_of_the_agent_removes_its_container(
+def test_sigkill_of_the_agent_removes_its_container_and_api_server(
     docker_client: Any, backend: Backend, sqlite_url: str, daemons: Daemons, worker_id: str
 ) -> None:
     task_id = container_task(backend, "import time\nprint('running', flush=True)\ntime.sleep(300)\n")
     daemon = daemons.start(sqlite_url, "--docker", "--worker-id", worker_id)
     wait_for_line(backend, task_id, "running", timeout=60)
     assert containers_of(docker_client, worker_id)
+    servers = api_server_children(daemon.pid)
+    assert len(servers) == 1, "the agent serves the store to its containers"
     daemon.kill()
     daemon.wait(10)
     deadline = time.monotonic() + 15
     while containers_of(docker_client, worker_id):
         assert time.monotonic() < deadline, "the watchdog did not remove the container"
         time.sleep(0.2)
+    wait_gone(servers, 15)  # the watchdog kills the agent's API server too
 
 
 @pytest.mark.docker

@@ -31,7 +31,8 @@ Decisions:
 - **Environment** of the step, later wins: the image's, docker_args `-e`, the task's
   `Environment` hyperparameters, the agent's GPUs (`NVIDIA_VISIBLE_DEVICES`), then
   `CONVEYOR_TASK_ID`, `CONVEYOR_API`/`CONVEYOR_API_TOKEN` (an `http://` URL the
-  container can reach, see `agent.container_api`), `CONVEYOR_WORKER_ID`. Nothing else
+  container can reach, with the `--add-host` entry naming it: see
+  `agent.container_api`), `CONVEYOR_WORKER_ID`. Nothing else
   of the agent's environment goes in, except `CONVEYOR_OUTPUT_URI` when the agent has
   one.
 - **Artifacts on a SQL store.** The SDK's default destination there is the files area
@@ -112,10 +113,6 @@ BOOTSTRAP_SH = f"""#!/bin/sh
 # Written by the Conveyor agent: the setup script, then the Python bootstrap.
 RUN={RUN_DIR}
 echo setup > "$RUN/stage"
-i=0  # the agent opens the API relay right after the start: wait for it (30 s at most)
-while [ ! -f "$RUN/api-ready" ] && [ "$i" -lt 3000 ]; do
-  i=$((i + 1)); sleep 0.01 2>/dev/null || sleep 1
-done
 if [ -f "$RUN/setup.sh" ]; then
   echo "{container_boot.MARK}running the container setup script" >&2
   if command -v bash >/dev/null 2>&1; then bash "$RUN/setup.sh"; else sh "$RUN/setup.sh"; fi
@@ -306,9 +303,9 @@ def prepare_container(
         say(f"ignored docker_args (the agent decides these): {' '.join(options.ignored)}")
     client = settings.docker.engine.client()
     image = ensure_image(client, image_name, say)
-    api = settings.docker.api.endpoint_for(settings.api_url, settings.api_token, client)
-    if options.network_mode == "host":
-        api = ApiEndpoint(api.url, api.token)  # the host's loopback is the container's
+    api = settings.docker.api.endpoint_for(
+        settings.api_url, settings.api_token, client, options.network_mode
+    )
 
     packages = normalize_packages(task.packages)
     requirements = ""
@@ -345,10 +342,10 @@ def prepare_container(
         "argv": [str(a) for a in argv_for(venv_python)],
         "cwd": _in_container(run_in, checkout_root, "working directory"),
     })
-    if api.relay_to is None:
-        (run_dir / "api-ready").touch()  # else written once the relay listens
 
     kwargs = options.create_kwargs()
+    if api.extra_hosts:  # the name of the agent's server or relay wins over docker_args'
+        kwargs["extra_hosts"] = {**kwargs.get("extra_hosts", {}), **dict(api.extra_hosts)}
     env, files_mounts = _step_environment(task, options, settings, api)
     if settings.gpus:
         request, gpu_env = agent_gpu_request(settings.gpus)
@@ -438,7 +435,7 @@ def run_task_in_container(
         say(f"starting container {spec.name} from image {spec.image}")
         outcome = run_container(
             settings.docker.engine.client(), spec, task.execution.time_limit_s, on_output,
-            should_abort, settings.stop_grace_s, open_relay=settings.docker.api.open_relay,
+            should_abort, settings.stop_grace_s,
         )
     finally:
         if not settings.keep_work_dirs:
