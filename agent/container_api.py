@@ -249,10 +249,11 @@ class ApiServerProcess:
         backend = backend_from_url(self.url, token=self.token)
         try:
             while self.proc.poll() is None:
-                try:
+                try:  # a cheap TCP connect until it listens, then its /health
+                    socket.create_connection((self.host, port), timeout=1).close()
                     backend.health()
                     return True
-                except ConveyorError:
+                except (OSError, ConveyorError):
                     pass
                 if time.monotonic() > deadline:
                     raise ContainerApiError(
