@@ -31,8 +31,8 @@ Decisions:
   files endpoint behave as on the host). This keeps `controller serve` with its default
   `--host` working for container steps. The container's URL names the relay
   (`http://host.docker.internal:<relay port>`), and so do the URLs of artifacts such a
-  step uploads to the files endpoint; the host resolves them only through the gateway
-  address while the agent runs. For artifact URLs that work everywhere, serve on an
+  step uploads to the files endpoint, which other machines (and the host, which does
+  not know that name) cannot open. For artifact URLs that work everywhere, serve on an
   address containers can reach (`controller serve --host 0.0.0.0`) and start the agent
   with that address (`--api http://<host address>:8008`): it is handed over unrelayed.
 - **The name.** Containers get `--add-host host.docker.internal:<gateway address>` (the
@@ -45,7 +45,8 @@ Decisions:
   address itself. **`--network none`** fails the task (setup_failed) naming the option:
   such a step could not reach the control plane.
 - **Exposure.** The server and the relays listen on the bridge address, reachable from
-  the host and from every container on the engine's networks (not from other machines).
+  the host and from every container on the engine's networks (normally not from other
+  machines).
   The agent's server requires its token; a relayed API is exactly as open as the API
   the agent was given.
 """
