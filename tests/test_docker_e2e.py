@@ -270,8 +270,11 @@ def test_the_agents_gpus_become_a_device_request_and_nvidia_visible_devices(
     settings = ExecutionSettings(worker_id="gpu-test", api_url=sqlite_url, home=tmp_path / "home",
                                  gpus="0,1", docker=DockerSettings())
     said: list[str] = []
-    spec = prepare_container(task, TEST_IMAGE, checkout, checkout, None,
-                             lambda python: [str(python), "s.py"], settings, said.append)
+    try:
+        spec = prepare_container(task, TEST_IMAGE, checkout, checkout, None,
+                                 lambda python: [str(python), "s.py"], settings, said.append)
+    finally:
+        settings.docker.api.close()  # the API server it started for containers
     [request] = spec.create_kwargs["device_requests"]
     assert request["DeviceIDs"] == ["0", "1"] and request["Capabilities"] == [["gpu"]]
     assert spec.create_kwargs["environment"]["NVIDIA_VISIBLE_DEVICES"] == "0,1"
@@ -313,7 +316,8 @@ def test_the_store_is_served_to_containers_by_a_child_api_server_with_its_own_to
         endpoint = api.endpoint_for(sqlite_url, None, docker_client)
         assert endpoint.url.startswith("http://host.docker.internal:") and endpoint.token
         assert api.endpoint_for(sqlite_url, None, docker_client) == endpoint  # started once
-        [server] = api_server_children(os.getpid())
+        port = endpoint.url.rsplit(":", 1)[1]
+        [server] = [p for p in api_server_children(os.getpid()) if port in p.cmdline()]
 
         def probe(token: str) -> str:
             output = docker_client.containers.run(
