@@ -2,8 +2,11 @@
 
 Read `AgentDaemon.run` top to bottom for the life of a daemon:
 
-1. register the worker (id `hostname:N`), remove containers a killed predecessor of
-   the same worker id left behind (with `--docker`), and start heartbeating;
+1. replay the outbox: final reports a previous run of this worker id (same
+   CONVEYOR_HOME) wrote but could not deliver (`agent.outbox`); then register the
+   worker (id `hostname:N`; retried while the control plane is unreachable), remove
+   containers a killed predecessor of the same worker id left behind (with
+   `--docker`), and start heartbeating;
 2. while not asked to stop: wait for a free slot, long-poll `claim` on the queues (in
    the given order, or rotating with `order_fairness`), and hand each task to a thread
    running `executor.execute_task` (checkout → environment → run → report);
@@ -11,10 +14,20 @@ Read `AgentDaemon.run` top to bottom for the life of a daemon:
    then stop them with reason "agent_shutdown"; a second signal stops them at once;
 4. unregister.
 
-Heartbeats carry psutil resources and the current tasks; their answer names tasks to
-abort (an abort requested through the API), which the step supervisor notices within
-its 0.2 s poll. A heartbeat runs every `HEARTBEAT_BUSY_S` while tasks run, so an abort
-is seen within 1 s, and every `HEARTBEAT_IDLE_S` otherwise.
+Heartbeats carry psutil resources and the current tasks: the tasks it runs, and the
+tasks whose final report is still pending (a task's thread stays until its report is
+acknowledged or refused, so both are `_running`); the store ends any other task it
+holds for this worker. Their answer names tasks to abort (an abort requested through
+the API), which the step supervisor notices within its 0.2 s poll. A heartbeat runs
+every `HEARTBEAT_BUSY_S` while tasks run, so an abort is seen within 1 s, and every
+`HEARTBEAT_IDLE_S` otherwise; after each, at most every `LEASE_SWEEP_EVERY_S`, the
+daemon asks the store to fail tasks whose lease expired (`expire_leases`), so lost
+agents are found even on an embedded store with no idle agent claiming.
+
+Threads never die silently: the heartbeat and claim loops catch every error, log it in
+one line with its type and go on with backoff; if a daemon thread dies anyway, the
+daemon stops its tasks and `run` raises `DaemonThreadDiedError`, so the process exits
+non-zero and systemd restarts it.
 """
 
 from __future__ import annotations
@@ -26,7 +39,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +47,7 @@ from typing import Any
 import psutil
 
 from agent.executor import ExecutionSettings, execute_task
+from agent.outbox import Outbox
 from controller.backend import Backend
 from controller.errors import BackendUnavailableError, ConveyorError, NotFoundError
 from controller.models import DEFAULT_LEASE_S, StatusReason, TaskRecord, TaskStatus
@@ -43,10 +57,19 @@ log = logging.getLogger("agent")
 #: Longest single long-poll claim; bounds how long a stop request waits for the claim.
 CLAIM_WAIT_S = 2.0
 HEARTBEAT_BUSY_S = 0.5
-HEARTBEAT_IDLE_S = 5.0
+HEARTBEAT_IDLE_S = 2.0
+#: Longest wait between heartbeats while they fail (the back-off never exceeds it).
+HEARTBEAT_MAX_BACKOFF_S = 3.0
+#: A daemon sweeps expired leases at most this often (after a heartbeat).
+LEASE_SWEEP_EVERY_S = 2.0
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
-#: Back-off while the control plane cannot be reached.
-UNREACHABLE_RETRY_S = 2.0
+#: First and longest back-off while the control plane cannot be reached.
+UNREACHABLE_RETRY_S = 0.5
+UNREACHABLE_MAX_RETRY_S = 5.0
+
+
+class DaemonThreadDiedError(ConveyorError):
+    """A daemon thread (heartbeat) ended by an error: the daemon must be restarted."""
 
 
 @dataclass
@@ -140,6 +163,10 @@ class AgentDaemon:
         self._immediate = threading.Event()
         self._heartbeat_wake = threading.Event()
         self._rotation = 0
+        self._shutdown_deadline: float | None = None
+        self._thread_died: str | None = None
+        self._claim_retry_s = UNREACHABLE_RETRY_S
+        self._last_sweep = 0.0
 
     @property
     def worker_id(self) -> str:
@@ -148,36 +175,38 @@ class AgentDaemon:
 
     # ------------------------------------------------------------- the loop
     def run(self) -> None:
-        """Register, claim and run tasks until asked to stop, then shut down cleanly."""
-        self._register()
+        """Replay the outbox, register, claim and run tasks until asked to stop, then
+        shut down cleanly. Raises DaemonThreadDiedError if a daemon thread died."""
+        self._replay_outbox()
+        if not self._register_until_done():
+            return
         self._remove_leftover_containers()
-        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat = self._guarded_thread(self._heartbeat_loop, "heartbeat")
         heartbeat.start()
         log.info("worker %s listening on queue(s) %s (concurrency %d)",
                  self.worker_id, ", ".join(self.queues), self.concurrency)
         try:
             while not self._stop.is_set():
-                if not self._wait_for_free_slot():
-                    continue
-                task = self._claim_next()
-                if task is not None:
-                    self._start(task)
+                self._claim_and_start()
         finally:
             self._shutdown()
             self._heartbeat_wake.set()
             heartbeat.join(timeout=5)
             self._unregister()
+        if self._thread_died:
+            raise DaemonThreadDiedError(f"daemon thread {self._thread_died} died: exiting so it is restarted")
 
     def run_one(self, task: TaskRecord) -> TaskStatus | None:
         """Run one task this worker already holds, in the foreground (`agent execute`)."""
         self._register()
-        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat = self._guarded_thread(self._heartbeat_loop, "heartbeat")
         running = RunningTask(task=task)
         with self._lock:
             self._running[task.id] = running
         heartbeat.start()
         try:
-            return execute_task(self.backend, task, self.settings, lambda: running.abort_reason)
+            return execute_task(self.backend, task, self.settings, lambda: running.abort_reason,
+                                give_up_report=lambda: running.abort_reason == StatusReason.agent_shutdown)
         finally:
             with self._lock:
                 self._running.pop(task.id, None)
@@ -218,19 +247,29 @@ class AgentDaemon:
         self._rotation = (self._rotation + 1) % len(self.queues)
         return self.queues[self._rotation :] + self.queues[: self._rotation]
 
-    def _claim_next(self) -> TaskRecord | None:
+    def _claim_and_start(self) -> None:
+        """One turn of the claim loop: any error is logged in one line, then backed off."""
         try:
-            return self.backend.claim(
-                self._queue_order(), self.worker_id, wait_s=CLAIM_WAIT_S, lease_s=self.lease_s
-            )
+            if not self._wait_for_free_slot():
+                return
+            task = self._claim_next()
+            if task is not None:
+                self._start(task)
+            self._claim_retry_s = UNREACHABLE_RETRY_S
+            return
         except BackendUnavailableError as exc:
-            log.warning("%s; retrying in %.0f s", exc, UNREACHABLE_RETRY_S)
+            log.warning("claim: %s (retrying in %.1f s)", exc, self._claim_retry_s)
         except NotFoundError as exc:
-            log.error("%s; waiting for it to be created", exc)
-        except ConveyorError as exc:
-            log.error("claim failed: %s", exc)
-        self._stop.wait(UNREACHABLE_RETRY_S)
-        return None
+            log.error("claim: %s; waiting for it to be created (retrying in %.1f s)", exc, self._claim_retry_s)
+        except Exception as exc:  # noqa: BLE001 - the claim loop must go on whatever happens
+            log.error("claim failed: %s: %s (retrying in %.1f s)", type(exc).__name__, exc, self._claim_retry_s)
+        self._stop.wait(self._claim_retry_s)
+        self._claim_retry_s = min(self._claim_retry_s * 2, UNREACHABLE_MAX_RETRY_S)
+
+    def _claim_next(self) -> TaskRecord | None:
+        return self.backend.claim(
+            self._queue_order(), self.worker_id, wait_s=CLAIM_WAIT_S, lease_s=self.lease_s
+        )
 
     def _start(self, task: TaskRecord) -> None:
         running = RunningTask(task=task)
@@ -249,7 +288,8 @@ class AgentDaemon:
     def _run_task(self, running: RunningTask) -> None:
         task = running.task
         try:
-            status = execute_task(self.backend, task, self.settings, lambda: running.abort_reason)
+            status = execute_task(self.backend, task, self.settings, lambda: running.abort_reason,
+                                  give_up_report=self._reports_abandoned)
             log.info("task %s ended: %s", task.id, status.value if status else "not reported")
         except Exception:  # noqa: BLE001 - keep the daemon alive whatever a task does
             log.exception("task %s crashed the executor", task.id)
@@ -260,7 +300,7 @@ class AgentDaemon:
 
     # ------------------------------------------------------------ shutdown
     def _shutdown(self) -> None:
-        deadline = time.monotonic() + self.shutdown_grace_s
+        deadline = self._shutdown_deadline = time.monotonic() + self.shutdown_grace_s
         while True:
             with self._lock:
                 threads = [r.thread for r in self._running.values() if r.thread]
@@ -270,6 +310,14 @@ class AgentDaemon:
                 self._abort_all(StatusReason.agent_shutdown)
             for thread in threads:
                 thread.join(timeout=0.2)
+
+    def _reports_abandoned(self) -> bool:
+        """True once pending final reports stay in the outbox for the next start:
+        an immediate stop, or the shutdown grace has passed."""
+        if self._immediate.is_set():
+            return True
+        deadline = self._shutdown_deadline
+        return deadline is not None and time.monotonic() >= deadline
 
     def _abort_all(self, reason: str) -> None:
         with self._lock:
@@ -293,6 +341,33 @@ class AgentDaemon:
         if removed:
             log.info("removed %d leftover container(s): %s", len(removed), ", ".join(removed))
 
+    def _replay_outbox(self) -> None:
+        """Deliver the final reports a previous run of this worker id left (before
+        registering, which ends the previous run's tasks)."""
+        outbox = Outbox(self.settings.home, self.worker_id)
+        reports = outbox.pending()
+        if reports:
+            log.info("replaying %d pending final report(s) from %s", len(reports), outbox.path)
+        for report in reports:
+            if self._stop.is_set():
+                return
+            outbox.deliver(self.backend, report, self._stop.is_set)
+
+    def _register_until_done(self) -> bool:
+        """Register, retrying with back-off while the control plane is unreachable;
+        False if a stop was requested first. Other refusals raise."""
+        wait_s = UNREACHABLE_RETRY_S
+        while not self._stop.is_set():
+            try:
+                self._register()
+                return True
+            except BackendUnavailableError as exc:
+                log.warning("cannot register worker %s yet (retrying in %.1f s): %s",
+                            self.worker_id, wait_s, exc)
+            self._stop.wait(wait_s)
+            wait_s = min(wait_s * 2, UNREACHABLE_MAX_RETRY_S)
+        return False
+
     def _register(self) -> None:
         self.backend.register_worker(
             self.worker_id, hostname=socket.gethostname(), queues=self.queues, slots=self.concurrency
@@ -304,19 +379,60 @@ class AgentDaemon:
         except ConveyorError as exc:
             log.warning("could not unregister worker %s: %s", self.worker_id, exc)
 
+    def _guarded_thread(self, target: Callable[[], None], name: str) -> threading.Thread:
+        """A daemon thread whose death by an error stops the daemon (exit non-zero)."""
+
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - reported, then the daemon stops
+                log.critical("daemon thread %s died: %s: %s; stopping the daemon",
+                             name, type(exc).__name__, exc, exc_info=True)
+                self._thread_died = name
+                self._stop.set()
+                self._immediate.set()
+                self._abort_all(StatusReason.agent_shutdown)
+                with self._slot_free:
+                    self._slot_free.notify_all()
+
+        return threading.Thread(target=guarded, name=name, daemon=True)
+
     def _heartbeat_loop(self) -> None:
         psutil.cpu_percent(interval=None)  # prime: the next call measures since now
+        failures = 0
         while True:
             with self._lock:
                 current = list(self._running)
             done = self._stop.is_set() and not current
             if done:
                 return
-            self._heartbeat(current)
-            self._heartbeat_wake.wait(HEARTBEAT_BUSY_S if current else HEARTBEAT_IDLE_S)
+            if self._heartbeat(current):
+                failures = 0
+                self._sweep_leases()
+            else:
+                failures += 1
+            period_s = HEARTBEAT_BUSY_S if current else HEARTBEAT_IDLE_S
+            if failures:
+                period_s = min(period_s * 2**failures, max(period_s, HEARTBEAT_MAX_BACKOFF_S))
+            self._heartbeat_wake.wait(period_s)
             self._heartbeat_wake.clear()
 
-    def _heartbeat(self, current: list[str]) -> None:
+    def _sweep_leases(self) -> None:
+        """Fail tasks whose lease expired (at most every LEASE_SWEEP_EVERY_S)."""
+        now = time.monotonic()
+        if now - self._last_sweep < LEASE_SWEEP_EVERY_S:
+            return
+        self._last_sweep = now
+        try:
+            expired = self.backend.expire_leases()
+        except Exception as exc:  # noqa: BLE001 - a sweep is best effort; the next one retries
+            log.warning("lease sweep failed: %s: %s", type(exc).__name__, exc)
+            return
+        if expired:
+            log.info("lease sweep failed %d task(s) of lost workers: %s", len(expired), ", ".join(expired))
+
+    def _heartbeat(self, current: list[str]) -> bool:
+        """One heartbeat; True if the control plane answered it."""
         try:
             reply = self.backend.heartbeat(
                 self.worker_id,
@@ -328,15 +444,16 @@ class AgentDaemon:
             log.warning("worker %s was forgotten by the control plane; registering again", self.worker_id)
             try:
                 self._register()
-            except ConveyorError as exc:
-                log.warning("cannot register again: %s", exc)
-            return
-        except ConveyorError as exc:
-            log.warning("heartbeat failed: %s", exc)
-            return
+            except Exception as exc:  # noqa: BLE001 - the next heartbeat tries again
+                log.warning("cannot register again: %s: %s", type(exc).__name__, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - the heartbeat loop must go on whatever happens
+            log.warning("heartbeat failed: %s: %s", type(exc).__name__, exc)
+            return False
         with self._lock:
             for task_id in reply.abort:
                 running = self._running.get(task_id)
                 if running is not None and running.abort_reason is None:
                     log.info("task %s: abort requested", task_id)
                     running.abort_reason = StatusReason.aborted
+        return True

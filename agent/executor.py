@@ -6,6 +6,12 @@ or `environments.docker` + `container_supervisor` for a task with a container im
 Whatever happens, the task leaves this function in a final status with a precise
 reason, unless the control plane already decided its fate (lease expired, deleted),
 which the report then leaves alone.
+
+The final report is durable: status, reason, message, runtime figures (commit, exit
+code, duration) and every log line not yet delivered are written to the worker's
+outbox under CONVEYOR_HOME first, then delivered with backoff until the control plane
+acknowledges or refuses them (`agent.outbox`), so a control-plane outage while a step
+ends loses nothing; a restarted daemon replays the outbox before claiming.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 from agent.checkout import CheckoutError, checkout_task_code
 from agent.environments.errors import ContainerError
 from agent.environments.venv import EnvironmentBuildError, ensure_venv
+from agent.outbox import Outbox, make_report
+from agent.output import chunk_batch
 from agent.supervisor import StepOutcome, run_step
 from controller.backend import Backend, conveyor_home
-from controller.errors import ConveyorError
+from controller.errors import BackendUnavailableError, ConveyorError, NotFoundError
 from controller.models import StatusReason, TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
@@ -39,6 +47,9 @@ log = logging.getLogger(__name__)
 DEFAULT_STOP_GRACE_S = 10.0
 #: Agent messages (checkout, installer output) are sent to the task log this often.
 AGENT_LOG_FLUSH_S = 0.25
+#: First and longest wait before log lines that could not be sent are tried again.
+LOG_FIRST_RETRY_S = 0.5
+LOG_MAX_RETRY_S = 5.0
 #: Hyperparameter section whose values become environment variables of the step.
 ENVIRONMENT_SECTION = "Environment"
 
@@ -77,14 +88,24 @@ class ExecutionSettings:
 
 
 class TaskLog:
-    """Buffers agent messages for a task's log and sends them in batches."""
+    """Buffers a task's log lines and sends them in batches, keeping what cannot be sent.
+
+    Agent messages are batched every AGENT_LOG_FLUSH_S; step output arrives in batches
+    from the supervisor's delivery thread. While the control plane is unreachable,
+    lines stay here in order (a new attempt at most every few seconds, with backoff),
+    and whatever is still unsent when the task ends goes into its final report
+    (`take_unsent`), so no line is lost to an outage.
+    """
 
     def __init__(self, backend: Backend, task_id: str) -> None:
         self._backend = backend
         self._task_id = task_id
         self._pending: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._last_flush = time.monotonic()
+        self._retry_at = 0.0
+        self._retry_wait_s = LOG_FIRST_RETRY_S
 
     def agent(self, message: str) -> None:
         """Record one line from the agent itself (stream "agent")."""
@@ -95,22 +116,53 @@ class TaskLog:
 
     def output(self, batch: list[dict[str, Any]]) -> None:
         """Record a batch of step output (from the supervisor's delivery thread)."""
+        with self._lock:
+            self._pending.extend(batch)
         self.flush()
-        self._send(batch)
 
     def flush(self) -> None:
-        """Send what is buffered."""
-        with self._lock:
-            batch, self._pending = self._pending, []
-            self._last_flush = time.monotonic()
-        if batch:
-            self._send(batch)
+        """Send what is buffered (unless the last attempt failed moments ago)."""
+        with self._send_lock:
+            with self._lock:
+                self._last_flush = time.monotonic()
+                if not self._pending or self._last_flush < self._retry_at:
+                    return
+                batch = list(self._pending)
+            sent = self._send(batch)
+            with self._lock:
+                del self._pending[:sent]
 
-    def _send(self, batch: list[dict[str, Any]]) -> None:
-        try:
-            self._backend.append_log(self._task_id, batch)
-        except ConveyorError as exc:  # a lost log line must not kill the step
-            log.warning("cannot send %d log line(s) of task %s: %s", len(batch), self._task_id, exc)
+    def take_unsent(self) -> list[dict[str, Any]]:
+        """The lines not delivered yet; they are no longer this buffer's to send."""
+        with self._send_lock, self._lock:
+            unsent, self._pending = self._pending, []
+        return unsent
+
+    def _send(self, batch: list[dict[str, Any]]) -> int:
+        """Deliver `batch` in chunks; how many lines (from the start) are done with."""
+        sent = 0
+        for chunk in chunk_batch(batch):
+            try:
+                self._backend.append_log(self._task_id, chunk)
+            except BackendUnavailableError as exc:
+                return self._retry_later(sent, len(batch), exc)
+            except NotFoundError as exc:  # the task is gone: nobody can read these lines
+                log.warning("dropping %d log line(s) of task %s: %s", len(batch) - sent, self._task_id, exc)
+                return len(batch)
+            except ConveyorError as exc:  # refused as invalid: sending it again cannot help
+                log.warning("dropping %d log line(s) of task %s: %s", len(chunk), self._task_id, exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. a raw database error: the step goes on
+                return self._retry_later(sent, len(batch), exc)
+            sent += len(chunk)
+        self._retry_at, self._retry_wait_s = 0.0, LOG_FIRST_RETRY_S
+        return sent
+
+    def _retry_later(self, sent: int, total: int, error: Exception) -> int:
+        log.warning("cannot send %d log line(s) of task %s yet (next try in %.1f s): %s: %s",
+                    total - sent, self._task_id, self._retry_wait_s, type(error).__name__, error)
+        self._retry_at = time.monotonic() + self._retry_wait_s
+        self._retry_wait_s = min(self._retry_wait_s * 2, LOG_MAX_RETRY_S)
+        return sent
 
 
 def execute_task(
@@ -118,13 +170,24 @@ def execute_task(
     task: TaskRecord,
     settings: ExecutionSettings,
     should_abort: Callable[[], str | None],
+    *,
+    give_up_report: Callable[[], bool] = lambda: False,
 ) -> TaskStatus | None:
     """Run a task this worker holds (status in_progress) and report how it ended.
 
     `should_abort()` returns a StatusReason (aborted, agent_shutdown) once the step must
-    stop. Returns the final status reported, or None if the control plane refused it.
+    stop. The final report goes through the worker's outbox (`agent.outbox`) and is
+    retried while the control plane is unreachable, until `give_up_report()` turns true
+    (it then stays in the outbox for the next start). Returns the final status
+    reported, or None if the control plane refused it or it is still pending.
     """
     task_log = TaskLog(backend, task.id)
+    runtime: dict[str, Any] = {}
+
+    def finish(status: TaskStatus, reason: str, message: str) -> TaskStatus | None:
+        return report(backend, settings, task.id, status, reason, message,
+                      runtime=runtime, task_log=task_log, give_up=give_up_report)
+
     work_dir = settings.work_root / f"{task.id}-{task.runtime.attempt}"
     task_log.agent(f"worker {settings.worker_id} runs task {task.id} (attempt {task.runtime.attempt})")
     image = task.container.image.strip() or (settings.docker.default_image if settings.docker else "")
@@ -132,11 +195,11 @@ def execute_task(
         message = (f"the task asks for container image {image!r} but worker {settings.worker_id} "
                    "was not started with --docker: refusing to run it on the host")
         task_log.agent(f"error: {message}")
-        task_log.flush()
-        return report(backend, task.id, settings.worker_id, TaskStatus.failed, StatusReason.setup_failed, message)
+        return finish(TaskStatus.failed, StatusReason.setup_failed, message)
     shutil.rmtree(work_dir, ignore_errors=True)  # a leftover of a crashed agent
     try:
         checkout = checkout_task_code(task.script, work_dir, settings.git_cache, task_log.agent)
+        runtime["commit_used"] = checkout.commit_used
         _record_runtime(backend, task.id, {"commit_used": checkout.commit_used})
         if image:
             outcome = run_in_container(backend, task, image, work_dir, checkout.path_to_run_in,
@@ -158,25 +221,17 @@ def execute_task(
                 )
     except (CheckoutError, EnvironmentBuildError, ContainerError) as exc:
         task_log.agent(f"error: {exc}")
-        task_log.flush()
-        return report(backend, task.id, settings.worker_id, TaskStatus.failed, StatusReason.setup_failed, str(exc))
+        return finish(TaskStatus.failed, StatusReason.setup_failed, str(exc))
     except Exception as exc:  # noqa: BLE001 - an agent bug must still end the task
         log.exception("task %s failed inside the agent", task.id)
         task_log.agent(f"internal agent error: {exc!r}")
-        task_log.flush()
-        return report(backend, task.id, settings.worker_id, TaskStatus.failed, StatusReason.setup_failed,
-                      f"internal agent error: {exc!r}")
+        return finish(TaskStatus.failed, StatusReason.setup_failed, f"internal agent error: {exc!r}")
     finally:
         if not settings.keep_work_dirs:
             shutil.rmtree(work_dir, ignore_errors=True)
-    task_log.flush()
-    _record_runtime(
-        backend, task.id, {"exit_code": outcome.exit_code, "duration_s": round(outcome.duration_s, 3)}
-    )
-    status = outcome_status(outcome)
+    runtime.update(exit_code=outcome.exit_code, duration_s=round(outcome.duration_s, 3))
     task_log.agent(f"step ended: {outcome.message}")
-    task_log.flush()
-    return report(backend, task.id, settings.worker_id, status, outcome.reason, outcome.message)
+    return finish(outcome_status(outcome), outcome.reason, outcome.message)
 
 
 def run_in_container(
@@ -275,15 +330,31 @@ def outcome_status(outcome: StepOutcome) -> TaskStatus:
 
 
 def report(
-    backend: Backend, task_id: str, worker_id: str, status: TaskStatus, reason: str, message: str
+    backend: Backend,
+    settings: ExecutionSettings,
+    task_id: str,
+    status: TaskStatus,
+    reason: str,
+    message: str,
+    *,
+    runtime: Mapping[str, Any] | None = None,
+    task_log: TaskLog | None = None,
+    give_up: Callable[[], bool] = lambda: False,
 ) -> TaskStatus | None:
-    """Set the final status as the holding worker; None if the control plane refused it."""
+    """End the task as the holding worker, durably (see `agent.outbox`).
+
+    The report (with `runtime` figures and the log lines `task_log` could not send)
+    is written to the worker's outbox first, then delivered until acknowledged or
+    refused. Returns the status reported; None if refused or still pending.
+    """
+    unsent = task_log.take_unsent() if task_log is not None else []
+    entry = make_report(task_id, settings.worker_id, status, reason, message, runtime, unsent)
+    outbox = Outbox(settings.home, settings.worker_id)
     try:
-        backend.set_status(task_id, status, reason=reason, message=message, worker_id=worker_id)
-        return status
-    except ConveyorError as exc:
-        log.warning("task %s: could not report %s (%s): %s", task_id, status.value, message, exc)
-        return None
+        outbox.save(entry)
+    except OSError as exc:  # a full or read-only disk: still try to deliver it once
+        log.error("task %s: cannot write its report to %s: %s", task_id, outbox.path, exc)
+    return outbox.deliver(backend, entry, give_up)
 
 
 def _record_runtime(backend: Backend, task_id: str, values: Mapping[str, Any]) -> None:

@@ -7,9 +7,11 @@ Decisions:
   `preexec_fn`), so the step dies with the agent. The death signal fires when the
   *thread* that spawned the step ends; `run_step` blocks that thread until the step
   ends, so that is the same moment. Descendants are tracked by scanning the process
-  table (one pass, psutil) every second and right before every signal; the set is
+  table (one pass, psutil) every 0.5 s and right before every signal; the set is
   cumulative, so a descendant that left the group (`setsid`) and whose parent already
-  died is still known. Stopping = SIGTERM to the group and to every known descendant,
+  died is still known. The step's group and every descendant seen are registered with
+  the agent's watchdog (`agent.watchdog`), which SIGKILLs them if the agent dies, even
+  by SIGKILL. Stopping = SIGTERM to the group and to every known descendant,
   wait `grace_s`, then SIGKILL to the group and every known descendant still alive.
   After a normal exit, leftovers (group members or known descendants still running)
   are stopped the same way, so nothing of a step outlives it, and no background child
@@ -49,13 +51,18 @@ from agent.output import (
     StreamSplitter,
     deliver_batches,
 )
-from agent.watchdog import guard_process_group, release_process_group
+from agent.watchdog import (
+    guard_process,
+    guard_process_group,
+    release_process,
+    release_process_group,
+)
 from controller.models import MAX_LOG_LINE_CHARS, StatusReason
 
 _PR_SET_PDEATHSIG = 1
 _READ_SIZE = 64 * 1024
 _POLL_S = 0.2
-_SNAPSHOT_EVERY_S = 1.0
+_SNAPSHOT_EVERY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,24 @@ class _Tree:
         except psutil.NoSuchProcess:
             self.root = None
         self.known: dict[int, psutil.Process] = {}
+        self.guarded: set[int] = set()
+
+    def guard_new(self) -> None:
+        """Register every known descendant not registered yet with the watchdog."""
+        for pid, proc in list(self.known.items()):
+            if pid in self.guarded:
+                continue
+            try:
+                guard_process(pid, proc.create_time())
+            except psutil.Error:
+                continue
+            self.guarded.add(pid)
+
+    def release_all(self) -> None:
+        """Stop guarding every registered descendant (the step is over)."""
+        for pid in self.guarded:
+            release_process(pid)
+        self.guarded.clear()
 
     def snapshot(self) -> None:
         roots = {p.pid for p in self.alive()}
@@ -320,6 +345,7 @@ def run_step(
                 break
             if now >= next_snapshot:
                 tree.snapshot()
+                tree.guard_new()  # known to the watchdog before the agent may die
                 next_snapshot = now + _SNAPSHOT_EVERY_S
             wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - now))
             try:
@@ -334,6 +360,7 @@ def run_step(
         if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): leave nothing behind
             _stop_tree(proc, tree, 0.0)
         release_process_group(proc.pid)
+        tree.release_all()
         reader_done.wait(2.0)  # pipes close once every writer is gone
         stop_reading.set()
         for thread in threads:

@@ -32,7 +32,7 @@ QUEUE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 DEFAULT_QUEUES = ("default", "services")
 
 #: Seconds a claim stays valid without a heartbeat from its worker.
-DEFAULT_LEASE_S = 30.0
+DEFAULT_LEASE_S = 10.0
 
 Name = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TAG_CHARS)]

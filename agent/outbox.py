@@ -1,0 +1,186 @@
+"""Durable final reports: what a task's end must tell the control plane, kept on disk until told.
+
+A task's final report (status, reason, message, runtime figures such as the exit code,
+and the log lines not yet delivered) is written to the outbox before it is sent, one
+small JSON file per task under `CONVEYOR_HOME/outbox/<worker id>/<task id>.json`
+(temp file, fsync, `os.replace`, fsync of the directory), then delivered in this order:
+
+1. the unsent log lines (`append_log`, in chunks); once acknowledged the entry is
+   rewritten without them, so a retry never sends them twice;
+2. the runtime figures (`edit_task(..., force=True)`, idempotent);
+3. the status, as the worker that holds the task (`set_status(..., worker_id=...)`).
+
+Delivery retries with backoff (0.5 s doubling to 5 s) while the control plane is
+unreachable (`BackendUnavailableError`, or any error that is not a Conveyor answer);
+an answer that refuses the report (illegal transition, task not found, held by another
+worker, invalid) drops the entry with a log line: retrying cannot change it. The
+entry's file is removed once the report is acknowledged or refused; a daemon that
+restarts with the same worker id and CONVEYOR_HOME replays what is left (`pending`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from agent.output import chunk_batch
+from controller.backend import Backend
+from controller.errors import BackendUnavailableError, ConveyorError
+from controller.models import TaskStatus
+
+log = logging.getLogger(__name__)
+
+#: First and longest wait between two delivery attempts.
+FIRST_RETRY_S = 0.5
+MAX_RETRY_S = 5.0
+
+
+@dataclass
+class FinalReport:
+    """One task's final report as stored in the outbox."""
+
+    task_id: str
+    worker_id: str
+    status: str
+    reason: str
+    message: str
+    runtime: dict[str, Any] = field(default_factory=dict)
+    log_lines: list[dict[str, Any]] = field(default_factory=list)
+    written_at: float = field(default_factory=time.time)
+
+
+def outbox_dir(home: Path, worker_id: str) -> Path:
+    """The outbox of one worker id under CONVEYOR_HOME."""
+    return home / "outbox" / quote(worker_id, safe="")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so a crash leaves the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Outbox:
+    """The final reports one worker has not delivered yet (files under `outbox_dir`)."""
+
+    def __init__(self, home: Path, worker_id: str) -> None:
+        self.path = outbox_dir(home, worker_id)
+        self._lock = threading.Lock()
+
+    def _file(self, task_id: str) -> Path:
+        return self.path / f"{quote(task_id, safe='')}.json"
+
+    def save(self, report: FinalReport) -> None:
+        """Write (or rewrite) a task's report durably."""
+        data = json.dumps(asdict(report), separators=(",", ":")).encode()
+        with self._lock:
+            write_atomically(self._file(report.task_id), data)
+
+    def remove(self, task_id: str) -> None:
+        """Forget a task's report (delivered or refused)."""
+        with self._lock:
+            self._file(task_id).unlink(missing_ok=True)
+
+    def pending(self) -> list[FinalReport]:
+        """Reports still to deliver, oldest first (unreadable files are logged and dropped)."""
+        reports = []
+        for path in sorted(self.path.glob("*.json")):
+            try:
+                reports.append(FinalReport(**json.loads(path.read_bytes())))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("dropping unreadable outbox entry %s: %s: %s", path, type(exc).__name__, exc)
+                path.unlink(missing_ok=True)
+        reports.sort(key=lambda r: r.written_at)
+        return reports
+
+    def pending_task_ids(self) -> list[str]:
+        """Ids of the tasks whose report is still in the outbox."""
+        return [r.task_id for r in self.pending()]
+
+    def deliver(
+        self, backend: Backend, report: FinalReport, give_up: Callable[[], bool] = lambda: False
+    ) -> TaskStatus | None:
+        """Send `report` until acknowledged or refused; the status reported, else None.
+
+        Retries with backoff while the control plane is unreachable; returns None
+        without removing the entry when `give_up()` turns true (a later start replays it).
+        """
+        wait_s = FIRST_RETRY_S
+        while True:
+            try:
+                return self._send(backend, report)
+            except ConveyorError as exc:
+                if not isinstance(exc, BackendUnavailableError):
+                    log.warning("task %s: report %s refused, dropped: %s: %s",
+                                report.task_id, report.status, type(exc).__name__, exc)
+                    self.remove(report.task_id)
+                    return None
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - e.g. a raw database error: retry
+                error = exc
+            if give_up():
+                log.warning("task %s: report %s still pending (kept in %s): %s: %s",
+                            report.task_id, report.status, self.path, type(error).__name__, error)
+                return None
+            log.warning("task %s: cannot deliver report %s yet (retrying in %.1f s): %s: %s",
+                        report.task_id, report.status, wait_s, type(error).__name__, error)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and not give_up():
+                time.sleep(min(0.1, wait_s))
+            wait_s = min(wait_s * 2, MAX_RETRY_S)
+
+    def _send(self, backend: Backend, report: FinalReport) -> TaskStatus:
+        if report.log_lines:
+            for chunk in chunk_batch(report.log_lines):
+                backend.append_log(report.task_id, chunk)
+                report.log_lines = report.log_lines[len(chunk):]
+                try:
+                    self.save(report)  # a retry must not send these lines again
+                except OSError as exc:
+                    log.error("task %s: cannot update %s: %s", report.task_id, self.path, exc)
+        if report.runtime:
+            backend.edit_task(report.task_id, {"runtime": report.runtime}, force=True)
+        status = TaskStatus(report.status)
+        backend.set_status(report.task_id, status, reason=report.reason, message=report.message,
+                           worker_id=report.worker_id)
+        self.remove(report.task_id)
+        log.info("task %s: report %s delivered", report.task_id, report.status)
+        return status
+
+
+def make_report(
+    task_id: str,
+    worker_id: str,
+    status: TaskStatus,
+    reason: str,
+    message: str,
+    runtime: Mapping[str, Any] | None = None,
+    log_lines: Sequence[Mapping[str, Any]] = (),
+) -> FinalReport:
+    """A FinalReport from the executor's figures."""
+    return FinalReport(task_id=task_id, worker_id=worker_id, status=status.value, reason=reason,
+                       message=message, runtime=dict(runtime or {}),
+                       log_lines=[dict(line) for line in log_lines])
