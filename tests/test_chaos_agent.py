@@ -1,0 +1,246 @@
+"""Fault injection on the agent side, with real processes: kill -9 of agents and of
+`controller serve`, restarts on the same database and CONVEYOR_HOME.
+
+Each case asserts what an operator sees: the task's final status and reason, every log
+line the step printed, and no step process left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from controller.backend import Backend, backend_from_url
+from controller.models import DEFAULT_LEASE_S, TaskStatus
+from tests.helpers_server import REPO_ROOT, STARTUP_TIMEOUT_S, free_port
+from tests.test_agent_e2e import (
+    assert_all_gone,
+    code_task,
+    read_pids,
+    wait_for,
+    wait_for_line,
+)
+
+pytestmark = pytest.mark.chaos
+
+#: A step whose child starts a grandchild that calls setsid (leaves the step's session
+#: and process group); all three record their pids, then sleep.
+SETSID_STEP = """
+import os, subprocess, sys, time
+grandchild = (
+    "import os, time\\n"
+    "os.setsid()\\n"
+    "open(os.environ['PIDS_FILE'], 'a').write(f'{os.getpid()}\\\\n')\\n"
+    "time.sleep(300)\\n"
+)
+child = (
+    "import os, subprocess, sys, time\\n"
+    f"subprocess.Popen([sys.executable, '-c', {grandchild!r}])\\n"
+    "open(os.environ['PIDS_FILE'], 'a').write(f'{os.getpid()}\\\\n')\\n"
+    "time.sleep(300)\\n"
+)
+subprocess.Popen([sys.executable, "-c", child])
+open(os.environ["PIDS_FILE"], "a").write(f"{os.getpid()}\\n")
+print("tree started", flush=True)
+time.sleep(300)
+"""
+
+#: A step that prints numbered lines, waits for a file (the test's cue), prints more
+#: numbered lines and exits 0.
+CUED_STEP = """
+import os, sys, time
+for i in range(20):
+    print(f"line {i}", flush=True)
+while not os.path.exists(os.environ["GO_FILE"]):
+    time.sleep(0.05)
+for i in range(20, 60):
+    print(f"line {i}", flush=True)
+print("to stderr", file=sys.stderr, flush=True)
+"""
+ALL_LINES = [f"line {i}" for i in range(60)] + ["to stderr"]
+
+
+# ------------------------------------------------------------------------ helpers
+class Processes:
+    """Agents and servers a test starts; none outlives it."""
+
+    def __init__(self, home: Path, log_dir: Path) -> None:
+        self.home = home
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "CONVEYOR_HOME": str(self.home)}
+        env.pop("CONVEYOR_API_TOKEN", None)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        log_file = open(self.log_dir / f"{len(self.procs):02d}-{name}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        self.procs.append(proc)
+        return proc
+
+    def agent(self, api_url: str, worker_id: str, *args: str) -> subprocess.Popen[bytes]:
+        """An `agent daemon` on queue `default` with an explicit worker id."""
+        return self._start("agent", [
+            sys.executable, "-m", "agent.cli", "daemon", "--queue", "default", "--foreground",
+            "--api", api_url, "--worker-id", worker_id, "--stop-grace", "2", *args])
+
+    def server(self, db_url: str, port: int) -> subprocess.Popen[bytes]:
+        """`controller serve` on a fixed loopback port (so agents reconnect to it), once healthy."""
+        proc = self._start("server", [
+            sys.executable, "-m", "controller.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--db", db_url])
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"the server exited:\n{self.output()}"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).ok:
+                    return proc
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, f"the server did not come up:\n{self.output()}"
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL and reap."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def agent_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One CONVEYOR_HOME (venv and git caches) for the agents of this module."""
+    return tmp_path_factory.mktemp("chaos-home")
+
+
+@pytest.fixture
+def processes(agent_home: Path, tmp_path: Path) -> Iterator[Processes]:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    started = Processes(agent_home, log_dir)
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def store(sqlite_url: str) -> Iterator[Backend]:
+    """A client of the test's SQLite store file (read directly, whatever the server does)."""
+    client = backend_from_url(sqlite_url)
+    yield client
+    client.close()
+
+
+def assert_every_line_once(backend: Backend, task_id: str) -> None:
+    lines = [line.line for line in backend.get_log(task_id)]
+    missing = [text for text in ALL_LINES if text not in lines]
+    assert not missing, f"lost log lines: {missing}"
+    doubled = sorted({text for text in ALL_LINES if lines.count(text) > 1})
+    assert not doubled, f"log lines delivered twice: {doubled}"
+
+
+def outbox_files(home: Path, worker_id: str) -> list[Path]:
+    return sorted((home / "outbox" / quote(worker_id, safe="")).glob("*.json"))
+
+
+def wait_until(condition: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# -------------------------------------------------------------------------- cases
+def test_kill_9_of_an_agent_leaves_no_process_and_another_daemon_ends_the_task(
+    store: Backend, sqlite_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    """(a) Embedded store: the watchdog kills the setsid grandchild too; a second live
+    daemon's heartbeat loop sweeps the lease, so the task fails within lease + 5 s."""
+    pids_file = tmp_path / "pids"
+    task = code_task(store, SETSID_STEP, hyperparams={"Environment": {"PIDS_FILE": str(pids_file)}})
+    victim = processes.agent(sqlite_url, "chaos-victim")
+    wait_for_line(store, task.id, "tree started")
+    pids = read_pids(pids_file, 3)
+    time.sleep(1.5)  # the supervisor re-scans the tree every 0.5 s
+    processes.agent(sqlite_url, "chaos-sweeper")  # idle; it only heartbeats and sweeps
+    kill9(victim)
+    killed_at = time.monotonic()
+    assert_all_gone(pids)
+    failed = wait_for(store, task.id, "failed", timeout=DEFAULT_LEASE_S + 5)
+    detected_s = time.monotonic() - killed_at
+    assert failed.status_reason == "lease_expired", failed.status_message
+    assert "chaos-victim" in failed.status_message
+    assert detected_s <= DEFAULT_LEASE_S + 5, detected_s
+    print(f"lost agent detected after {detected_s:.1f} s")
+
+
+def test_kill_9_of_the_server_while_a_step_ends_loses_nothing(
+    store: Backend, sqlite_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    """(b) The step ends while `controller serve` is down; the server comes back on the
+    same database 10 s later; the agent's outbox delivers status, exit code and lines."""
+    port = free_port()
+    server = processes.server(sqlite_url, port)
+    api_url = f"http://127.0.0.1:{port}"
+    go_file = tmp_path / "go"
+    task = code_task(store, CUED_STEP, hyperparams={"Environment": {"GO_FILE": str(go_file)}})
+    # A lease longer than the outage: this case is about the report, not about leases
+    # (an outage longer than the lease races the restarted server's first sweep).
+    processes.agent(api_url, "chaos-outage", "--lease", "60")
+    wait_for_line(store, task.id, "line 19")
+    kill9(server)
+    go_file.touch()  # the step prints 41 more lines and ends while the server is down
+    time.sleep(10)
+    assert store.get_task(task.id).status == TaskStatus.in_progress
+    processes.server(sqlite_url, port)
+    done = wait_for(store, task.id, "completed", "failed", "stopped", timeout=20)
+    assert done.status == TaskStatus.completed, processes.output()
+    assert done.status_reason == "completed" and done.runtime.exit_code == 0
+    assert done.runtime.duration_s is not None and done.runtime.duration_s > 0
+    assert_every_line_once(store, task.id)
+    wait_until(lambda: not outbox_files(processes.home, "chaos-outage"), 5, "the outbox to empty")
+
+
+def test_a_restarted_agent_replays_its_outbox(
+    store: Backend, sqlite_url: str, processes: Processes, tmp_path: Path
+) -> None:
+    """(c) The report is pending in the outbox when the agent is killed; the same worker
+    id on the same CONVEYOR_HOME delivers it when it starts again."""
+    port = free_port()
+    server = processes.server(sqlite_url, port)
+    api_url = f"http://127.0.0.1:{port}"
+    go_file = tmp_path / "go"
+    task = code_task(store, CUED_STEP, hyperparams={"Environment": {"GO_FILE": str(go_file)}})
+    agent = processes.agent(api_url, "chaos-replay", "--lease", "60")
+    wait_for_line(store, task.id, "line 19")
+    kill9(server)
+    go_file.touch()
+    wait_until(lambda: outbox_files(processes.home, "chaos-replay"), 20, "the report in the outbox")
+    kill9(agent)
+    assert store.get_task(task.id).status == TaskStatus.in_progress
+    processes.server(sqlite_url, port)
+    processes.agent(api_url, "chaos-replay", "--lease", "60")
+    done = wait_for(store, task.id, "completed", "failed", "stopped", timeout=20)
+    assert done.status == TaskStatus.completed, processes.output()
+    assert done.status_reason == "completed" and done.runtime.exit_code == 0
+    assert_every_line_once(store, task.id)
+    assert "replaying 1 pending final report" in processes.output()
+    assert not outbox_files(processes.home, "chaos-replay")
