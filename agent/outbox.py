@@ -116,10 +116,6 @@ class Outbox:
         reports.sort(key=lambda r: r.written_at)
         return reports
 
-    def pending_task_ids(self) -> list[str]:
-        """Ids of the tasks whose report is still in the outbox."""
-        return [r.task_id for r in self.pending()]
-
     def deliver(
         self, backend: Backend, report: FinalReport, give_up: Callable[[], bool] = lambda: False
     ) -> TaskStatus | None:

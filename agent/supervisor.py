@@ -365,6 +365,12 @@ def run_step(
         stop_reading.set()
         for thread in threads:
             thread.join(30.0)
+        leftover = output.take()  # delivery gave up on them (it took too long): hand them over
+        if leftover:
+            try:
+                on_output(leftover)
+            except Exception as exc:  # noqa: BLE001 - reported like any delivery error
+                errors.append(f"{type(exc).__name__}: {exc}")
 
     duration = (ended_at or time.monotonic()) - started
     return step_outcome(

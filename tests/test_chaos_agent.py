@@ -7,10 +7,12 @@ line the step printed, and no step process left behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,9 @@ from urllib.parse import quote
 import pytest
 import requests
 
+from agent import daemon as daemon_module
+from agent.daemon import AgentDaemon, DaemonThreadDiedError
+from agent.executor import ExecutionSettings
 from controller.backend import Backend, backend_from_url
 from controller.models import DEFAULT_LEASE_S, TaskStatus
 from tests.helpers_server import REPO_ROOT, STARTUP_TIMEOUT_S, free_port
@@ -244,3 +249,67 @@ def test_a_restarted_agent_replays_its_outbox(
     assert_every_line_once(store, task.id)
     assert "replaying 1 pending final report" in processes.output()
     assert not outbox_files(processes.home, "chaos-replay")
+
+
+# ------------------------------------------------------------- daemon threads
+def _daemon_on(sqlite_url: str, home: Path, worker_id: str) -> tuple[AgentDaemon, Backend]:
+    backend = backend_from_url(sqlite_url)
+    settings = ExecutionSettings(worker_id=worker_id, api_url=sqlite_url, home=home)
+    return AgentDaemon(backend, settings, ["default"]), backend
+
+
+def test_a_heartbeat_error_is_logged_in_one_line_and_heartbeats_go_on(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[float] = []
+    real = daemon_module.read_resources
+
+    def failing_twice(home: Path) -> dict[str, object]:
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise RuntimeError("cannot read /proc")
+        return real(home)
+
+    monkeypatch.setattr(daemon_module, "read_resources", failing_twice)
+    daemon, backend = _daemon_on(sqlite_url, tmp_path / "home", "chaos-heartbeat")
+    runner = threading.Thread(target=daemon.run, name="daemon-under-test")
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        runner.start()
+        try:
+            wait_until(lambda: any(w.resources for w in backend.list_workers()), 30,
+                       "a heartbeat after the errors")
+            assert runner.is_alive()
+            [worker] = backend.list_workers()
+            assert worker.id == "chaos-heartbeat" and worker.resources["cpu_count"] >= 1
+        finally:
+            daemon.request_stop()
+            runner.join(30)
+            backend.close()
+    failures = [r.getMessage() for r in caplog.records if "heartbeat failed" in r.getMessage()]
+    assert failures == ["heartbeat failed: RuntimeError: cannot read /proc"] * 2
+    assert not runner.is_alive()
+
+
+def test_a_daemon_thread_that_dies_stops_the_daemon_with_an_error(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dies(home: Path) -> dict[str, object]:
+        raise KeyboardInterrupt  # not an Exception: nothing in the loop catches it
+
+    monkeypatch.setattr(daemon_module, "read_resources", dies)
+    daemon, backend = _daemon_on(sqlite_url, tmp_path / "home", "chaos-dies")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            daemon.run()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            errors.append(exc)
+
+    runner = threading.Thread(target=run, name="daemon-under-test")
+    runner.start()
+    runner.join(30)
+    backend.close()
+    assert not runner.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], DaemonThreadDiedError), errors
+    assert "heartbeat" in str(errors[0])
