@@ -56,15 +56,19 @@ _DOCKER_WITHOUT_DEFAULT_IMAGE = "\0no-default-image"
 def _settings(
     api: str, token: str | None, worker_id: str, grace: float,
     docker: str | None = None, allow_privileged: bool = False, gpus: str | None = None,
+    allowed_mounts: tuple[str, ...] = (),
 ) -> ExecutionSettings:
     docker_settings = None
     if docker is not None:
         from agent.environments.docker import DockerSettings
 
         default_image = "" if docker == _DOCKER_WITHOUT_DEFAULT_IMAGE else docker.strip()
-        docker_settings = DockerSettings(default_image=default_image, allow_privileged=allow_privileged)
+        docker_settings = DockerSettings(default_image=default_image, allow_privileged=allow_privileged,
+                                         allowed_mounts=allowed_mounts)
     elif allow_privileged:
         _fail("--allow-privileged only applies to container steps: add --docker")
+    elif allowed_mounts:
+        _fail("--allow-mount only applies to container steps: add --docker")
     return ExecutionSettings(
         worker_id=worker_id, api_url=api, api_token=token, home=conveyor_home(), stop_grace_s=grace,
         gpus=gpus or None, docker=docker_settings,
@@ -97,6 +101,29 @@ token_option = click.option(
 )
 
 
+def _allowed_mount_folders(
+    ctx: click.Context, param: click.Parameter, folders: tuple[str, ...]
+) -> tuple[str, ...]:
+    """`--allow-mount` values: absolute existing paths, never the host's root."""
+    for folder in folders:
+        if not folder.startswith("/"):
+            raise click.BadParameter(f"{folder!r} is not an absolute path (e.g. /data)", ctx, param)
+        if os.path.realpath(folder) == "/":
+            raise click.BadParameter(
+                f"{folder!r} is the host's root: name data folders, or use --allow-privileged "
+                "to allow every host path", ctx, param)
+    return folders
+
+
+allow_mount_option = click.option(
+    "--allow-mount", "allowed_mounts", multiple=True, metavar="PATH", callback=_allowed_mount_folders,
+    type=click.Path(exists=True), envvar="CONVEYOR_AGENT_ALLOW_MOUNTS", show_envvar=True,
+    help="Host folder (or file) that docker_args may mount into container steps (-v, --mount "
+    "type=bind), with everything below it; repeat for several. Paths are compared after "
+    "normalization (//, .., symlinks). Other host paths need --allow-privileged.",
+)
+
+
 def docker_options(command: Any) -> Any:
     """`--docker [IMAGE]`, `--allow-privileged` and `--gpus`, shared by daemon and execute."""
     for option in reversed([
@@ -112,7 +139,8 @@ def docker_options(command: Any) -> Any:
             "--allow-privileged", is_flag=True,
             help="Allow docker_args that give a step the host: --privileged, --device, "
             "--cap-add, --security-opt, host namespaces (--network/--pid/--ipc/--uts host), "
-            "the docker socket and other host-control paths as volumes.",
+            "--volumes-from, and any host path as a volume (the docker socket, /, /etc, and "
+            "paths outside --allow-mount).",
         ),
         click.option(
             "--gpus", envvar="CONVEYOR_AGENT_GPUS", default=None, metavar="all|ID[,ID...]",
@@ -152,13 +180,15 @@ def main() -> None:
               "its tasks fail after this long).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @docker_options
+@allow_mount_option
 @api_option
 @token_option
 def daemon(
     queues: tuple[str, ...], more_queues: tuple[str, ...], concurrency: int, order_fairness: bool,
     worker_id: str | None, foreground: bool, detached: bool, shutdown_grace: float,
     stop_grace: float, create_queue: bool, lease_s: float, verbose: bool, docker: str | None,
-    allow_privileged: bool, gpus: str | None, api: str | None, token: str | None,
+    allow_privileged: bool, gpus: str | None, allowed_mounts: tuple[str, ...], api: str | None,
+    token: str | None,
 ) -> None:
     """Pull tasks from queues and run them until stopped (SIGTERM, SIGINT or `agent stop`).
 
@@ -181,7 +211,8 @@ def daemon(
         worker_id = worker_id or default_worker_id(home)
     except ConveyorError as exc:
         _fail(exc.message)
-    settings = _settings(api, token, worker_id, stop_grace, docker, allow_privileged, gpus)
+    settings = _settings(api, token, worker_id, stop_grace, docker, allow_privileged, gpus,
+                         allowed_mounts)
     log_file = home / "logs" / f"agent-{worker_id.replace(':', '_').replace('/', '_')}.log"
     if detached:
         click.echo(f"agent {worker_id} detached; log: {log_file}", err=True)

@@ -166,6 +166,8 @@ class DockerSettings:
 
     default_image: str = ""
     allow_privileged: bool = False
+    #: Host folders under which docker_args may mount host paths (`--allow-mount`).
+    allowed_mounts: tuple[str, ...] = ()
     engine: DockerEngine = field(default_factory=DockerEngine, repr=False, compare=False)
     api: ContainerApi = field(default_factory=ContainerApi, repr=False, compare=False)
 
@@ -297,7 +299,8 @@ def prepare_container(
     """
     assert settings.docker is not None
     options: ContainerOptions = parse_docker_args(
-        task.container.arguments, allow_privileged=settings.docker.allow_privileged
+        task.container.arguments, allow_privileged=settings.docker.allow_privileged,
+        allowed_mounts=settings.docker.allowed_mounts,
     )
     if options.ignored:
         say(f"ignored docker_args (the agent decides these): {' '.join(options.ignored)}")

@@ -14,23 +14,40 @@ Decisions:
   `--uts`, `--shm-size`, `--gpus`, `-u/--user`, `-w/--workdir`, `-m/--memory`,
   `--memory-swap`, `--cpus`, `--cpuset-cpus`, `-l/--label`, `--privileged`, `--device`,
   `--cap-add`, `--cap-drop`, `--security-opt`, `--add-host`, `--dns`, `-h/--hostname`,
-  `--ulimit`, `--tmpfs`, `--runtime`. `-e NAME` without a value takes NAME from the
-  agent's environment, as the docker CLI does (skipped if unset).
+  `--ulimit`, `--tmpfs`, `--runtime`, `--mount` (`type=bind|volume|tmpfs`, the docker
+  CLI's csv fields and key spellings), `--volumes-from`. `-e NAME` without a value takes
+  NAME from the agent's environment, as the docker CLI does (skipped if unset).
+  A short option's value may also be written `-v=VALUE` (as the docker CLI reads it).
+- **Host paths.** Every host path (`-v` and `--mount type=bind` sources, `--device`) is
+  normalized before any rule looks at it, the way it will be mounted: leading `//`,
+  `.`, `..` and trailing `/` cleaned lexically, then symlinks of the existing part
+  resolved (`os.path.realpath`), so `//`, `/data/../etc` and a link to `/` are seen as
+  `/`, `/etc` and `/`. The normalized path is what the container gets. Host paths are
+  allowed only under the folders the agent is started with (`agent daemon --allow-mount
+  PATH`, repeatable, normalized the same way); any other host path is refused, naming the
+  option and the path, unless the agent runs with `--allow-privileged`. Named volumes
+  (no slash) are always allowed.
 - **Ignored options.** Flags users copy from `docker run` lines that the agent decides
   itself: `--rm` (containers are always removed), `--init` (always on), `-i`, `-t`,
   `-it`, `-d`, `--name` (the agent names containers). They are reported in
   `ignored`, so the agent can say so in the task log, and change nothing.
 - **Refused unless the agent runs with `--allow-privileged`.** Whatever gives the step
-  the host: `--privileged`, `--device`, `--cap-add`, `--security-opt` (except
-  `no-new-privileges`), the host's (or another container's) namespaces
+  the host: `--privileged`, `--device` (whatever the path), `--cap-add`, `--security-opt`
+  (except `no-new-privileges`), the host's (or another container's) namespaces
   (`--pid/--ipc/--uts/--network host` or `container:...`: `--network host` exposes every
-  service listening on the host's loopback, e.g. a trust-auth database), and volumes of
-  host paths that control the host: the docker or containerd socket, `/`, `/proc`,
-  `/sys`, `/dev`, `/boot`, `/etc`, `/run`, `/var/run`, `/var/lib/docker` (exactly these or
-  below `/proc`, `/sys`). `/dev/shm` and other subfolders stay allowed.
+  service listening on the host's loopback, e.g. a trust-auth database),
+  `--volumes-from` (another container's volumes, which may be host paths),
+  `--mount` with `volume-driver`/`volume-opt` (the local driver binds any host path with
+  `volume-opt=o=bind`), host paths outside the `--allow-mount` folders, and host paths
+  that control the host even inside them: the docker, containerd or podman socket, `/`,
+  `/proc`, `/sys`, `/dev`, `/boot`, `/etc`, `/run`, `/var/run`, `/var/lib/docker`
+  (exactly these, or below `/proc`, `/sys`).
 - **Refused always.** Unknown options (the message names every one), positional words
   (the image goes in `container.image`, the command is the task's entry point), labels
-  under `conveyor.` (the agent's own, used to find and clean up its containers).
+  under `conveyor.` (the agent's own, used to find and clean up its containers),
+  `--env-file`/`--label-file` (the docker CLI reads these files on the machine it runs
+  on; the SDK has no such option, and the agent does not read host files for a task:
+  give the values with `-e`/`--label`).
 - **GPUs.** `--gpus all|N|device=0,1|"device=0,1",capabilities=utility` becomes a
   `DeviceRequest` (driver default, capabilities default `gpu`), as the docker CLI does.
   `agent_gpu_request` maps the agent's own `--gpus` option the same way.
@@ -43,11 +60,11 @@ import os
 import posixpath
 import re
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from docker.types import DeviceRequest, Ulimit
+from docker.types import DeviceRequest, DriverConfig, Mount, Ulimit
 
 from agent.environments.errors import DockerArgsError
 
@@ -63,6 +80,49 @@ _SOCKET_RE = re.compile(r"(^|/)(docker|containerd|podman)\.sock$")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmgt]?)b?$", re.IGNORECASE)
 _VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+@dataclass(frozen=True)
+class HostPath:
+    """A host path a docker_args option mounts: as written and as it will be mounted."""
+
+    option: str
+    written: str
+    normalized: str
+    #: Why symlinks in it could not be resolved (then it needs --allow-privileged).
+    unresolved: str | None = None
+
+    def describe(self) -> str:
+        """`-v //` → `-v // (= /)`: the option, the path as written and, if different, normalized."""
+        text = f"{self.option} {self.written}"
+        if self.written != self.normalized:
+            text += f" (= {self.normalized})"
+        if self.unresolved:
+            text += f" (cannot resolve its symlinks: {self.unresolved})"
+        return text
+
+
+def lexical_host_path(path: str) -> str:
+    """`//` → `/`, `/data/./x/../y/` → `/data/y` (no file system access)."""
+    return posixpath.normpath("/" + path.lstrip("/"))
+
+
+def normalize_host_path(path: str, option: str = "host path") -> str:
+    """An absolute host path as docker mounts it: lexically cleaned, symlinks resolved.
+
+    `//` → `/`, `/data/./x/../y/` → `/data/y`, `/tmp/link-to-root` → `/`. Symlinks are
+    resolved where the path exists on this machine (the docker engine's machine).
+    OSError if a part of it cannot be read (e.g. permission denied).
+    """
+    if not path.startswith("/"):
+        raise DockerArgsError(f"docker_args {option} {path!r}: a host path must be absolute")
+    if "\0" in path:
+        raise DockerArgsError(f"docker_args {option} {path!r}: a host path cannot contain NUL")
+    return os.path.realpath(lexical_host_path(path))
+
+
+def _is_under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 @dataclass
@@ -95,6 +155,10 @@ class ContainerOptions:
     ulimits: list[Ulimit] = field(default_factory=list)
     tmpfs: dict[str, str] = field(default_factory=dict)
     runtime: str | None = None
+    mounts: list[Mount] = field(default_factory=list)
+    volumes_from: list[str] = field(default_factory=list)
+    #: Host paths to mount, normalized; `parse_docker_args` checks them against its policy.
+    host_paths: list[HostPath] = field(default_factory=list)
     #: Options that need `--allow-privileged`, as the user wrote them.
     host_access: list[str] = field(default_factory=list)
     #: Options accepted and ignored (see the module docstring).
@@ -108,6 +172,7 @@ class ContainerOptions:
             "uts_mode", "shm_size", "device_requests", "user", "working_dir", "mem_limit",
             "memswap_limit", "nano_cpus", "cpuset_cpus", "devices", "cap_add", "cap_drop",
             "security_opt", "extra_hosts", "dns", "hostname", "ulimits", "tmpfs", "runtime",
+            "mounts", "volumes_from",
         ):
             value = getattr(self, name)
             if value is not None and value != [] and value != {}:
@@ -231,6 +296,16 @@ def _env(opts: ContainerOptions, value: str, option: str, environ: Mapping[str, 
         opts.environment[name] = environ[name]
 
 
+def _host_path(opts: ContainerOptions, path: str, option: str) -> str:
+    """Record a host path for the policy; its normalized form."""
+    try:
+        normalized, unresolved = normalize_host_path(path, option), None
+    except OSError as exc:
+        normalized, unresolved = lexical_host_path(path), exc.strerror or str(exc)
+    opts.host_paths.append(HostPath(option, path, normalized, unresolved))
+    return normalized
+
+
 def _volume(opts: ContainerOptions, value: str, option: str) -> None:
     parts = value.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
@@ -241,14 +316,115 @@ def _volume(opts: ContainerOptions, value: str, option: str) -> None:
     if not target.startswith("/"):
         raise DockerArgsError(f"docker_args {option} {value!r}: the destination must be absolute")
     if source.startswith("/"):
-        if _is_host_control_path(source):
-            opts.host_access.append(f"{option} {source}")
+        parts[0] = _host_path(opts, source, option)
     elif not _VOLUME_NAME_RE.match(source):
         raise DockerArgsError(
             f"docker_args {option} {value!r}: the source must be an absolute host path "
             "or a volume name"
         )
-    opts.volumes.append(value)
+    opts.volumes.append(":".join(parts))
+
+
+#: `--mount` keys as the docker CLI spells them → the one name used here.
+_MOUNT_KEYS = {
+    "type": "type", "source": "source", "src": "source", "target": "target",
+    "destination": "target", "dst": "target", "readonly": "readonly", "ro": "readonly",
+    "bind-propagation": "bind-propagation", "consistency": "consistency",
+    "volume-nocopy": "volume-nocopy", "volume-driver": "volume-driver",
+    "volume-opt": "volume-opt", "volume-label": "volume-label",
+    "tmpfs-size": "tmpfs-size", "tmpfs-mode": "tmpfs-mode",
+}
+_MOUNT_BARE_FLAGS = {"readonly", "volume-nocopy"}
+
+
+def _mount(opts: ContainerOptions, value: str, option: str) -> None:
+    """`--mount type=bind,src=/data,dst=/data,ro` (csv, keys as the docker CLI reads them)."""
+    try:
+        fields = next(csv.reader([value]))
+    except (csv.Error, StopIteration):
+        fields = []
+    spec: dict[str, str] = {}
+    driver_options: dict[str, str] = {}
+    labels: dict[str, str] = {}
+    for item in fields:
+        raw_key, eq, val = item.partition("=")
+        key = _MOUNT_KEYS.get(raw_key.strip().lower())
+        if key is None:
+            raise DockerArgsError(
+                f"docker_args {option} {value!r}: unknown field {raw_key.strip()!r} "
+                f"(known: {', '.join(sorted(_MOUNT_KEYS))})"
+            )
+        if not eq:
+            if key not in _MOUNT_BARE_FLAGS:
+                raise DockerArgsError(f"docker_args {option} {value!r}: {raw_key} needs =VALUE")
+            val = "true"
+        if key == "volume-opt":
+            name, _ = _key_value(val, f"{option} volume-opt")
+            driver_options[name] = val.partition("=")[2]
+        elif key == "volume-label":
+            name, _ = _key_value(val, f"{option} volume-label")
+            labels[name] = val.partition("=")[2]
+        else:
+            spec[key] = val
+    kind = spec.get("type", "volume").lower()
+    target = spec.get("target", "")
+    source = spec.get("source", "")
+    if not target.startswith("/"):
+        raise DockerArgsError(f"docker_args {option} {value!r}: give an absolute target=PATH")
+    if kind == "bind":
+        if not source:
+            raise DockerArgsError(f"docker_args {option} {value!r}: a bind mount needs source=PATH")
+        source = _host_path(opts, source, option)
+    elif kind == "volume":
+        if source and not _VOLUME_NAME_RE.match(source):
+            raise DockerArgsError(
+                f"docker_args {option} {value!r}: a volume's source is a volume name "
+                "(for a host path use type=bind)"
+            )
+        if "volume-driver" in spec or driver_options:
+            opts.host_access.append(f"{option} {value}")
+    elif kind == "tmpfs":
+        if source:
+            raise DockerArgsError(f"docker_args {option} {value!r}: a tmpfs mount has no source")
+    else:
+        raise DockerArgsError(
+            f"docker_args {option} {value!r}: type {kind!r} is not supported (bind, volume, tmpfs)"
+        )
+    driver = spec.get("volume-driver")
+    opts.mounts.append(Mount(
+        target=target, source=source or None, type=kind,
+        read_only=_bool_value(spec.get("readonly", "false"), f"{option} readonly"),
+        consistency=spec.get("consistency"), propagation=spec.get("bind-propagation"),
+        no_copy=_bool_value(spec.get("volume-nocopy", "false"), f"{option} volume-nocopy"),
+        labels=labels or None,
+        driver_config=DriverConfig(driver or "local", driver_options) if driver or driver_options else None,
+        tmpfs_size=parse_size(spec["tmpfs-size"], option) if "tmpfs-size" in spec else None,
+        tmpfs_mode=int(spec["tmpfs-mode"], 8) if "tmpfs-mode" in spec and spec["tmpfs-mode"].isdigit() else None,
+    ))
+
+
+def _device(opts: ContainerOptions, value: str, option: str) -> None:
+    """`--device HOST[:CONTAINER[:PERMISSIONS]]`: always host access; the host path normalized."""
+    host, sep, rest = value.partition(":")
+    try:
+        normalized = normalize_host_path(host, option)
+    except OSError:
+        normalized = lexical_host_path(host)
+    opts.devices.append(normalized + sep + rest)
+    opts.host_access.append(HostPath(option, host, normalized).describe())
+
+
+def _volumes_from(opts: ContainerOptions, value: str, option: str) -> None:
+    opts.volumes_from.append(value)
+    opts.host_access.append(f"{option} {value}")
+
+
+def _host_file(opts: ContainerOptions, value: str, option: str) -> None:
+    raise DockerArgsError(
+        f"docker_args {option} {value}: the docker CLI reads this file on its own machine; "
+        "the agent does not read host files for a step: give the values with -e NAME=VALUE "
+        "or --label NAME=VALUE instead"
+    )
 
 
 def _label(opts: ContainerOptions, value: str, option: str) -> None:
@@ -307,7 +483,11 @@ _VALUE_OPTIONS: dict[str, Handler] = {
     ),
     "--cpus": lambda o, v, n: setattr(o, "nano_cpus", _cpus(v, n)),
     "--cpuset-cpus": lambda o, v, n: setattr(o, "cpuset_cpus", v),
-    "--device": lambda o, v, n: (o.devices.append(v), o.host_access.append(f"{n} {v}")),
+    "--device": _device,
+    "--mount": _mount,
+    "--volumes-from": _volumes_from,
+    "--env-file": _host_file,
+    "--label-file": _host_file,
     "--cap-add": lambda o, v, n: (o.cap_add.append(v), o.host_access.append(f"{n} {v}")),
     "--cap-drop": lambda o, v, n: o.cap_drop.append(v),
     "--security-opt": _security_opt,
@@ -343,9 +523,14 @@ def _bool_value(value: str | None, option: str) -> bool:
 
 
 def parse_docker_args(
-    text: str, *, allow_privileged: bool = False, environ: Mapping[str, str] | None = None
+    text: str, *, allow_privileged: bool = False, allowed_mounts: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> ContainerOptions:
-    """Parse a docker_args string (see the module docstring); DockerArgsError if refused."""
+    """Parse a docker_args string (see the module docstring); DockerArgsError if refused.
+
+    `allowed_mounts` are the host folders (`agent daemon --allow-mount`) under which host
+    paths may be mounted; `allow_privileged` lifts every host-access rule.
+    """
     environ = os.environ if environ is None else environ
     try:
         words = shlex.split(text or "")
@@ -371,6 +556,8 @@ def parse_docker_args(
             written, value = word.split("=", 1)
         elif not word.startswith("--") and len(word) > 2 and word[:2] in _SHORT_WITH_VALUE:
             written, value = word[:2], word[2:]
+            if value.startswith("="):
+                value = value[1:]  # `-v=/a:/b`, read as the docker CLI reads it
         name = _ALIASES.get(written, written)
         if name in _FLAG_OPTIONS:
             enabled = _bool_value(value, written)
@@ -400,9 +587,55 @@ def parse_docker_args(
             f"unsupported docker_args option(s): {', '.join(dict.fromkeys(unknown))} "
             f"(supported: {' '.join(supported_options())})"
         )
-    if opts.host_access and not allow_privileged:
-        raise DockerArgsError(
-            f"docker_args {', '.join(opts.host_access)} would give the step access to the "
-            "host: refused because the agent was not started with --allow-privileged"
-        )
+    if not allow_privileged:
+        _check_host_access(opts, allowed_mounts)
     return opts
+
+
+def _allowed_folders(allowed_mounts: Sequence[str]) -> list[str]:
+    folders = []
+    for folder in allowed_mounts:
+        try:
+            folders.append(normalize_host_path(folder, "--allow-mount"))
+        except OSError:
+            folders.append(lexical_host_path(folder))
+    return folders
+
+
+def host_access_of(
+    opts: ContainerOptions, allowed_mounts: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+    """What of `opts` needs `--allow-privileged`: (host-access options, host paths outside
+    `allowed_mounts`), each described as `option path-as-written (= normalized)`."""
+    folders = _allowed_folders(allowed_mounts)
+    control = list(opts.host_access)
+    outside: list[str] = []
+    for path in opts.host_paths:
+        lexical = lexical_host_path(path.written)
+        if (path.unresolved or _is_host_control_path(path.normalized)
+                or _is_host_control_path(lexical)):
+            control.append(path.describe())
+        elif not any(_is_under(path.normalized, folder) for folder in folders):
+            outside.append(path.describe())
+    return control, outside
+
+
+def _check_host_access(opts: ContainerOptions, allowed_mounts: Sequence[str]) -> None:
+    """DockerArgsError naming every option and path that needs --allow-privileged."""
+    control, outside = host_access_of(opts, allowed_mounts)
+    if not control and not outside:
+        return
+    problems = []
+    if control:
+        problems.append(f"docker_args {', '.join(control)} would give the step access to the host")
+    if outside:
+        folders = _allowed_folders(allowed_mounts)
+        where = ", ".join(folders) if folders else "none: the agent was started without --allow-mount"
+        problems.append(
+            f"docker_args {', '.join(outside)}: host path outside the folders the agent allows "
+            f"to mount ({where})"
+        )
+    hint = "start the agent with --allow-privileged"
+    if outside:
+        hint = "start the agent with --allow-mount FOLDER (data folders) or --allow-privileged"
+    raise DockerArgsError(f"{'; '.join(problems)}: refused; {hint}")
