@@ -1,6 +1,8 @@
 """`agent daemon | execute | list | stop`: the worker-side command line.
 
-Thin commands: parse, call one function of `agent.daemon`, print. Errors are one line.
+Thin commands: parse, call one function of `agent.daemon`, print. Errors are one line
+(`error: ...`, exit 1; usage mistakes such as a malformed queue name exit 2), with the
+traceback only under `agent --debug`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +30,16 @@ from agent.daemon import (
 from agent.executor import DEFAULT_STOP_GRACE_S, ExecutionSettings
 from controller import __version__
 from controller.backend import backend_from_url, conveyor_home, default_api_url
+from controller.cli import QUEUE_NAME, OneLineErrorGroup
 from controller.errors import ConveyorError
 from controller.models import DEFAULT_LEASE_S, TaskStatus
 
 
 def _fail(message: str) -> None:
+    """Print `error: message` (after the traceback of the error being handled, with --debug)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("debug") and sys.exc_info()[0] is not None:
+        traceback.print_exc()
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
 
@@ -152,16 +160,18 @@ def docker_options(command: Any) -> Any:
     return command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, envvar="CONVEYOR_DEBUG",
+              help="Print the traceback of an error too (errors are one line without it).")
 @click.version_option(__version__, prog_name="agent")
-def main() -> None:
+def main(debug: bool) -> None:
     """Conveyor agent: run pipeline steps pulled from queues."""
 
 
 @main.command()
-@click.option("--queue", "queues", multiple=True, required=True, metavar="QUEUE",
-              help="Queue to pull from; repeat (or give several, space separated) in priority order.")
-@click.argument("more_queues", nargs=-1, metavar="[QUEUE]...")
+@click.option("--queue", "queues", multiple=True, required=True, metavar="QUEUE", type=QUEUE_NAME,
+              help="Queue to pull from; repeat (or give several: --queue a b) in priority order.")
+@click.argument("more_queues", nargs=-1, metavar="[QUEUE]...", type=QUEUE_NAME)
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=1, show_default=True,
               envvar="CONVEYOR_AGENT_CONCURRENCY", help="Tasks run at once.")
 @click.option("--order-fairness", is_flag=True, help="Take from the queues round-robin instead of in order.")
@@ -196,7 +206,10 @@ def daemon(
     container image run in a container from it (docker_args and the setup script
     applied, the task's packages in a venv made with the image's Python).
     """
-    queue_names = [q for item in (*queues, *more_queues) for q in item.split()]
+    queue_names = list(dict.fromkeys((*queues, *more_queues)))
+    for given, option in ((allow_privileged, "--allow-privileged"), (allowed_mounts, "--allow-mount")):
+        if given and docker is None:
+            raise click.UsageError(f"{option} only applies to container steps: add --docker")
     api = api or default_api_url()
     home = conveyor_home()
     try:
@@ -327,4 +340,4 @@ def stop(worker_id: str | None, timeout: float, now: bool) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="agent")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -265,10 +266,29 @@ def default_api_url() -> str:
     return f"sqlite:///{conveyor_home() / 'conveyor.db'}"
 
 
+def check_http_url(url: str) -> None:
+    """InvalidInputError naming the problem if an http(s) API URL has no host or a bad port."""
+    from controller.errors import InvalidInputError
+
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - reading it checks it
+    except ValueError:
+        raise InvalidInputError(
+            f"invalid API URL {url!r}: the port must be a number from 1 to 65535 "
+            "(e.g. http://host:8008)", field="CONVEYOR_API",
+        ) from None
+    if not parts.hostname:
+        raise InvalidInputError(
+            f"invalid API URL {url!r}: it names no host (e.g. http://host:8008)", field="CONVEYOR_API"
+        )
+
+
 def backend_from_url(url: str | None = None, *, token: str | None = None) -> Backend:
     """Open the Backend a URL names (default: `default_api_url()`)."""
     url = url or default_api_url()
     if url.startswith(("http://", "https://")):
+        check_http_url(url)
         from controller.client import HttpBackend
 
         return HttpBackend(url, token=token if token is not None else os.environ.get("CONVEYOR_API_TOKEN"))

@@ -2,7 +2,11 @@
 
 Each command parses its arguments, calls one Backend method and prints the answer: a
 fixed-width table (or readable sections) by default, the records as JSON with `--json`.
-Errors are one line on stderr, `error: <message>`, with exit code 1.
+Errors are one line on stderr, `error: <message>`, with exit code 1 (2 for a usage
+mistake: a bad option or argument); the traceback only with `--debug`. Read-only
+commands (`queues`, `queues show`, `tasks list|show|logs`, `workers`) refuse a SQLite
+store file that does not exist instead of creating an empty one; commands that write
+create it (the embedded default on first use).
 
 The Backend comes from `--api` (or `CONVEYOR_API`): an `http://host:port` of a
 `controller serve` process, or a database URL; by default the embedded SQLite store under
@@ -14,8 +18,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -33,7 +39,7 @@ from controller.cli_format import (
     next_offset,
 )
 from controller.errors import BackendUnavailableError, ConflictError, ConveyorError
-from controller.models import TaskStatus, TaskType
+from controller.models import QUEUE_NAME_RULE, TaskStatus, TaskType, is_queue_name
 
 #: Seconds between two polls of `tasks logs --follow`.
 FOLLOW_POLL_S = 0.5
@@ -83,39 +89,117 @@ class State:
             click.get_current_context().find_root().call_on_close(self._backend.close)
         return self._backend
 
+    @property
+    def reader(self) -> Backend:
+        """The Backend for a read-only command: a SQLite file that does not exist is an
+        error (CliError), not an empty store created on the way."""
+        if self._backend is None:
+            path = sqlite_file_of(self.url)
+            if path is not None and not path.exists():
+                if self.url == embedded_db_url():
+                    raise CliError(
+                        f"no Conveyor store yet at {path} (the embedded store of CONVEYOR_HOME): "
+                        "point --api or CONVEYOR_API at your store, or create a queue or task first"
+                    )
+                raise CliError(
+                    f"no Conveyor store at {path}: the file does not exist; check the path in "
+                    "--api or CONVEYOR_API (commands that write create it)"
+                )
+        return self.backend
+
+
+def sqlite_file_of(url: str) -> Path | None:
+    """The database file of a `sqlite:` URL (relative to the working folder if relative);
+    None for other URLs or an in-memory database."""
+    if not url.startswith("sqlite:"):
+        return None
+    import sqlalchemy  # only here: `agent` imports this module for OneLineErrorGroup
+
+    try:
+        database = sqlalchemy.engine.make_url(url).database
+    except sqlalchemy.exc.ArgumentError:
+        return None  # the store names the problem when it opens the URL
+    if not database or database == ":memory:":
+        return None
+    return Path(database).expanduser()
+
+
+class QueueNameType(click.ParamType):
+    """A queue name, checked with the store's rule: a bad one is a usage error (exit 2)."""
+
+    name = "queue"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """`value` if it is a valid queue name; a usage error naming it otherwise."""
+        if not is_queue_name(value):
+            several = " (name several queues as separate words)" if " " in str(value) else ""
+            self.fail(f"{value!r} is not a queue name: use {QUEUE_NAME_RULE}{several}", param, ctx)
+        return str(value)
+
+
+QUEUE_NAME = QueueNameType()
+
 
 def embedded_db_url() -> str:
     """The embedded SQLite store under CONVEYOR_HOME."""
     return f"sqlite:///{conveyor_home() / 'conveyor.db'}"
 
 
-class ConveyorGroup(click.Group):
-    """The root group: turns Conveyor errors of any subcommand into one-line errors."""
+class OneLineErrorGroup(click.Group):
+    """A root command group whose every error is one line on stderr, `error: <message>`.
+
+    Exit code 1, or 2 for usage mistakes (which add where the help is). The traceback is
+    printed too when the group's `--debug` option is on. Used by `controller` and `agent`.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the subcommand; report ConveyorError, bad input and unreachable APIs briefly."""
+        """Run the subcommand; turn an error into a one-line CliError."""
         try:
             return super().invoke(ctx)
-        except BackendUnavailableError as err:
-            url = ctx.obj.url if isinstance(ctx.obj, State) else ""
-            message = _one_line(err.message)
-            if url and "://" not in message:  # say which API or store, once
-                message = f"cannot reach {url}: {message}"
-            raise CliError(message) from None
-        except ConveyorError as err:
-            raise CliError(_one_line(err.message)) from None
-        except ValidationError as err:
-            problems = [
-                f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()
-            ]
-            raise CliError("invalid input: " + "; ".join(problems)) from None
-        except BrokenPipeError:
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
             raise
-        except OSError as err:  # requests' connection errors are OSErrors too
-            url = ctx.obj.url if isinstance(ctx.obj, State) else ""
-            raise CliError(
-                f"cannot reach {url}: {_one_line(str(err))}" if url else str(err)
-            ) from None
+        except Exception as err:  # noqa: BLE001 - every error becomes one line
+            if ctx.find_root().params.get("debug"):
+                traceback.print_exc()
+            raise one_line_error(err, getattr(ctx.obj, "url", "")) from None
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        """Run as a console script: parse, invoke, print errors as one line, exit."""
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as err:
+            where = f" (see '{err.ctx.command_path} --help')" if err.ctx else ""
+            click.echo(f"error: {_one_line(err.format_message())}{where}", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"error: {_one_line(err.format_message())}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def one_line_error(err: Exception, url: str) -> CliError:
+    """The one-line CliError for an error of a command talking to `url`."""
+    if isinstance(err, BackendUnavailableError):
+        message = _one_line(err.message)
+        if url and "://" not in message:  # say which API or store, once
+            message = f"cannot reach {url}: {message}"
+        return CliError(message)
+    if isinstance(err, ConveyorError):
+        return CliError(_one_line(err.message))
+    if isinstance(err, ValidationError):
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()
+        ]
+        return CliError("invalid input: " + "; ".join(problems))
+    if isinstance(err, OSError):  # requests' connection errors are OSErrors too
+        return CliError(f"cannot reach {url}: {_one_line(str(err))}" if url else _one_line(str(err)))
+    return CliError(
+        f"unexpected {type(err).__name__}: {_one_line(str(err))} (run with --debug for the "
+        "traceback, and report it)"
+    )
 
 
 pass_state = click.make_pass_decorator(State)
@@ -131,7 +215,7 @@ def json_option(func: F) -> F:
 # ---------------------------------------------------------------------- root group
 
 
-@click.group(cls=ConveyorGroup, context_settings=CONTEXT_SETTINGS)
+@click.group(cls=OneLineErrorGroup, context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--api",
     envvar="CONVEYOR_API",
@@ -146,9 +230,16 @@ def json_option(func: F) -> F:
     metavar="TOKEN",
     help="API token sent to an http:// API. [env: CONVEYOR_API_TOKEN]",
 )
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="CONVEYOR_DEBUG",
+    help="Print the traceback of an error too (errors are one line without it). "
+    "[env: CONVEYOR_DEBUG]",
+)
 @click.version_option(__version__, "--version", prog_name="controller")
 @click.pass_context
-def cli(ctx: click.Context, api: str | None, token: str | None) -> None:
+def cli(ctx: click.Context, api: str | None, token: str | None, debug: bool) -> None:
     """Conveyor control plane: tasks, queues and workers."""
     ctx.obj = State(api=(api or "").strip() or None, token=token or None)
 
@@ -246,7 +337,7 @@ def queues(ctx: click.Context, as_json: bool) -> None:
 @pass_state
 def queues_list(state: State, as_json: bool) -> None:
     """List queues with their length and oldest waiting task."""
-    items = state.backend.list_queues()
+    items = state.reader.list_queues()
     if as_json:
         echo_json(items)
         return
@@ -255,12 +346,12 @@ def queues_list(state: State, as_json: bool) -> None:
 
 
 @queues.command("show")
-@click.argument("name")
+@click.argument("name", type=QUEUE_NAME)
 @json_option
 @pass_state
 def queues_show(state: State, name: str, as_json: bool) -> None:
     """Show the tasks waiting in queue NAME, in the order they will run."""
-    tasks = state.backend.queue_tasks(name)
+    tasks = state.reader.queue_tasks(name)
     if as_json:
         echo_json(tasks)
         return
@@ -271,7 +362,7 @@ def queues_show(state: State, name: str, as_json: bool) -> None:
 
 
 @queues.command("create")
-@click.argument("name")
+@click.argument("name", type=QUEUE_NAME)
 @json_option
 @pass_state
 def queues_create(state: State, name: str, as_json: bool) -> None:
@@ -284,7 +375,7 @@ def queues_create(state: State, name: str, as_json: bool) -> None:
 
 
 @queues.command("delete")
-@click.argument("name")
+@click.argument("name", type=QUEUE_NAME)
 @click.option(
     "--force", is_flag=True, help="Delete even if tasks wait in it; they go back to status created."
 )
@@ -349,7 +440,7 @@ def tasks_list(
     as_json: bool,
 ) -> None:
     """List tasks, newest first."""
-    items = state.backend.query_tasks(
+    items = state.reader.query_tasks(
         project=project,
         name=name,
         status=[s.lower() for s in statuses] or None,
@@ -374,7 +465,7 @@ def tasks_list(
 @pass_state
 def tasks_show(state: State, task_id: str, as_json: bool) -> None:
     """Show every section of task ID."""
-    task = state.backend.get_task(task_id)
+    task = state.reader.get_task(task_id)
     if as_json:
         echo_json(task)
     else:
@@ -409,7 +500,7 @@ def _drain_log(backend: Backend, task_id: str, offset: int, as_json: bool) -> in
 @pass_state
 def tasks_logs(state: State, task_id: str, tail: int | None, follow: bool, as_json: bool) -> None:
     """Print the output of task ID."""
-    backend = state.backend
+    backend = state.reader
     if tail is not None:
         backend.get_task(task_id)  # an unknown id is an error, not an empty log
         lines = backend.get_log(task_id, tail=tail) if tail else []
@@ -437,6 +528,7 @@ def tasks_logs(state: State, task_id: str, tail: int | None, follow: bool, as_js
 @click.option(
     "--queue",
     "-q",
+    type=QUEUE_NAME,
     help="Queue to put it on. [default: the task's execution.queue, else 'default']",
 )
 @click.option("--priority", "-p", type=int, help="Higher runs first. [default: the task's own]")
@@ -491,7 +583,7 @@ def tasks_reset(state: State, task_id: str, as_json: bool) -> None:
 @pass_state
 def workers(state: State, as_json: bool) -> None:
     """List registered workers and what they run."""
-    items = state.backend.list_workers()
+    items = state.reader.list_workers()
     if as_json:
         echo_json(items)
         return

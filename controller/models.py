@@ -30,6 +30,15 @@ MAX_LOG_LINES_PER_CALL = 10_000
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 DEFAULT_QUEUES = ("default", "services")
+#: QUEUE_NAME_PATTERN in words, for messages.
+QUEUE_NAME_RULE = "1-128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
+_QUEUE_NAME_RE = re.compile(QUEUE_NAME_PATTERN)
+
+
+def is_queue_name(name: object) -> bool:
+    """Whether `name` is a valid queue name: the one rule (QUEUE_NAME_PATTERN) for the store,
+    the API models and the command lines."""
+    return isinstance(name, str) and _QUEUE_NAME_RE.fullmatch(name) is not None
 
 #: Seconds a claim stays valid without a heartbeat from its worker.
 DEFAULT_LEASE_S = 10.0
