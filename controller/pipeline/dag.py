@@ -35,12 +35,15 @@ def referenced_steps(node: Node) -> set[str]:
     ]
     if node.function_spec:
         values.extend((node.function_spec.get("kwargs") or {}).values())
-    refs = {
-        ref.step
-        for value in values
-        for ref in references.references_in(value, recursive=True)
-        if not ref.is_pipeline_parameter
-    }
+    try:
+        refs = {
+            ref.step
+            for value in values
+            for ref in references.references_in(value, recursive=True)
+            if not ref.is_pipeline_parameter
+        }
+    except references.ReferenceError_ as exc:  # a malformed reference: refused before anything runs
+        raise step_error(node.name, "references", str(exc)) from None
     refs.discard(node.name)
     return refs
 

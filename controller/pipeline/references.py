@@ -12,7 +12,9 @@ Forms (the reference's, plus task fields):
 
 Decisions: a value that is exactly one reference is replaced by the resolved value with
 its type (an int parameter stays an int); a reference inside a longer string is
-formatted into it. Nested lists, tuples and dicts are walked only with
+formatted into it. Every `${` starts a reference: one that is malformed (`${a.` or
+`${a.b` without the closing brace, `${}`, `${a.}`, `${a..b}`, `${.a}`, `${a{b}}`) is an
+error naming its text, never taken as literal text. Nested lists, tuples and dicts are walked only with
 `recursively_parse_parameters` (as documented). Every step a value refers to becomes a
 parent of the step that uses it.
 """
@@ -26,6 +28,9 @@ from typing import Any
 
 REFERENCE_RE = re.compile(r"\$\{([^{}]+)\}")
 PIPELINE = "pipeline"
+#: How references are written, for error messages.
+REFERENCE_FORMS = "${step.field}, ${step.parameters.Section/name} or ${pipeline.name}"
+_SHOWN_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -47,20 +52,52 @@ class ReferenceError_(ValueError):
 
 
 def parse(text: str) -> list[Reference]:
-    """Every reference inside a string."""
+    """Every reference inside a string; ReferenceError_ naming the text of a malformed one."""
     refs = []
-    for match in REFERENCE_RE.finditer(text):
-        body = match.group(1).strip()
-        step, _, rest = body.partition(".")
-        if not step:
-            raise ReferenceError_(f"empty step name in {match.group(0)!r}")
-        path: tuple[str, ...]
-        if step != PIPELINE and rest.startswith("parameters."):
-            path = ("parameters", rest[len("parameters."):])  # the name may contain '/' and '.'
-        else:
-            path = tuple(rest.split(".")) if rest else ()
-        refs.append(Reference(match.group(0), step, path))
+    start = text.find("${")
+    while start != -1:
+        match = REFERENCE_RE.match(text, start)
+        if match is None:
+            _malformed(text, start)
+        refs.append(_reference(match.group(0), match.group(1)))
+        start = text.find("${", match.end())
     return refs
+
+
+def _reference(whole: str, body: str) -> Reference:
+    body = body.strip()
+    step, dot, rest = body.partition(".")
+    if not step:
+        raise ReferenceError_(f"{'empty' if not body else 'no step name in'} reference {whole!r}: "
+                              f"write {REFERENCE_FORMS}")
+    path: tuple[str, ...]
+    if step != PIPELINE and rest.startswith("parameters."):
+        path = ("parameters", rest[len("parameters."):])  # the name may contain '/' and '.'
+    else:
+        path = tuple(rest.split(".")) if dot else ()
+    if step == PIPELINE and not path:
+        raise ReferenceError_(f"reference {whole!r} names no pipeline parameter: write "
+                              "${pipeline.name}")
+    if any(not part.strip() for part in path):
+        raise ReferenceError_(f"malformed reference {whole!r}: an empty name between dots; "
+                              f"write {REFERENCE_FORMS}")
+    return Reference(whole, step, path)
+
+
+def _malformed(text: str, start: int) -> None:
+    """Raise ReferenceError_ for the `${` at `start` that starts no well-formed reference."""
+    close = text.find("}", start)
+    brace = text.find("{", start + 2)
+    if close == -1:
+        shown, problem = text[start:], "no closing '}'"
+    elif brace != -1 and brace < close:
+        shown, problem = text[start:close + 1], "'{' inside it"
+    else:
+        shown, problem = text[start:close + 1], "nothing between the braces"
+    if len(shown) > _SHOWN_CHARS:
+        shown = shown[:_SHOWN_CHARS] + "..."
+    where = "" if shown == text else f" in {text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + '...'!r}"
+    raise ReferenceError_(f"malformed reference {shown!r}{where} ({problem}): write {REFERENCE_FORMS}")
 
 
 def walk_strings(value: Any, recursive: bool) -> Iterator[str]:
