@@ -328,7 +328,8 @@ def test_files_the_docker_cli_reads_on_its_host_are_refused_even_when_privileged
     [("type=bind,dst=/x", "needs source=PATH"), ("type=bind,src=rel,dst=/x", "must be absolute"),
      ("type=bind,src=/data", "absolute target"), ("type=volume,src=/data,dst=/x", "type=bind"),
      ("type=npipe,src=x,dst=/x", "not supported"), ("type=bind,src=/data,dst=/x,bogus=1", "bogus"),
-     ("type=tmpfs,src=x,dst=/x", "no source")],
+     ("type=tmpfs,src=x,dst=/x", "no source"), ("type=tmpfs,dst=/x,tmpfs-mode=rwx", "octal"),
+     ("type=bind,src=/data,dst=/x,ro=maybe", "true or false")],
 )
 def test_bad_mounts_are_explained(value: str, message: str) -> None:
     with pytest.raises(DockerArgsError, match=message):

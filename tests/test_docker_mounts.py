@@ -34,6 +34,7 @@ print("host root entries:", sorted(os.listdir("/host")))
 
 READ_THE_DATA = """
 print("data says:", open("/data/in.txt").read().strip())
+print("mount says:", open("/data2/in.txt").read().strip())
 """
 
 
@@ -51,7 +52,8 @@ def test_the_hosts_root_is_refused_and_an_allowed_folder_is_mounted(
     outside_task = container_task(backend, READ_THE_HOST,
                                   container={"arguments": f"-v {data}/..:/host:ro"})
     data_task = container_task(backend, READ_THE_DATA,
-                               container={"arguments": f"-v {tmp_path}/data-link/./:/data:ro"})
+                               container={"arguments": f"-v {tmp_path}/data-link/./:/data:ro "
+                                          f"--mount type=bind,src={data}/,dst=/data2,readonly"})
     daemons.start(sqlite_url, "--docker", "--worker-id", worker_id, "--allow-mount", str(data))
 
     refused = wait_for(backend, root_task, "completed", "failed", timeout=120)
@@ -69,3 +71,4 @@ def test_the_hosts_root_is_refused_and_an_allowed_folder_is_mounted(
     mounted = wait_for(backend, data_task, "completed", "failed", timeout=300)
     assert mounted.status == TaskStatus.completed, log_text(backend, data_task)
     assert "data says: hello from the host" in log_text(backend, data_task)
+    assert "mount says: hello from the host" in log_text(backend, data_task)

@@ -360,7 +360,7 @@ def prepare_container(
         entrypoint=["/bin/sh"], command=[f"{RUN_DIR}/bootstrap.sh"], environment=env,
         labels={**options.labels, **_labels(task, settings)}, init=True, detach=True,
         stdin_open=False, tty=False, working_dir=options.working_dir or CODE_DIR,
-        mounts=_mounts(run_dir, checkout_root, cache, index_args) + files_mounts,
+        mounts=_mounts(run_dir, checkout_root, cache, index_args) + files_mounts + options.mounts,
     )
     name = f"conveyor-{task.id[:12]}-{task.runtime.attempt}-{secrets.token_hex(3)}"
     return ContainerSpec(image_name, image.id, name, kwargs, run_dir, venv_root, key, api)

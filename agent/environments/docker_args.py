@@ -399,8 +399,15 @@ def _mount(opts: ContainerOptions, value: str, option: str) -> None:
         labels=labels or None,
         driver_config=DriverConfig(driver or "local", driver_options) if driver or driver_options else None,
         tmpfs_size=parse_size(spec["tmpfs-size"], option) if "tmpfs-size" in spec else None,
-        tmpfs_mode=int(spec["tmpfs-mode"], 8) if "tmpfs-mode" in spec and spec["tmpfs-mode"].isdigit() else None,
+        tmpfs_mode=_octal(spec["tmpfs-mode"], f"{option} tmpfs-mode") if "tmpfs-mode" in spec else None,
     ))
+
+
+def _octal(text: str, option: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise DockerArgsError(f"docker_args {option}: {text!r} is not an octal mode (e.g. 1777)") from None
 
 
 def _device(opts: ContainerOptions, value: str, option: str) -> None:
