@@ -165,6 +165,7 @@ class OneLineErrorGroup(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         """Run as a console script: parse, invoke, print errors as one line, exit."""
+        extra.pop("standalone_mode", None)  # always: the errors are printed here
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.UsageError as err:
