@@ -78,6 +78,18 @@ class TaskStatus(str, enum.Enum):
 
 TERMINAL_STATUSES = frozenset({TaskStatus.completed, TaskStatus.failed, TaskStatus.stopped})
 
+#: Each status's display group: the colour the dashboard gives it (`GET /statuses`). The
+#: group names are those of pipeline steps (a step's task shows the colour of its step).
+STATUS_GROUPS: dict[TaskStatus, str] = {
+    TaskStatus.created: "pending",
+    TaskStatus.queued: "queued",
+    TaskStatus.in_progress: "running",
+    TaskStatus.stopping: "aborted",
+    TaskStatus.completed: "completed",
+    TaskStatus.failed: "failed",
+    TaskStatus.stopped: "aborted",
+}
+
 _S = TaskStatus
 #: The one table of legal status transitions. Every component asks `check_transition`.
 LEGAL_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {

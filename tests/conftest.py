@@ -65,43 +65,23 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture
 def http_url(sqlite_url: str) -> Iterator[str]:
-    """A real `controller serve` process on a loopback port, over a fresh SQLite store."""
+    """A real `controller serve` process on a loopback port, over a fresh SQLite store
+    (forked from a process that imported the server already: see helpers_server)."""
     from tests.helpers_server import start_server, stop_server
 
-    proc, base_url = start_server(sqlite_url)
+    proc, base_url = start_server(sqlite_url, forked=True)
     try:
         yield base_url
     finally:
         stop_server(proc)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the `http_postgres` transport only for tests marked `hot_path`.
-
-    Over PostgreSQL the API server serves enqueue, claim and status reports on a path of
-    its own (controller/server/hotpath.py); every other call is the same code as over
-    SQLite, already covered by the `http` transport. A server start costs ~1.5 s, so
-    the rest are deselected rather than run twice."""
-    keep, dropped = [], []
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("backend_url") == "http_postgres":
-            if item.get_closest_marker("hot_path") is None:
-                dropped.append(item)
-                continue
-        keep.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = keep
-
-
 @pytest.fixture
 def http_postgres_url(postgres_url: str) -> Iterator[str]:
-    """A real `controller serve` process over a fresh PostgreSQL schema (its hot calls
-    take their own path there: see controller/server/hotpath.py)."""
+    """A real `controller serve` process over a fresh PostgreSQL schema."""
     from tests.helpers_server import start_server, stop_server
 
-    proc, base_url = start_server(postgres_url)
+    proc, base_url = start_server(postgres_url, forked=True)
     try:
         yield base_url
     finally:

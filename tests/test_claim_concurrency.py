@@ -34,7 +34,6 @@ def _claim_until_empty(url: str, worker_id: str, start: Any) -> list[str]:
     return taken
 
 
-@pytest.mark.hot_path
 def test_concurrent_claimers_take_each_task_exactly_once(backend: Backend, backend_url: str) -> None:
     ids = set()
     for i in range(TASKS):

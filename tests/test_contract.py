@@ -160,7 +160,6 @@ def test_delete_of_a_running_task_needs_force(backend: Backend) -> None:
 
 
 # ----------------------------------------------------------------------- statuses
-@pytest.mark.hot_path
 def test_status_follows_the_legal_path(backend: Backend) -> None:
     task_id = _running(backend)
     done = backend.set_status(task_id, "completed", reason="completed", message="exit 0", worker_id="w1")
@@ -170,7 +169,6 @@ def test_status_follows_the_legal_path(backend: Backend) -> None:
     assert history == ["created", "queued", "in_progress", "completed"]
 
 
-@pytest.mark.hot_path
 def test_illegal_transition_names_both_statuses_and_changes_nothing(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})
     with pytest.raises(IllegalTransitionError) as info:
@@ -180,14 +178,12 @@ def test_illegal_transition_names_both_statuses_and_changes_nothing(backend: Bac
     assert backend.get_task(task.id).status == TaskStatus.created
 
 
-@pytest.mark.hot_path
 def test_unknown_status_is_invalid_input(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})
     with pytest.raises(InvalidInputError, match="status"):
         backend.set_status(task.id, "exploded")
 
 
-@pytest.mark.hot_path
 def test_only_the_holding_worker_may_report(backend: Backend) -> None:
     task_id = _running(backend, worker="w1")
     with pytest.raises(ConflictError, match="w1"):
@@ -195,7 +191,6 @@ def test_only_the_holding_worker_may_report(backend: Backend) -> None:
     assert backend.get_task(task_id).status == TaskStatus.in_progress
 
 
-@pytest.mark.hot_path
 def test_rerun_of_a_finished_task_counts_attempts(backend: Backend) -> None:
     task_id = _running(backend)
     backend.set_status(task_id, "failed", reason="exit_code", message="exited with code 1")
@@ -275,7 +270,6 @@ def test_default_and_services_queues_exist(backend: Backend) -> None:
     assert {"default", "services"} <= {q.name for q in backend.list_queues()}
 
 
-@pytest.mark.hot_path
 def test_queues_are_created_listed_and_deleted(backend: Backend) -> None:
     backend.create_queue("gpu")
     assert backend.get_queue("gpu").length == 0
@@ -288,7 +282,6 @@ def test_queues_are_created_listed_and_deleted(backend: Backend) -> None:
         backend.create_queue("bad name with spaces")
 
 
-@pytest.mark.hot_path
 def test_deleting_a_non_empty_queue_needs_force(backend: Backend) -> None:
     backend.create_queue("q1")
     task = backend.create_task({"name": "t"})
@@ -300,7 +293,6 @@ def test_deleting_a_non_empty_queue_needs_force(backend: Backend) -> None:
     assert backend.get_task(task.id).status == TaskStatus.created
 
 
-@pytest.mark.hot_path
 def test_enqueue_orders_by_priority_then_age(backend: Backend) -> None:
     low = backend.create_task({"name": "low"})
     high = backend.create_task({"name": "high"})
@@ -315,7 +307,6 @@ def test_enqueue_orders_by_priority_then_age(backend: Backend) -> None:
     assert claimed == [high.id, low.id, low2.id]
 
 
-@pytest.mark.hot_path
 def test_enqueue_uses_the_task_queue_and_refuses_unknown_queues(backend: Backend) -> None:
     task = backend.create_task({"name": "t", "execution": {"queue": "services"}})
     assert backend.enqueue(task.id).execution.queue == "services"
@@ -327,7 +318,6 @@ def test_enqueue_uses_the_task_queue_and_refuses_unknown_queues(backend: Backend
         backend.enqueue(task.id)  # already queued
 
 
-@pytest.mark.hot_path
 def test_enqueue_without_a_queue_uses_the_own_queue_or_default(backend: Backend) -> None:
     backend.create_queue("gpu")
     on_gpu = backend.create_task({"name": "g", "execution": {"queue": "gpu", "priority": 7}})
@@ -348,7 +338,6 @@ def test_enqueue_without_a_queue_uses_the_own_queue_or_default(backend: Backend)
     assert backend.claim(["default"], "w").id == plain.id
 
 
-@pytest.mark.hot_path
 def test_dequeue_returns_the_task_to_created(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})
     backend.enqueue(task.id)
@@ -358,7 +347,6 @@ def test_dequeue_returns_the_task_to_created(backend: Backend) -> None:
         backend.dequeue(task.id)
 
 
-@pytest.mark.hot_path
 def test_claim_takes_queues_in_the_given_order(backend: Backend) -> None:
     backend.create_queue("gpu")
     on_default = backend.create_task({"name": "d"})
@@ -372,13 +360,11 @@ def test_claim_takes_queues_in_the_given_order(backend: Backend) -> None:
     assert backend.claim(["gpu", "default"], "w") is None
 
 
-@pytest.mark.hot_path
 def test_claim_of_unknown_queue_is_not_found(backend: Backend) -> None:
     with pytest.raises(NotFoundError, match="nosuch"):
         backend.claim(["nosuch"], "w")
 
 
-@pytest.mark.hot_path
 def test_claim_rejects_bad_arguments(backend: Backend) -> None:
     with pytest.raises(InvalidInputError):
         backend.claim([], "w")
@@ -388,14 +374,12 @@ def test_claim_rejects_bad_arguments(backend: Backend) -> None:
         backend.claim(["default"], "w", wait_s=-1)
 
 
-@pytest.mark.hot_path
 def test_claim_waits_and_returns_none_when_nothing_comes(backend: Backend) -> None:
     started = time.monotonic()
     assert backend.claim(["default"], "w", wait_s=0.3) is None
     assert 0.25 <= time.monotonic() - started < 2.0
 
 
-@pytest.mark.hot_path
 def test_claim_wakes_as_soon_as_a_task_is_enqueued(backend: Backend, backend_url: str) -> None:
     from controller.backend import backend_from_url
 
@@ -429,7 +413,6 @@ def test_workers_register_heartbeat_and_unregister(backend: Backend) -> None:
         backend.heartbeat("host:0")
 
 
-@pytest.mark.hot_path
 def test_heartbeat_extends_the_lease(backend: Backend) -> None:
     backend.register_worker("w1")
     task = backend.create_task({"name": "t"})
@@ -444,7 +427,6 @@ def test_heartbeat_extends_the_lease(backend: Backend) -> None:
     assert after.status == TaskStatus.in_progress and after.lease_expires_at > before
 
 
-@pytest.mark.hot_path
 def test_expired_lease_fails_the_task_naming_the_lost_worker(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})
     backend.enqueue(task.id)
@@ -458,7 +440,6 @@ def test_expired_lease_fails_the_task_naming_the_lost_worker(backend: Backend) -
         backend.set_status(task.id, "completed", worker_id="lost-host:3")
 
 
-@pytest.mark.hot_path
 def test_claim_sweeps_expired_leases(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})
     backend.enqueue(task.id)
@@ -468,7 +449,6 @@ def test_claim_sweeps_expired_leases(backend: Backend) -> None:
     assert backend.get_task(task.id).status == TaskStatus.failed
 
 
-@pytest.mark.hot_path
 def test_abort_of_a_running_task_goes_through_stopping(backend: Backend) -> None:
     backend.register_worker("w1")
     task_id = _running(backend, worker="w1")
@@ -480,7 +460,6 @@ def test_abort_of_a_running_task_goes_through_stopping(backend: Backend) -> None
     assert backend.heartbeat("w1").abort == []
 
 
-@pytest.mark.hot_path
 def test_heartbeat_tells_a_worker_to_drop_tasks_it_no_longer_holds(backend: Backend) -> None:
     backend.register_worker("w1")
     task_id = _running(backend, worker="w1")
@@ -488,7 +467,6 @@ def test_heartbeat_tells_a_worker_to_drop_tasks_it_no_longer_holds(backend: Back
     assert backend.heartbeat("w1", current_tasks=[task_id]).abort == [task_id]
 
 
-@pytest.mark.hot_path
 def test_abort_of_a_queued_task_stops_it_at_once(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})
     backend.enqueue(task.id)
@@ -536,7 +514,6 @@ def test_wait_for_status_change_returns_at_once_when_a_status_differs(backend: B
     assert backend.wait_for_status_change({task.id: "queued"}, wait_s=0) == []
 
 
-@pytest.mark.hot_path
 def test_wait_for_status_change_wakes_when_a_step_moves(backend: Backend, backend_url: str) -> None:
     from controller.backend import backend_from_url
 

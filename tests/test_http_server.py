@@ -53,16 +53,10 @@ def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     stop_server(proc)
 
 
-@pytest.fixture(scope="module", params=["fast-path", "fastapi-only"])
-def any_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """A server with the fast path on, and one serving everything through FastAPI."""
-    extra = ["--no-fast-path"] if request.param == "fastapi-only" else []
-    db_url = f"sqlite:///{tmp_path_factory.mktemp(request.param)}/c.db"
-    proc, url = start_server(db_url, extra_args=extra)
-    yield url
-    stop_server(proc)
+@pytest.fixture
+def server(open_server: tuple[str, str]) -> str:
+    """The base URL of the open server."""
+    return open_server[0]
 
 
 @pytest.fixture
@@ -181,10 +175,10 @@ def test_malformed_json_is_422_and_creates_nothing(open_server: tuple[str, str])
     assert task_count(url) == before
 
 
-def test_malformed_json_on_fast_path_endpoints(any_server: str) -> None:
+def test_malformed_json_on_agent_endpoints(server: str) -> None:
     for path in (f"{API}/claim", f"{API}/tasks/abc/status", f"{API}/workers/w/heartbeat"):
         resp = requests.post(
-            any_server + path,
+            server + path,
             data=b"{nope",
             headers={"Content-Type": "application/json"},
             timeout=10,
@@ -193,7 +187,7 @@ def test_malformed_json_on_fast_path_endpoints(any_server: str) -> None:
         assert "malformed JSON" in resp.json()["message"]
 
 
-def test_wrong_types_name_the_field(any_server: str) -> None:
+def test_wrong_types_name_the_field(server: str) -> None:
     cases = [
         (f"{API}/tasks", {"name": 5}, "body.name"),
         (f"{API}/tasks", {"name": "x", "tags": "not-a-list"}, "body.tags"),
@@ -213,31 +207,31 @@ def test_wrong_types_name_the_field(any_server: str) -> None:
         (f"{API}/tasks/abc/log", {"lines": [{"line": 1}]}, "body.lines.0.line"),
         (f"{API}/workers/w/heartbeat", {"lease_s": -1}, "body.lease_s"),
     ]
-    before = task_count(any_server)
+    before = task_count(server)
     for path, payload, field in cases:
-        resp = requests.post(any_server + path, json=payload, timeout=10)
+        resp = requests.post(server + path, json=payload, timeout=10)
         assert resp.status_code == 422, (path, payload, resp.text)
         body = resp.json()
         assert body["error"] == "invalid_input"
         assert body["field"] == field, body
         assert body["message"].startswith(f"{field}: "), body["message"]
         assert isinstance(body["detail"], list) and body["detail"][0]["loc"]
-    assert task_count(any_server) == before
+    assert task_count(server) == before
 
 
-def test_out_of_range_numbers_are_422_not_500(any_server: str) -> None:
-    task = HttpBackend(any_server).create_task({"name": "numbers"})
+def test_out_of_range_numbers_are_422_not_500(server: str) -> None:
+    task = HttpBackend(server).create_task({"name": "numbers"})
     huge = str(10**30)
     resp = requests.get(
-        f"{any_server}{API}/tasks/{task.id}/log", params={"offset": huge}, timeout=10
+        f"{server}{API}/tasks/{task.id}/log", params={"offset": huge}, timeout=10
     )
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"] == "invalid_input"
     resp = requests.post(
-        f"{any_server}{API}/tasks/{task.id}/enqueue", json={"priority": 10**30}, timeout=10
+        f"{server}{API}/tasks/{task.id}/enqueue", json={"priority": 10**30}, timeout=10
     )
     assert resp.status_code == 422, resp.text
-    assert HttpBackend(any_server).get_task(task.id).status == TaskStatus.created
+    assert HttpBackend(server).get_task(task.id).status == TaskStatus.created
 
 
 def test_client_maps_422_to_invalid_input(client: HttpBackend) -> None:
@@ -253,8 +247,8 @@ def test_client_maps_422_to_invalid_input(client: HttpBackend) -> None:
     assert client.get_task(task.id).name == "unchanged"
 
 
-def test_unknown_ids_are_404(any_server: str) -> None:
-    backend = HttpBackend(any_server)
+def test_unknown_ids_are_404(server: str) -> None:
+    backend = HttpBackend(server)
     for path, method in [
         (f"{API}/tasks/nope", "GET"),
         (f"{API}/tasks/nope/enqueue", "POST"),
@@ -262,7 +256,7 @@ def test_unknown_ids_are_404(any_server: str) -> None:
         (f"{API}/queues/nope", "GET"),
         (f"{API}/no/such/endpoint", "GET"),
     ]:
-        resp = requests.request(method, any_server + path, timeout=10)
+        resp = requests.request(method, server + path, timeout=10)
         assert resp.status_code == 404, path
         assert resp.json()["error"] == "not_found"
     with pytest.raises(NotFoundError, match="nope"):
@@ -273,11 +267,11 @@ def test_unknown_ids_are_404(any_server: str) -> None:
         backend.get_task("a/b")  # a slash in an id never reaches another route
 
 
-def test_illegal_transition_is_409(any_server: str) -> None:
-    backend = HttpBackend(any_server)
+def test_illegal_transition_is_409(server: str) -> None:
+    backend = HttpBackend(server)
     task = backend.create_task({"name": "t"})
     resp = requests.post(
-        f"{any_server}{API}/tasks/{task.id}/status", json={"status": "completed"}, timeout=10
+        f"{server}{API}/tasks/{task.id}/status", json={"status": "completed"}, timeout=10
     )
     assert resp.status_code == 409
     body = resp.json()
@@ -330,8 +324,8 @@ def test_oversized_field_is_422_and_client_refuses_huge_bodies(client: HttpBacke
 
 
 # ---------------------------------------------------------------- long poll
-def test_long_poll_claim_returns_when_another_client_enqueues(any_server: str) -> None:
-    waiter, producer = HttpBackend(any_server), HttpBackend(any_server)
+def test_long_poll_claim_returns_when_another_client_enqueues(server: str) -> None:
+    waiter, producer = HttpBackend(server), HttpBackend(server)
     waiter.create_queue("lp")
     task = producer.create_task({"name": "wake-me"})
     got: dict[str, object] = {}
@@ -374,8 +368,8 @@ def test_long_poll_sees_enqueues_by_other_processes(open_server: tuple[str, str]
         store.close()
 
 
-def test_long_poll_claim_returns_none_after_wait_s(any_server: str) -> None:
-    backend = HttpBackend(any_server)
+def test_long_poll_claim_returns_none_after_wait_s(server: str) -> None:
+    backend = HttpBackend(server)
     backend.create_queue("empty")
     started = time.monotonic()
     assert backend.claim(["empty"], "w3", wait_s=0.6) is None
@@ -399,9 +393,9 @@ def test_lease_sweep_fails_tasks_without_heartbeat(client: HttpBackend) -> None:
     assert final.status_reason == "lease_expired"
 
 
-# ------------------------------------------------------------ both transports
-def test_agent_cycle_on_both_paths(any_server: str) -> None:
-    backend = HttpBackend(any_server)
+# ------------------------------------------------------------------ agent cycle
+def test_agent_cycle(server: str) -> None:
+    backend = HttpBackend(server)
     backend.register_worker("cycle-w", hostname="h", queues=["cycle"])
     backend.create_queue("cycle")
     task = backend.create_task({"name": "cycle", "tags": ["a", "b"]})
@@ -485,11 +479,11 @@ def _claim_in_threads(
     return threads, results
 
 
-def test_many_waiters_each_get_one_task(any_server: str) -> None:
-    producer = HttpBackend(any_server)
+def test_many_waiters_each_get_one_task(server: str) -> None:
+    producer = HttpBackend(server)
     producer.create_queue("many")
     tasks = [producer.create_task({"name": f"m{i}"}) for i in range(5)]
-    threads, results = _claim_in_threads(any_server, "many", 5, wait_s=20)
+    threads, results = _claim_in_threads(server, "many", 5, wait_s=20)
     time.sleep(0.5)
     for task in tasks:
         producer.enqueue(task.id, "many")

@@ -37,11 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         default="warning",
         choices=["critical", "error", "warning", "info", "debug"],
     )
-    parser.add_argument(
-        "--no-fast-path",
-        action="store_true",
-        help="serve every endpoint through FastAPI's routes (slower; for debugging)",
-    )
     args = parser.parse_args(argv)
     db = args.db or default_api_url()
     if db.startswith(("http://", "https://")):
@@ -54,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         db,
         args.token,
         log_level=args.log_level,
-        fast_path=not args.no_fast_path,
         files_dir=args.files_dir,
     )
     return 0

@@ -9,6 +9,11 @@ and `to_json()` body, so `HttpBackend` raises the very same exception class. Inp
 fails validation is answered with 422 `invalid_input` naming the field at fault, and
 nothing is changed. Long-polling claims wait on wake-ups fired by the Backend's enqueue
 listener (see `controller.server.waker`); a background task sweeps expired leases.
+
+One path per operation: every request goes through its FastAPI route (`routes_*.py`),
+whose request body is a pydantic model of `controller.server.schemas`; the route calls
+the Backend in FastAPI's threadpool (plain `def` routes) and answers with the record
+serialized by pydantic (`controller.server.encode`).
 """
 
 from __future__ import annotations
@@ -44,15 +49,12 @@ from controller.server.error_bodies import (
     validation_body,
     value_error_body,
 )
-from controller.server.fastpath import FastPath
 from controller.server.files import MAX_FILE_BYTES, add_file_routes
-from controller.server.hotpath import AsyncHotCalls
 from controller.server.middleware import MAX_BODY_BYTES, BodyLimitMiddleware, TokenAuthMiddleware
 from controller.server.routes_pipelines import add_pipeline_routes
-from controller.server.routes_queues import HEALTH_JSON, add_queue_routes
+from controller.server.routes_queues import add_queue_routes, add_worker_routes
 from controller.server.routes_tasks import add_task_routes
-from controller.server.waker import ClaimWaker, Runner, ThreadRunner, run_inline
-from controller.store.async_direct import AsyncDirectConnections
+from controller.server.waker import ClaimWaker
 
 log = logging.getLogger("conveyor.server")
 
@@ -97,12 +99,12 @@ def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 # ------------------------------------------------------------------- lifespan
-async def _sweep_leases(backend: Backend, every_s: float, run: Runner) -> None:
+async def _sweep_leases(backend: Backend, every_s: float) -> None:
     failures = 0
     while True:
         await asyncio.sleep(every_s)
         try:
-            expired = await run(backend.expire_leases)
+            expired = await run_in_threadpool(backend.expire_leases)
             if expired:
                 log.info("lease sweep failed %d task(s): %s", len(expired), ", ".join(expired))
             failures = 0
@@ -112,16 +114,6 @@ async def _sweep_leases(backend: Backend, every_s: float, run: Runner) -> None:
                 log.warning("lease sweep failed: %s", exc)
 
 
-def _async_hot_calls(backend: Backend) -> AsyncHotCalls | None:
-    """The event-loop versions of the hot calls, for a PostgreSQL SqlBackend."""
-    from controller.store import SqlBackend
-
-    if not isinstance(backend, SqlBackend) or backend.dialect != "postgresql":
-        return None
-    connections = AsyncDirectConnections(backend.url, backend.sa_dialect, backend_pids=backend.own_backend_pids)
-    return AsyncHotCalls(backend, connections)
-
-
 def create_app(
     backend: Backend,
     token: str | None = None,
@@ -129,7 +121,6 @@ def create_app(
     lease_sweep_s: float = LEASE_SWEEP_S,
     claim_poll_s: float = CLAIM_POLL_S,
     max_body_bytes: int = MAX_BODY_BYTES,
-    fast_path: bool = True,
     files_dir: Path | str | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,
     dashboard: bool = True,
@@ -145,24 +136,14 @@ def create_app(
     its uploads are streamed, so `max_body_bytes` does not apply to them.
 
     `dashboard` serves the web dashboard at `/` (see `controller.server.dashboard`);
-    its extra JSON endpoints (`/pipelines`, `/info`) are always there.
+    its extra JSON endpoints (`/pipelines`, `/info`, `/statuses`) are always there.
 
-    `fast_path` serves the hot agent endpoints without FastAPI's per-request machinery
-    (same answers, see `controller.server.fastpath`). On a SQLite store it also runs
-    those short calls right on the event loop instead of hopping to the threadpool:
-    SQLite serializes writers anyway, and the hop costs as much as the call (this about
-    doubles the agent-cycle throughput). On other stores (PostgreSQL: a network round
-    trip per call, which must not stall the event loop) they run on a few threads of
-    their own (`ThreadRunner`), a hop that costs a fifth of anyio's threadpool, except
-    enqueue, claim and status reports, whose single statements run on the event loop
-    on asyncio connections (`controller.server.hotpath`).
+    Long-polling claims are woken through the Backend's enqueue listener
+    (`add_enqueue_listener(callback)`, which a SqlBackend has: it hears other processes'
+    enqueues too on PostgreSQL); for a Backend without one, the enqueue route wakes them.
     """
-    inline = fast_path and getattr(backend, "dialect", "") == "sqlite"
-    threads = ThreadRunner() if fast_path and not inline else None
-    run: Runner = run_inline if inline else threads or run_in_threadpool
     waker = ClaimWaker()
     add_listener = getattr(backend, "add_enqueue_listener", None)
-    hot = _async_hot_calls(backend) if fast_path and not inline else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -173,7 +154,7 @@ def create_app(
             registered = True
         tasks = [asyncio.create_task(waker.run_ticker(claim_poll_s))]
         if lease_sweep_s > 0:
-            tasks.append(asyncio.create_task(_sweep_leases(backend, lease_sweep_s, run)))
+            tasks.append(asyncio.create_task(_sweep_leases(backend, lease_sweep_s)))
         try:
             yield
         finally:
@@ -185,10 +166,6 @@ def create_app(
             remove = getattr(backend, "remove_enqueue_listener", None)
             if registered and callable(remove):
                 remove(waker.notify_threadsafe)
-            if threads is not None:
-                threads.close()
-            if hot is not None:
-                await hot.close()
 
     options: dict[str, Any] = {}
     if "telemetry" in inspect.signature(FastAPI).parameters:
@@ -205,8 +182,12 @@ def create_app(
     app.state.backend = backend
     app.state.waker = waker
     notify_enqueues = not callable(add_listener)
-    add_queue_routes(app.router, API_PREFIX, backend, waker)
-    add_task_routes(app.router, API_PREFIX, backend, waker, notify_enqueues)
+    # Starlette tries routes in this order: the agents' frequent calls first.
+    add_worker_routes(app.router, API_PREFIX, backend, waker)
+    add_task_routes(
+        app.router, API_PREFIX, backend, waker, notify_enqueues, closing=lambda: waker.closed
+    )
+    add_queue_routes(app.router, API_PREFIX, backend)
     files_root = Path(files_dir) if files_dir is not None else conveyor_home() / "files"
     app.state.files_dir = files_root
     add_file_routes(app.router, API_PREFIX, files_root, max_file_bytes)
@@ -221,18 +202,7 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
 
-    # Middlewares: the last added runs first (auth → body limit → fast path → FastAPI).
-    if fast_path:
-        app.add_middleware(
-            FastPath,
-            backend=backend,
-            waker=waker,
-            prefix=API_PREFIX,
-            notify_enqueues=notify_enqueues,
-            health=HEALTH_JSON,
-            run=run,
-            hot=hot,
-        )
+    # Middlewares: the last added runs first (auth → body limit → FastAPI).
     app.add_middleware(
         BodyLimitMiddleware, limit=max_body_bytes, exempt_prefixes=(API_PREFIX + "/files/",)
     )
@@ -259,14 +229,15 @@ def serve(
     token: str | None,
     log_level: str = "warning",
     *,
-    fast_path: bool = True,
     files_dir: Path | str | None = None,
 ) -> None:
     """Run the API server on host:port over the store at `db_url` until SIGINT/SIGTERM.
 
-    One process; uvloop and httptools are used when installed (httptools through
-    `CoalescingHttpToolsProtocol`: one write per response). On shutdown, waiting claims
-    answer null at once instead of holding the exit for up to a minute.
+    One process; uvloop and httptools are used when installed (uvicorn's choice). Several
+    processes may serve the same PostgreSQL store (behind a load balancer, or agents
+    split between them): a claim waiting on one is woken by an enqueue on another. On
+    shutdown, waiting claims answer null and status waits their empty list at once
+    instead of holding the exit for up to a minute.
     """
     import uvicorn
 
@@ -274,7 +245,7 @@ def serve(
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING))
     backend = SqlBackend(db_url)
-    app = create_app(backend, token, fast_path=fast_path, files_dir=files_dir)
+    app = create_app(backend, token, files_dir=files_dir)
     waker: ClaimWaker = app.state.waker
 
     class _Server(uvicorn.Server):
@@ -282,19 +253,13 @@ def serve(
             super().handle_exit(sig, frame)
             waker.close_threadsafe()
 
-    try:  # httptools, with each response written in one piece (see protocol.py)
-        from controller.server.protocol import CoalescingHttpToolsProtocol
-
-        http: Any = CoalescingHttpToolsProtocol
-    except ImportError:  # no httptools: uvicorn's choice (h11)
-        http = "auto"
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
         loop="auto",
-        http=http,
+        http="auto",
         lifespan="on",
         access_log=log_level in ("debug", "trace", "info"),
         timeout_keep_alive=65,

@@ -1,4 +1,4 @@
-"""Bodies of error responses, shared by the FastAPI handlers and the fast path.
+"""Bodies of error responses, shared by the FastAPI exception handlers.
 
 Every error body is `{"error": <code>, "message": <one line>, ["field": ..., "detail": ...]}`
 so that `controller.errors.error_from_json` turns it back into the exception it stands for.

@@ -22,8 +22,88 @@ from controller.server.waker import ClaimWaker, long_poll_claim
 HEALTH_JSON = Health(version=controller.__version__).model_dump_json().encode()
 
 
-def add_queue_routes(r: APIRouter, prefix: str, backend: Backend, waker: ClaimWaker) -> None:
-    """Add the routes of {prefix}/queues, /claim, /workers, /leases and /health to `r`."""
+def add_worker_routes(r: APIRouter, prefix: str, backend: Backend, waker: ClaimWaker) -> None:
+    """Add the routes of {prefix}/claim, /workers and /leases to `r`.
+
+    Starlette tries routes in the order they were added: `create_app` adds these (the
+    calls every agent makes all the time: claim, heartbeat) before the others.
+    """
+    P = prefix
+
+    # ----------------------------------------------------------------- claim
+    @r.post(
+        P + "/claim",
+        response_model=TaskRecord | None,
+        tags=["queues"],
+        summary="Claim the next task (long-poll up to wait_s; null if nothing came)",
+    )
+    async def claim(body: ClaimRequest, request: Request) -> Response:
+        rec = await long_poll_claim(
+            backend,
+            waker,
+            body.queues,
+            body.worker_id,
+            wait_s=body.wait_s,
+            lease_s=body.lease_s,
+            is_disconnected=request.is_disconnected,
+        )
+        return encode.record(rec)
+
+    @r.post(
+        P + "/workers/{worker_id}/heartbeat",
+        response_model=HeartbeatReply,
+        tags=["workers"],
+        summary="Mark a worker alive, extend its leases, get tasks to abort",
+    )
+    def heartbeat(worker_id: str, body: HeartbeatRequest) -> Response:
+        reply = backend.heartbeat(
+            worker_id,
+            resources=body.resources,
+            current_tasks=body.current_tasks,
+            lease_s=body.lease_s,
+        )
+        return encode.record(reply)
+
+    # --------------------------------------------------------------- workers
+    @r.post(
+        P + "/workers", response_model=WorkerInfo, tags=["workers"], summary="Register a worker"
+    )
+    def register_worker(body: WorkerRegisterRequest) -> Response:
+        info = backend.register_worker(
+            body.worker_id, hostname=body.hostname, queues=body.queues, slots=body.slots
+        )
+        return encode.record(info)
+
+    @r.delete(
+        P + "/workers/{worker_id}",
+        status_code=204,
+        responses=NO_CONTENT,
+        tags=["workers"],
+        summary="Unregister a worker",
+    )
+    def unregister_worker(worker_id: str) -> Response:
+        backend.unregister_worker(worker_id)
+        return encode.no_content()
+
+    @r.get(
+        P + "/workers", response_model=list[WorkerInfo], tags=["workers"], summary="List workers"
+    )
+    def list_workers() -> Response:
+        return encode.records(backend.list_workers(), WorkerInfo)
+
+    # ---------------------------------------------------------------- leases
+    @r.post(
+        P + "/leases/expire",
+        response_model=list[str],
+        tags=["workers"],
+        summary="Fail active tasks whose lease expired; returns their ids",
+    )
+    def expire_leases() -> Response:
+        return encode.records(backend.expire_leases(), str)
+
+
+def add_queue_routes(r: APIRouter, prefix: str, backend: Backend) -> None:
+    """Add the routes of {prefix}/queues and /health to `r`."""
     P = prefix
 
     # ---------------------------------------------------------------- queues
@@ -64,77 +144,6 @@ def add_queue_routes(r: APIRouter, prefix: str, backend: Backend, waker: ClaimWa
     )
     def queue_tasks(name: str) -> Response:
         return encode.records(backend.queue_tasks(name), TaskRecord)
-
-    # ----------------------------------------------------------------- claim
-    @r.post(
-        P + "/claim",
-        response_model=TaskRecord | None,
-        tags=["queues"],
-        summary="Claim the next task (long-poll up to wait_s; null if nothing came)",
-    )
-    async def claim(body: ClaimRequest, request: Request) -> Response:
-        rec = await long_poll_claim(
-            backend,
-            waker,
-            body.queues,
-            body.worker_id,
-            wait_s=body.wait_s,
-            lease_s=body.lease_s,
-            is_disconnected=request.is_disconnected,
-        )
-        return encode.record(rec)
-
-    # --------------------------------------------------------------- workers
-    @r.post(
-        P + "/workers", response_model=WorkerInfo, tags=["workers"], summary="Register a worker"
-    )
-    def register_worker(body: WorkerRegisterRequest) -> Response:
-        info = backend.register_worker(
-            body.worker_id, hostname=body.hostname, queues=body.queues, slots=body.slots
-        )
-        return encode.record(info)
-
-    @r.post(
-        P + "/workers/{worker_id}/heartbeat",
-        response_model=HeartbeatReply,
-        tags=["workers"],
-        summary="Mark a worker alive, extend its leases, get tasks to abort",
-    )
-    def heartbeat(worker_id: str, body: HeartbeatRequest) -> Response:
-        reply = backend.heartbeat(
-            worker_id,
-            resources=body.resources,
-            current_tasks=body.current_tasks,
-            lease_s=body.lease_s,
-        )
-        return encode.record(reply)
-
-    @r.delete(
-        P + "/workers/{worker_id}",
-        status_code=204,
-        responses=NO_CONTENT,
-        tags=["workers"],
-        summary="Unregister a worker",
-    )
-    def unregister_worker(worker_id: str) -> Response:
-        backend.unregister_worker(worker_id)
-        return encode.no_content()
-
-    @r.get(
-        P + "/workers", response_model=list[WorkerInfo], tags=["workers"], summary="List workers"
-    )
-    def list_workers() -> Response:
-        return encode.records(backend.list_workers(), WorkerInfo)
-
-    # ---------------------------------------------------------------- leases
-    @r.post(
-        P + "/leases/expire",
-        response_model=list[str],
-        tags=["workers"],
-        summary="Fail active tasks whose lease expired; returns their ids",
-    )
-    def expire_leases() -> Response:
-        return encode.records(backend.expire_leases(), str)
 
     # ---------------------------------------------------------------- health
     @r.get(P + "/health", response_model=Health, tags=["health"], summary="Liveness and version")

@@ -137,6 +137,22 @@ class HeartbeatRequest(_Body):
     lease_s: LeaseSeconds = DEFAULT_LEASE_S
 
 
+class StatusInfo(BaseModel):
+    """One task status: its display group, its flags, the statuses it may change to."""
+
+    name: TaskStatus
+    group: str = Field(description="display group (the dashboard's colour), e.g. running")
+    terminal: bool = Field(description="finished: left only by a re-run or a reset")
+    active: bool = Field(description="a worker owns the task (it holds a lease)")
+    transitions: list[TaskStatus] = Field(description="the legal next statuses")
+
+
+class Statuses(BaseModel):
+    """GET /statuses: every task status, in life order."""
+
+    statuses: list[StatusInfo]
+
+
 class Health(BaseModel):
     """GET /health: the server answers, with its version."""
 

@@ -4,9 +4,10 @@ A claimer that found nothing waits on a future registered for each of its queues
 things resolve such futures, each waking ONE waiter of a queue (the longest waiting), so
 a hundred idle agents do not all hit the store for every task:
 
-- an enqueue: the Backend calls `notify_threadsafe(queue)` from whatever thread committed
-  it (a threadpool worker, the event loop itself, or the LISTEN thread that hears about
-  enqueues by other processes on PostgreSQL); the call hops onto the event loop with
+- an enqueue: the Backend's enqueue listener calls `notify_threadsafe(queue)` from
+  whatever thread committed it (a threadpool worker of this server, or the LISTEN thread
+  that hears about enqueues by other processes on PostgreSQL, other `controller serve`
+  processes included); the call hops onto the event loop with
   `loop.call_soon_threadsafe`. One enqueue is one task, so one waiter is enough;
 - a poll tick every `poll_s` (enqueues by other processes that SQLite cannot announce):
   one waiter per queue that has waiters tries, whatever the number of waiters;
@@ -15,27 +16,21 @@ a hundred idle agents do not all hit the store for every task:
   burst of tasks is drained at once instead of one per tick.
 
 A claimer registers its future *before* it tries to claim, so an enqueue that commits
-during the attempt is not missed: the next wait returns at once.
+during the attempt is not missed: the next wait returns at once. This is the server's
+one waiting mechanism for claims: the attempts are `backend.claim(wait_s=0)` calls in
+FastAPI's threadpool, and a waiting claimer holds no thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import queue as queue_mod
-import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
 from controller.backend import Backend
 from controller.models import TaskRecord
-
-T = TypeVar("T")
-#: Runs a blocking Backend call for a coroutine: in the threadpool, or inline.
-Runner = Callable[..., Awaitable[Any]]
 
 #: Why a waiter was woken: one enqueued task, or possibly several (tick, baton).
 ENQUEUED = "enqueued"
@@ -44,97 +39,11 @@ CLOSED = "closed"
 _FINAL = "final"
 
 
-async def run_inline(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run `fn` right on the event loop (for short calls on a local SQLite file)."""
-    return fn(*args, **kwargs)
-
-
-class _ThreadResult(asyncio.Future):
-    """The result of a call running in a thread. It cannot be cancelled: a cancelled
-    awaiter is cancelled once the call has returned (like anyio's threadpool), so a
-    store call is never abandoned halfway through by its request."""
-
-    def cancel(self, msg: Any = None) -> bool:
-        return False
-
-
-def _resolve(fut: asyncio.Future, ok: bool, value: Any) -> None:
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)
-
-
-class ThreadRunner:
-    """A Runner that runs blocking Backend calls on a few threads of its own.
-
-    Same semantics as `starlette.concurrency.run_in_threadpool` (the context is copied,
-    cancellation waits for the call to return), at a fraction of its cost: the hop to
-    anyio's worker threads and back costs ~90 µs of CPU a call, this one ~20 µs (one
-    queue put, one `call_soon_threadsafe`). `threads` bounds the calls running at once.
-    The threads start on first use; `close()` ends them once the calls queued so far are
-    done (a later call starts new ones).
-    """
-
-    def __init__(self, threads: int = 8, name: str = "conveyor-store") -> None:
-        self._size = threads
-        self._name = name
-        self._queue: queue_mod.SimpleQueue[Any] = queue_mod.SimpleQueue()
-        self._started = 0
-        self._lock = threading.Lock()
-
-    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = _ThreadResult(loop=loop)
-        if self._started < self._size:
-            self._start()
-        self._queue.put((loop, fut, contextvars.copy_context(), fn, args, kwargs))
-        return await fut
-
-    def _start(self) -> None:
-        with self._lock:
-            while self._started < self._size:
-                threading.Thread(
-                    target=self._work,
-                    args=(self._queue,),
-                    name=f"{self._name}-{self._started}",
-                    daemon=True,
-                ).start()
-                self._started += 1
-
-    @staticmethod
-    def _work(jobs: queue_mod.SimpleQueue[Any]) -> None:
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            loop, fut, ctx, fn, args, kwargs = job
-            try:
-                ok, value = True, ctx.run(fn, *args, **kwargs)
-            except BaseException as exc:
-                ok, value = False, exc
-            del job, fn, args, kwargs
-            try:
-                loop.call_soon_threadsafe(_resolve, fut, ok, value)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
-            del fut, value
-
-    def close(self) -> None:
-        """End the threads once the calls queued so far are done."""
-        with self._lock:
-            jobs, started = self._queue, self._started
-            self._queue, self._started = queue_mod.SimpleQueue(), 0
-            for _ in range(started):
-                jobs.put(None)
-
-
 class ClaimWaker:
     """Per-queue FIFO sets of waiter futures; each wake-up resolves one of them."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
         # queue name → waiters in arrival order (a dict used as an ordered set)
         self._waiters: dict[str, dict[asyncio.Future[str], None]] = {}
         self.closed = False
@@ -142,7 +51,6 @@ class ClaimWaker:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Bind to the running event loop (called from the app's lifespan)."""
         self._loop = loop
-        self._loop_thread = threading.get_ident()
         self.closed = False
 
     def notify_threadsafe(self, queue: str | None = None) -> None:
@@ -157,19 +65,11 @@ class ClaimWaker:
         waiters = self._waiters
         if not (waiters if queue is None else waiters.get(queue)):
             return
-        # From the loop's own thread (a store call run inline), a plain call_soon: the
-        # thread-safe one also writes to the loop's wake-up descriptor, which costs two
-        # system calls and a poll for nothing.
-        call = (
-            loop.call_soon
-            if threading.get_ident() == self._loop_thread
-            else loop.call_soon_threadsafe
-        )
         try:
             if queue is None:
-                call(self._wake_all, MAYBE_MORE)
+                loop.call_soon_threadsafe(self._wake_all, MAYBE_MORE)
             else:
-                call(self.wake_one, queue, ENQUEUED)
+                loop.call_soon_threadsafe(self.wake_one, queue, ENQUEUED)
         except RuntimeError:  # the loop closed between the check and the call
             pass
 
@@ -249,20 +149,19 @@ async def long_poll_claim(
     wait_s: float,
     lease_s: float,
     is_disconnected: Callable[[], Awaitable[bool]],
-    run: Runner = run_in_threadpool,
-    attempt: Callable[[], Awaitable[TaskRecord | None]] | None = None,
 ) -> TaskRecord | None:
     """Claim the next task of `queues`, waiting up to `wait_s` seconds for one.
 
-    Each attempt is a cheap non-blocking `backend.claim(wait_s=0)` run by `run` (or the
-    coroutine `attempt`, if given); between attempts the claimer waits for a wake-up (see
-    the module doc). A client that went away gets no task: the claim would be lost until
-    its lease expired.
+    Each attempt is a cheap non-blocking `backend.claim(wait_s=0)` in the threadpool;
+    between attempts the claimer waits on the event loop for a wake-up (see the module
+    doc), holding no thread. A client that went away gets no task: the claim would be
+    lost until its lease expired.
     """
-    if attempt is None:
 
-        async def attempt() -> TaskRecord | None:
-            return await run(backend.claim, queues, worker_id, wait_s=0, lease_s=lease_s)
+    async def attempt() -> TaskRecord | None:
+        return await run_in_threadpool(
+            backend.claim, queues, worker_id, wait_s=0, lease_s=lease_s
+        )
 
     if wait_s <= 0:
         return await attempt()
