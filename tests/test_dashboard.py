@@ -19,6 +19,7 @@ with warnings.catch_warnings():  # starlette nudges towards httpx2; httpx works 
     from fastapi.testclient import TestClient
 
 from controller.backend import Backend
+from controller.models import LEGAL_TRANSITIONS, STATUS_GROUPS, TaskStatus
 from controller.server import create_app
 from controller.server.dashboard import STATIC_DIR
 from controller.server.routes_pipelines import run_numbers, split_run_name
@@ -147,6 +148,35 @@ def test_the_dashboard_can_be_turned_off(backend: Backend) -> None:
         assert client.get("/").status_code == 401
         assert client.get("/").headers["content-type"] == "application/json"
         assert client.get("/", params={"token": TOKEN}).status_code == 404
+
+
+# ---------------------------------------------------------------- statuses
+def test_statuses_come_from_the_server_with_groups_flags_and_transitions(
+    open_client: TestClient,
+) -> None:
+    answer = open_client.get("/api/v1/statuses")
+    assert answer.status_code == 200
+    table = {s["name"]: s for s in answer.json()["statuses"]}
+    assert list(table) == [s.value for s in TaskStatus]  # in life order
+    for status in TaskStatus:
+        entry = table[status.value]
+        assert entry["group"] == STATUS_GROUPS[status]
+        assert entry["terminal"] == status.is_terminal
+        assert entry["active"] == status.is_active
+        assert set(entry["transitions"]) == {s.value for s in LEGAL_TRANSITIONS[status]}
+    assert table["in_progress"]["group"] == "running" and table["in_progress"]["active"]
+    assert table["completed"]["terminal"] and "queued" in table["completed"]["transitions"]
+    # every group has its colour in the stylesheet
+    css = (STATIC_DIR / "style.css").read_text()
+    for group in set(STATUS_GROUPS.values()):
+        assert f".st-{group} " in css or f".st-{group}," in css, group
+
+
+def test_the_scripts_keep_no_copy_of_the_status_list() -> None:
+    for script in STATIC_DIR.glob("*.js"):
+        text = script.read_text()
+        for status in ('"in_progress"', '"stopping"', '"stopped"]'):
+            assert status not in text, f"{script.name} lists task statuses: use statuses.js"
 
 
 # --------------------------------------------------------------- pipelines

@@ -3,7 +3,8 @@
 The files under `static/` ship inside the Python package (no build step, no framework,
 no network access from the browser beyond this server). `GET /` is the page; the
 scripts and the stylesheet are under `/ui/`. Everything the page shows comes from the
-REST API under /api/v1 (the dashboard's own additions are in `routes_pipelines`).
+REST API under /api/v1 (the dashboard's own additions are in `routes_pipelines`); the
+task statuses and their display groups come from `GET /api/v1/statuses` (`statuses.js`).
 
 Decisions:
 

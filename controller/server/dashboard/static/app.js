@@ -10,6 +10,7 @@
 
 import { connection } from "./api.js";
 import { fill, h } from "./dom.js";
+import { loadStatuses } from "./statuses.js";
 import * as pipelines from "./pipelines.js";
 import * as pipeline from "./pipeline.js";
 import * as queues from "./queues.js";
@@ -50,6 +51,7 @@ async function route() {
   fill(main, h("p", { class: "muted", text: "Loading…" }));
   const id = m[1] ? decodeURIComponent(m[1]) : null;
   try {
+    await loadStatuses(current.signal); // once: the statuses and their colours
     await page.mount(main, { id, query, signal: current.signal });
   } catch (err) {
     if (err.name !== "AbortError") fill(main, h("p", { class: "error", role: "alert", text: String(err.message || err) }));

@@ -1,6 +1,7 @@
 // Small DOM and formatting helpers shared by every page (no framework).
 
 import { serverNow } from "./api.js";
+import { statusGroup } from "./statuses.js";
 
 /**
  * Create an element: h("a", {href: "#/x", class: "link"}, "text", child).
@@ -103,10 +104,10 @@ export function elapsed(start, end) {
 // ---------------------------------------------------------------- components
 const STATUS_LABELS = { in_progress: "running" };
 
-/** A status badge; the text says the status, the colour only repeats it. */
+/** A status badge; the text says the status, the colour (its group) only repeats it. */
 export function badge(status) {
   const label = STATUS_LABELS[status] || status || "unknown";
-  return h("span", { class: `badge st-${status || "unknown"}`, text: label });
+  return h("span", { class: `badge st-${status ? statusGroup(status) : "unknown"}`, text: label });
 }
 
 /** A key/value list: rows = [[label, value-or-node], ...]; empty values show "–". */

@@ -8,13 +8,13 @@ import {
 } from "./dom.js";
 import { actionButton } from "./actions.js";
 import { idleQueueProblems } from "./queues.js";
+import { isTerminal } from "./statuses.js";
 
 const POLL_ACTIVE_MS = 1000;
 const POLL_DONE_MS = 5000;
 const QUEUES_POLL_MS = 3000;
 const NODE_STATUSES = ["pending", "launching", "queued", "running", "completed", "failed",
   "aborted", "cached", "skipped"];
-const TERMINAL = new Set(["completed", "failed", "stopped"]);
 
 export async function mount(root, { id, query, signal }) {
   const page = new PipelinePage(root, id, signal);
@@ -104,7 +104,7 @@ class PipelinePage {
     const run = await api.get(`pipelines/${encodeURIComponent(this.id)}`, null, this.signal);
     this.error.replaceChildren();
     this.apply(run, false);
-    return TERMINAL.has(run.status) ? POLL_DONE_MS : POLL_ACTIVE_MS;
+    return isTerminal(run.status) ? POLL_DONE_MS : POLL_ACTIVE_MS;
   }
 
   showError(err) {
@@ -176,7 +176,7 @@ class PipelinePage {
       ["Worker", run.worker || "–"],
     ]));
     const buttons = [];
-    if (!TERMINAL.has(run.status)) {
+    if (!isTerminal(run.status)) {
       buttons.push(actionButton("Abort pipeline", `tasks/${encodeURIComponent(run.id)}/abort`, {
         confirm: `Abort pipeline "${run.name}" #${run.run}? Its running steps are aborted too.`,
         danger: true, id: "abort-pipeline", onDone: () => this.refresh(),
@@ -200,7 +200,7 @@ class PipelinePage {
   renderDurations() {
     if (this.durationEl) {
       const run = this.run;
-      setText(this.durationEl, fmtDuration(run.started_at ? elapsed(run.started_at, TERMINAL.has(run.status) ? run.finished_at : null) : null));
+      setText(this.durationEl, fmtDuration(run.started_at ? elapsed(run.started_at, isTerminal(run.status) ? run.finished_at : null) : null));
     }
   }
 
@@ -317,7 +317,7 @@ class PipelinePage {
       this.run.status === "queued";
     if (!waiting) {
       if (this.queueProblems.length) { this.queueProblems = []; this.renderHints(); }
-      return TERMINAL.has(this.run.status) ? 10000 : QUEUES_POLL_MS;
+      return isTerminal(this.run.status) ? 10000 : QUEUES_POLL_MS;
     }
     const [queues, workers] = await Promise.all([
       api.get("queues", null, this.signal), api.get("workers", null, this.signal)]);

@@ -2,10 +2,10 @@
 
 import { api, poll } from "./api.js";
 import { badge, elapsed, errorBox, fill, fmtDuration, fmtTime, h, keepFocus, pipelineLink } from "./dom.js";
+import { statusNames } from "./statuses.js";
 
 const POLL_MS = 3000;
 const PAGE = 100;
-export const TASK_STATUSES = ["created", "queued", "in_progress", "stopping", "completed", "failed", "stopped"];
 
 export async function mount(root, { query, signal }) {
   document.title = "Pipelines · Conveyor";
@@ -16,7 +16,7 @@ export async function mount(root, { query, signal }) {
   const projectSelect = h("select", { id: "filter-project", name: "project" });
   const statusSelect = h("select", { id: "filter-status", name: "status" },
     h("option", { value: "", text: "any status" }),
-    TASK_STATUSES.map((st) => h("option", { value: st, text: st.replace("_", " "), selected: st === status })));
+    statusNames().map((st) => h("option", { value: st, text: st.replace("_", " "), selected: st === status })));
   const applyFilters = () => {
     const q = new URLSearchParams();
     if (projectSelect.value) q.set("project", projectSelect.value);

@@ -7,6 +7,7 @@ import {
   pipelineLink, section, setText, table, taskLink,
 } from "./dom.js";
 import { groupScalars, linePlot } from "./plot.js";
+import { canChange, isTerminal, statusGroup } from "./statuses.js";
 
 const RECORD_POLL_MS = 2000;
 const LOG_POLL_MS = 1000;
@@ -18,7 +19,6 @@ const LOG_KEEP = 5000;
 const PREVIEW_MAX_BYTES = 64 * 1024;
 const TEXT_TYPES = /^(str|string|text|json|dict|yaml|csv|txt|markdown|md)$/i;
 const IMAGE_EXT = /\.(png|jpe?g|gif|webp|svg)$/i;
-const TERMINAL = new Set(["completed", "failed", "stopped"]);
 
 export async function mount(root, { id, signal }) {
   const record = await api.get(`tasks/${encodeURIComponent(id)}`, null, signal);
@@ -77,14 +77,14 @@ class TaskPage {
   }
 
   active() {
-    return !TERMINAL.has(this.record.status) && this.record.status !== "created";
+    return !isTerminal(this.record.status) && this.record.status !== "created";
   }
 
   async refreshRecord() {
     this.record = await api.get(`tasks/${encodeURIComponent(this.record.id)}`, null, this.signal);
     this.error.replaceChildren();
     this.render();
-    return TERMINAL.has(this.record.status) ? 5000 : RECORD_POLL_MS;
+    return isTerminal(this.record.status) ? 5000 : RECORD_POLL_MS;
   }
 
   /** Render the sections whose data changed since they were last drawn. */
@@ -116,12 +116,12 @@ class TaskPage {
   renderHead() {
     const r = this.record;
     const buttons = [];
-    if (["created", "queued", "in_progress"].includes(r.status)) {
+    if (canChange(r.status, "stopped") && statusGroup(r.status) !== "aborted") { // not being stopped yet
       buttons.push(actionButton(r.type === "controller" ? "Abort pipeline" : "Abort", `tasks/${encodeURIComponent(r.id)}/abort`, {
         confirm: `Abort task "${r.name}"?`, danger: true, id: "abort-task", onDone: () => this.refreshRecord(),
       }));
     }
-    if (TERMINAL.has(r.status)) {
+    if (isTerminal(r.status)) {
       buttons.push(actionButton("Re-enqueue", `tasks/${encodeURIComponent(r.id)}/enqueue`, {
         confirm: `Run task "${r.name}" again${r.execution.queue ? ` on '${r.execution.queue}'` : ""}?`,
         id: "enqueue-task", onDone: () => { this.logNext = null; return this.refreshRecord(); },
@@ -162,7 +162,7 @@ class TaskPage {
   renderDuration() {
     const r = this.record;
     if (this.durationEl) {
-      setText(this.durationEl, fmtDuration(r.started_at ? elapsed(r.started_at, TERMINAL.has(r.status) ? r.finished_at : null) : null));
+      setText(this.durationEl, fmtDuration(r.started_at ? elapsed(r.started_at, isTerminal(r.status) ? r.finished_at : null) : null));
     }
   }
 

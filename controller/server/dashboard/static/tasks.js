@@ -2,7 +2,7 @@
 
 import { api, poll } from "./api.js";
 import { badge, elapsed, errorBox, fill, fmtDuration, fmtTime, h, taskLink } from "./dom.js";
-import { TASK_STATUSES } from "./pipelines.js";
+import { statusNames } from "./statuses.js";
 
 const POLL_MS = 3000;
 const LIMIT = 200;
@@ -13,7 +13,7 @@ export async function mount(root, { query, signal }) {
   const projectInput = h("input", { id: "tasks-project", name: "project", value: filters.project, placeholder: "any project" });
   const statusSelect = h("select", { id: "tasks-status", name: "status" },
     h("option", { value: "", text: "any status" }),
-    TASK_STATUSES.map((st) => h("option", { value: st, text: st.replace("_", " "), selected: st === filters.status })));
+    statusNames().map((st) => h("option", { value: st, text: st.replace("_", " "), selected: st === filters.status })));
   const idInput = h("input", { id: "tasks-goto", name: "id", placeholder: "task id" });
   const apply = (e) => {
     e.preventDefault();
