@@ -462,6 +462,56 @@ def test_shutdown_answers_waiting_claims(tmp_path: Path) -> None:
         stop_server(proc)
 
 
+def test_shutdown_answers_waiting_status_waits(tmp_path: Path) -> None:
+    proc, url = start_server(f"sqlite:///{tmp_path}/c.db")
+    try:
+        backend = HttpBackend(url, retries=0)
+        task = backend.create_task({"name": "never-changes"})
+        outcome: dict[str, object] = {}
+        thread = threading.Thread(
+            target=lambda: outcome.update(changed=backend.wait_for_status_change({task.id: "created"}, wait_s=50))
+        )
+        thread.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.terminate()
+        proc.wait(timeout=15)
+        thread.join(15)
+        assert not thread.is_alive()
+        assert time.monotonic() - started < 8
+        assert outcome["changed"] == []
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.postgres
+def test_two_servers_on_one_postgres_wake_each_others_claimers(postgres_url: str) -> None:
+    first, first_url = start_server(postgres_url)
+    second, second_url = start_server(postgres_url)
+    try:
+        claimer, producer = HttpBackend(first_url), HttpBackend(second_url)
+        claimer.create_queue("shared")
+        task = producer.create_task({"name": "across"})
+        got: dict[str, object] = {}
+
+        def wait() -> None:
+            got["task"] = claimer.claim(["shared"], "w-first", wait_s=20)
+            got["at"] = time.monotonic()
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.5)  # the claim waits in the first server
+        producer.enqueue(task.id, "shared")  # through the second one
+        enqueued_at = time.monotonic()
+        thread.join(10)
+        assert got["task"] is not None and got["task"].id == task.id
+        assert got["at"] - enqueued_at < 0.5  # at once: the second server NOTIFYs the first
+        assert producer.get_task(task.id).runtime.worker == "w-first"
+    finally:
+        stop_server(first)
+        stop_server(second)
+
+
 def _claim_in_threads(
     url: str, queue: str, count: int, wait_s: float
 ) -> tuple[list[threading.Thread], list]:

@@ -4,6 +4,9 @@
    enqueues; time from the enqueue call to the claimer holding the task. p50/p95.
 2. Throughput of enqueue + claim + complete cycles per second: direct SQLite, HTTP over
    SQLite, HTTP over PostgreSQL (one client; and several client processes together).
+3. Over PostgreSQL, two `controller serve` processes on the same database: the client
+   processes split between them (throughput, and its ratio to one server), and the
+   long-poll wake-up of a claimer on one server by an enqueue on the other.
 
 Usage: python scripts/bench/store.py [--cycles N] [--runs R] [--wakeups N] [--no-postgres]
 Prints a table; with --json, a JSON document too.
@@ -66,9 +69,12 @@ def _cycles_in_process(args: tuple[str, int, str, Any]) -> tuple[float, float]:
     return cycles(*args)
 
 
-def parallel_cycles(url: str, count: int, clients: int) -> float:
-    """Total cycles/s of `clients` processes running together, each on its own queue."""
-    backend = backend_from_url(url)
+def parallel_cycles(url: str | list[str], count: int, clients: int) -> float:
+    """Total cycles/s of `clients` processes running together, each on its own queue.
+
+    With several URLs (servers of one store), client i uses `urls[i % len(urls)]`."""
+    urls = [url] if isinstance(url, str) else url
+    backend = backend_from_url(urls[0])
     queues = [f"bench-{uuid.uuid4().hex[:6]}" for _ in range(clients)]
     for name in queues:
         backend.create_queue(name)
@@ -76,14 +82,16 @@ def parallel_cycles(url: str, count: int, clients: int) -> float:
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ctx.Pool(clients) as pool:
         start = manager.Barrier(clients)
-        spans = pool.map(_cycles_in_process, [(url, count, q, start) for q in queues], chunksize=1)
+        jobs = [(urls[i % len(urls)], count, q, start) for i, q in enumerate(queues)]
+        spans = pool.map(_cycles_in_process, jobs, chunksize=1)
     return clients * count / (max(e for _, e in spans) - min(s for s, _ in spans))
 
 
-def wakeup_latencies(url: str, samples: int) -> list[float]:
-    """Seconds from the enqueue call until a long-polling claimer returns the task."""
+def wakeup_latencies(url: str, samples: int, claimer_url: str | None = None) -> list[float]:
+    """Seconds from the enqueue call until a long-polling claimer returns the task (the
+    claimer on `claimer_url` if given: another server of the same store)."""
     producer: Backend = backend_from_url(url)
-    claimer: Backend = backend_from_url(url)
+    claimer: Backend = backend_from_url(claimer_url or url)
     results: list[float] = []
     for _ in range(samples):
         task = producer.create_task({"name": "wake"})
@@ -142,6 +150,7 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict[str, dict[str, float]] = {}
+    runs: dict[str, list[float]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
 
     def record(name: str, values: list[float], unit: str) -> None:
@@ -187,22 +196,35 @@ def main() -> None:
         try:
             for label, url_pg in (("", pg_url), (", synchronous_commit=off", no_fsync_url)):
                 proc, url = start_server(url_pg)
+                proc2, url2 = start_server(url_pg)  # a second server of the same store
                 try:
                     wake = wakeup_latencies(url, args.wakeups)
                     record(f"long-poll wake-up over HTTP (PostgreSQL{label})", [w * 1000 for w in wake], "ms")
+                    wake = wakeup_latencies(url, args.wakeups, claimer_url=url2)
+                    record(f"long-poll wake-up across 2 servers (PostgreSQL{label})", [w * 1000 for w in wake], "ms")
                     record(
                         f"cycles/s HTTP over PostgreSQL{label}",
                         [cycles_per_s(url, args.http_cycles) for _ in range(args.runs)],
                         "cycles/s",
                     )
                     for clients in (4, 8):  # a busy server has many agents
+                        one = f"cycles/s HTTP over PostgreSQL{label}, {clients} client processes"
+                        two = f"{one}, 2 servers"
+                        for _ in range(args.runs):  # interleaved: the same machine load for both
+                            runs.setdefault(one, []).append(parallel_cycles(url, args.http_cycles // 2, clients))
+                            runs.setdefault(two, []).append(
+                                parallel_cycles([url, url2], args.http_cycles // 2, clients)
+                            )
+                        record(one, runs[one], "cycles/s")
+                        record(two, runs[two], "cycles/s")
                         record(
-                            f"cycles/s HTTP over PostgreSQL{label}, {clients} client processes",
-                            [parallel_cycles(url, args.http_cycles // 2, clients) for _ in range(args.runs)],
-                            "cycles/s",
+                            f"2 servers / 1 server, PostgreSQL{label}, {clients} clients",
+                            [b / a for a, b in zip(runs[one], runs[two], strict=True)],
+                            "x",
                         )
                 finally:
                     stop_server(proc)
+                    stop_server(proc2)
                 record(
                     f"cycles/s direct PostgreSQL{label}",
                     [cycles_per_s(url_pg, args.http_cycles) for _ in range(args.runs)],
