@@ -19,8 +19,10 @@ Decisions:
 - **Cache.** Remote files are cached under `CONVEYOR_HOME/cache/storage`, keyed by URL.
   A cached copy is reused unless `force_download`; when the expected sha256 is known a
   stale copy (the artifact was uploaded again under the same name) is fetched again.
-- **Auth.** The API token (`CONVEYOR_API_TOKEN`) is sent only to the host of
-  `CONVEYOR_API`, never to other hosts.
+- **Auth and transport.** Transfers use the same session builder and auth header as
+  the API client (`controller.http_session`): keep-alive connections, connection errors
+  retried with backoff. The API token (`CONVEYOR_API_TOKEN`) is sent only to the host of
+  `CONVEYOR_API`, never to other hosts (nor after a redirect to another host).
 - **Errors.** A missing file or a failed transfer raises (FileNotFoundError or
   StorageError naming the URL); `get_local_copy` never returns None.
 """
@@ -35,12 +37,15 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 from urllib.request import url2pathname
 
 from controller.backend import Backend, conveyor_home, default_api_url
 from controller.errors import ConveyorError
+
+if TYPE_CHECKING:  # requests is imported on the first HTTP transfer (steps start faster)
+    import requests
 
 #: Path of the files endpoint on a `controller serve` process.
 FILES_API_PATH = "/api/v1/files"
@@ -139,28 +144,31 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme, f"{(parts.hostname or '').lower()}:{port}"
 
 
-def auth_headers(url: str) -> dict[str, str]:
-    """The API token header for URLs on the Conveyor server of `CONVEYOR_API`, else {}."""
+def api_token_for(url: str) -> str | None:
+    """The API token if `url` is on the Conveyor server of `CONVEYOR_API`, else None."""
     token = os.environ.get("CONVEYOR_API_TOKEN")
     api = default_api_url()
     if token and api.startswith(("http://", "https://")) and _origin(url) == _origin(api):
-        return {"Authorization": f"Bearer {token}"}
-    return {}
+        return token
+    return None
 
 
-def _http_session() -> Any:
-    import requests
-    from requests.adapters import HTTPAdapter
+def _http_session(url: str) -> requests.Session:
+    """A session for one transfer to or from `url` (the API client's session builder)."""
+    from controller.http_session import build_session
 
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=HTTP_RETRIES)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+    return build_session(url, api_token_for(url), retries=HTTP_RETRIES)
 
 
-def _http_error(what: str, url: str, response: Any) -> StorageError:
-    body = response.text[:300].strip() if response is not None else ""
+def _http_error(what: str, url: str, response: requests.Response) -> StorageError:
+    if response.status_code == 401:
+        from controller.http_session import token_refused_message
+
+        return StorageError(
+            f"{what} {url} failed: "
+            + token_refused_message(url, "Authorization" in response.request.headers)
+        )
+    body = response.text[:300].strip()
     try:
         body = response.json().get("message", body)
     except Exception:  # noqa: BLE001 - not JSON: keep the text
@@ -229,20 +237,23 @@ def _copy_verified(source: Path, target: Path, digest: str) -> None:
 def _put_http(source: Path, url: str, size: int, digest: str) -> None:
     import requests
 
+    from controller.http_session import failure_reason
+
     headers = {
-        **auth_headers(url),
         SHA256_HEADER: digest,
         "Content-Type": "application/octet-stream",
         "Content-Length": str(size),
     }
-    with _http_session() as session, open(source, "rb") as body:
+    with _http_session(url) as session, open(source, "rb") as body:
         try:
             response = session.put(
                 url, data=body, headers=headers,
                 timeout=(HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S),
             )
         except requests.RequestException as exc:
-            raise StorageError(f"upload of {source} to {url} failed: {exc}") from exc
+            raise StorageError(
+                f"upload of {source} to {url} failed: {failure_reason(exc)}"
+            ) from exc
     if response.status_code >= 400:
         raise _http_error("upload to", url, response)
     answered = response.headers.get(SHA256_HEADER)
@@ -305,10 +316,12 @@ def _fetch(url: str, out: BinaryIO) -> str:
     if url.startswith(("http://", "https://")):
         import requests
 
-        with _http_session() as session:
+        from controller.http_session import failure_reason
+
+        with _http_session(url) as session:
             try:
                 response = session.get(
-                    url, headers=auth_headers(url), stream=True,
+                    url, stream=True,
                     timeout=(HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S),
                 )
                 with response:
@@ -320,7 +333,7 @@ def _fetch(url: str, out: BinaryIO) -> str:
                         digest.update(chunk)
                         out.write(chunk)
             except requests.RequestException as exc:
-                raise StorageError(f"download of {url} failed: {exc}") from exc
+                raise StorageError(f"download of {url} failed: {failure_reason(exc)}") from exc
         return digest.hexdigest()
     try:
         with _fsspec_open(url, "rb") as src:
