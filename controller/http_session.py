@@ -111,13 +111,17 @@ def check_api_url(url: str) -> str:
         raise bad("not an http:// or https:// URL")
     try:
         parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:  # "Port could not be cast to integer value as 'abc'"
+    except ValueError as exc:  # "Invalid IPv6 URL"
         raise bad(str(exc)) from None
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port_text = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+        raise bad(f"the port {port_text!r} is not a number from 1 to 65535") from None
     if not parts.hostname:
         raise bad("no host")
     if port == 0:
-        raise bad("port 0")
+        raise bad("the port '0' is not a number from 1 to 65535")
     try:  # what requests itself refuses (invalid characters in the host, ...)
         requests.Request("GET", url).prepare()
     except (requests.RequestException, ValueError) as exc:

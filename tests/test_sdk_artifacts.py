@@ -183,5 +183,5 @@ def test_the_files_endpoint_is_read_with_the_api_token(
     with pytest.raises(FileNotFoundError, match="HTTP 404"):
         StorageManager.get_local_copy(f"{url}/api/v1/files/shared/nope.txt")
     monkeypatch.delenv("CONVEYOR_API_TOKEN")
-    with pytest.raises(StorageError, match="HTTP 401"):
+    with pytest.raises(StorageError, match="HTTP 401, .* set CONVEYOR_API_TOKEN"):
         StorageManager.get_local_copy(stored, force_download=True)

@@ -164,9 +164,11 @@ def _http_error(what: str, url: str, response: requests.Response) -> StorageErro
     if response.status_code == 401:
         from controller.http_session import token_refused_message
 
+        parts = urlsplit(url)
+        server = f"{parts.scheme}://{parts.netloc}"
+        token_sent = "Authorization" in response.request.headers
         return StorageError(
-            f"{what} {url} failed: "
-            + token_refused_message(url, "Authorization" in response.request.headers)
+            f"{what} {url} failed: HTTP 401, {token_refused_message(server, token_sent)}"
         )
     body = response.text[:300].strip()
     try:
