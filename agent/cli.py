@@ -29,8 +29,8 @@ from agent.daemon import (
 )
 from agent.executor import DEFAULT_STOP_GRACE_S, ExecutionSettings
 from controller import __version__
-from controller.backend import backend_from_url, conveyor_home, default_api_url
 from controller.cli import QUEUE_NAME, OneLineErrorGroup
+from controller.connect import backend_from_url, conveyor_home, default_api_url
 from controller.errors import ConveyorError
 from controller.models import DEFAULT_LEASE_S, TaskStatus
 

@@ -73,7 +73,7 @@ import psutil
 import controller
 from agent.environments.errors import ContainerError
 from agent.watchdog import guard_process_group, release_process_group
-from controller.backend import backend_from_url, conveyor_home
+from controller.connect import backend_from_url, conveyor_home
 from controller.errors import ConveyorError
 
 log = logging.getLogger(__name__)

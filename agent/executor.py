@@ -34,7 +34,8 @@ from agent.environments.venv import EnvironmentBuildError, ensure_venv
 from agent.outbox import Outbox, make_report
 from agent.output import chunk_batch
 from agent.supervisor import StepOutcome, run_step
-from controller.backend import Backend, conveyor_home
+from controller.backend import Backend
+from controller.connect import conveyor_home
 from controller.errors import BackendUnavailableError, ConveyorError, NotFoundError
 from controller.models import StatusReason, TaskRecord, TaskStatus
 

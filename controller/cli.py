@@ -28,7 +28,7 @@ import click
 from pydantic import ValidationError
 
 from controller import __version__
-from controller.backend import Backend, backend_from_url, conveyor_home, default_api_url
+from controller.backend import Backend
 from controller.cli_format import (
     echo_json,
     echo_log,
@@ -38,6 +38,7 @@ from controller.cli_format import (
     format_time,
     next_offset,
 )
+from controller.connect import backend_from_url, conveyor_home, default_api_url
 from controller.errors import BackendUnavailableError, ConflictError, ConveyorError
 from controller.models import QUEUE_NAME_RULE, TaskStatus, TaskType, is_queue_name
 

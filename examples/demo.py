@@ -34,7 +34,7 @@ def main() -> int:
     os.environ["CONVEYOR_HOME"] = str(home)
     os.environ.pop("CONVEYOR_API", None)
     from controller import Task
-    from controller.backend import get_backend
+    from controller.connect import get_backend
 
     backend = get_backend()
     print(f"embedded store: {backend.url}")

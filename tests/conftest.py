@@ -105,7 +105,7 @@ def backend_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def backend(backend_url: str) -> Iterator[Backend]:
     """A Backend on a fresh store, once per transport (the contract-test fixture)."""
-    from controller.backend import backend_from_url
+    from controller.connect import backend_from_url
 
     client = backend_from_url(backend_url)
     try:

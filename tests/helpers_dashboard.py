@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from controller.models import TaskRecord, TaskStatus
 from tests.helpers_server import REPO_ROOT, start_server, stop_server
 
 #: A step that prints its parameters, then `ticks` lines "tick i" every `tick_s` seconds.
 STEP_CODE = '''
 import json, os, sys, time
-from controller.backend import get_backend
+from controller.connect import get_backend
 backend = get_backend()
 task = backend.get_task(os.environ["CONVEYOR_TASK_ID"])
 params = task.hyperparams.get("General", {})

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from controller.models import TaskRecord, TaskStatus
 from tests.test_agent_venv import make_wheel
 

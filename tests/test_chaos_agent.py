@@ -24,7 +24,8 @@ import requests
 from agent import daemon as daemon_module
 from agent.daemon import AgentDaemon, DaemonThreadDiedError
 from agent.executor import ExecutionSettings
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from controller.models import DEFAULT_LEASE_S, TaskStatus
 from tests.helpers_server import REPO_ROOT, STARTUP_TIMEOUT_S, free_port
 from tests.test_agent_e2e import (

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 
 TASKS = 200
 CLAIMERS = 4

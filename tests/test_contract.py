@@ -381,7 +381,7 @@ def test_claim_waits_and_returns_none_when_nothing_comes(backend: Backend) -> No
 
 
 def test_claim_wakes_as_soon_as_a_task_is_enqueued(backend: Backend, backend_url: str) -> None:
-    from controller.backend import backend_from_url
+    from controller.connect import backend_from_url
 
     producer = backend_from_url(backend_url)
     task = producer.create_task({"name": "t"})
@@ -515,7 +515,7 @@ def test_wait_for_status_change_returns_at_once_when_a_status_differs(backend: B
 
 
 def test_wait_for_status_change_wakes_when_a_step_moves(backend: Backend, backend_url: str) -> None:
-    from controller.backend import backend_from_url
+    from controller.connect import backend_from_url
 
     other = backend_from_url(backend_url)
     task = backend.create_task({"name": "t"})

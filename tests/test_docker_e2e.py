@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from controller.models import TaskStatus
 from tests.conftest import IN_CI
 from tests.test_agent_e2e import ROOT, Daemons, log_text, wait_for, wait_for_line
@@ -122,7 +123,7 @@ def container_task(backend: Backend, code: str, **spec: Any) -> str:
 
 STEP_USING_EVERYTHING = """
 import os, tinypkg
-from controller.backend import get_backend
+from controller.connect import get_backend
 assert os.path.isdir("/conveyor/run"), "not in a container"
 marker = open("/tmp/made-by-setup").read().strip()
 print("env:", os.environ["GREETING"], "| setup:", marker, "| package:", tinypkg.VALUE)

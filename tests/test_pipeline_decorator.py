@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from controller.automation.controller import PipelineDecorator
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from controller.models import TaskStatus
 from controller.pipeline import PipelineStepError
 from tests.helpers_wheels import offline_wheelhouse

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from controller.automation import PipelineController
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from controller.models import TaskStatus
 from controller.pipeline import PipelineDefinitionError
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # runs in COUNTER_FILE) and records an artifact "out" (its name) and its parameters.
 STEP = '''
 import json, os, sys, time
-from controller.backend import get_backend
+from controller.connect import get_backend
 backend = get_backend()
 task = backend.get_task(os.environ["CONVEYOR_TASK_ID"])
 params = task.hyperparams.get("General", {})

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from controller.automation import PipelineController
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from controller.pipeline import PipelineDefinitionError
 from controller.pipeline.references import Reference, ReferenceError_, parse, substitute
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from controller import Task
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from tests.helpers_server import start_server, stop_server
 from tests.helpers_wheels import offline_wheelhouse
 

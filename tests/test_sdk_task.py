@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from controller import Task, TaskTypes
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from controller.errors import ConflictError
 from controller.models import TaskStatus
 from controller.sdk import TaskNotFoundError

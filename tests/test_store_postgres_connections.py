@@ -15,7 +15,8 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from tests.conftest import POSTGRES_URL
 from tests.helpers_server import start_server, stop_server
 

@@ -30,7 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from controller.backend import Backend, get_backend
+from controller.backend import Backend
+from controller.connect import get_backend
 from controller.errors import ConveyorError
 from controller.models import TaskStatus
 from controller.pipeline import dag

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from controller.backend import conveyor_home, get_backend
+from controller.connect import conveyor_home, get_backend
 from controller.errors import ConveyorError, NotFoundError
 from controller.models import TaskRecord, TaskStatus, TaskType
 from controller.pipeline.definition import _packages_list

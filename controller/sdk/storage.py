@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 from urllib.request import url2pathname
 
-from controller.backend import Backend, conveyor_home, default_api_url
+from controller.backend import Backend
+from controller.connect import conveyor_home, default_api_url
 from controller.errors import ConveyorError
 
 if TYPE_CHECKING:  # requests is imported on the first HTTP transfer (steps start faster)

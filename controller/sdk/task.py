@@ -7,7 +7,7 @@ attaches to the task the agent runs, changes no status (the agent reports how th
 step ended), and `connect()` returns the values stored on the task, so a clone with
 overridden parameters runs with them.
 
-Everything goes through the Backend of `CONVEYOR_API` (`controller.backend.get_backend`),
+Everything goes through the Backend of `CONVEYOR_API` (`controller.connect.get_backend`),
 so the same code works on the embedded store and over HTTP. Errors are never turned
 into return values: an unknown task, a bad name or a failed upload raises, naming what
 was wrong.
@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from controller.backend import _UNSET, Backend, get_backend
+from controller.backend import _UNSET, Backend
+from controller.connect import get_backend
 from controller.errors import NotFoundError
 from controller.models import StatusReason, TaskRecord, TaskStatus, TaskType
 from controller.sdk import lifecycle, params, script_info, storage

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from controller.backend import default_api_url
+from controller.connect import default_api_url
 
 
 def main(argv: list[str] | None = None) -> int:

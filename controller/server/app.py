@@ -35,7 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 import controller
-from controller.backend import Backend, conveyor_home
+from controller.backend import Backend
+from controller.connect import conveyor_home
 from controller.errors import ConveyorError
 from controller.server.dashboard import (
     add_dashboard_routes,

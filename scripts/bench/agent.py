@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from agent.environments.venv import ensure_venv, find_uv  # noqa: E402
-from controller.backend import Backend, backend_from_url  # noqa: E402
+from controller.backend import Backend  # noqa: E402
+from controller.connect import backend_from_url  # noqa: E402
 from scripts.bench.stats import show  # noqa: E402
 from tests.helpers_server import start_server, stop_server  # noqa: E402
 

@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from controller.backend import Backend, backend_from_url  # noqa: E402
+from controller.backend import Backend  # noqa: E402
+from controller.connect import backend_from_url  # noqa: E402
 from tests.helpers_server import start_server, stop_server  # noqa: E402
 from tests.test_agent_venv import make_wheel  # noqa: E402
 

@@ -34,7 +34,7 @@ def noop(value: int = 0):
 def run_pipeline(kind: str, size: int) -> tuple[float, list[float]]:
     """Run one pipeline; returns (wall seconds, edge latencies in ms)."""
     from controller.automation import PipelineController
-    from controller.backend import get_backend
+    from controller.connect import get_backend
 
     pipe = PipelineController(name=f"bench {kind}", project="bench", version="1.0.0")
     pipe.set_default_execution_queue("default")
