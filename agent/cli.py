@@ -260,24 +260,38 @@ def daemon(
 @click.option("--worker-id", envvar="CONVEYOR_WORKER_ID", default=None, help="Worker id (default hostname:N).")
 @click.option("--stop-grace", type=float, default=DEFAULT_STOP_GRACE_S, show_default=True,
               help="Seconds between SIGTERM and SIGKILL when the step is stopped.")
+@click.option("--started", is_flag=True,
+              help="The task is already in_progress, held by --worker-id (a pipeline running its "
+              "steps locally starts each step, then runs it with this command): run it as it is.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @docker_options
 @api_option
 @token_option
-def execute(task_id: str, worker_id: str | None, stop_grace: float, verbose: bool,
+def execute(task_id: str, worker_id: str | None, stop_grace: float, started: bool, verbose: bool,
             docker: str | None, allow_privileged: bool, gpus: str | None,
             api: str | None, token: str | None) -> None:
-    """Run one task in the foreground (same code path as the daemon)."""
+    """Run one task in the foreground (same code path as the daemon).
+
+    The step stops on SIGTERM/SIGINT, on an abort (seen in the heartbeat answer) and at
+    its time limit; the exit code is 0 if it completed, else 1.
+    """
     _setup_logging(None, verbose)
     api = api or default_api_url()
     try:
         backend = backend_from_url(api, token=token)
+        if started and not worker_id:
+            _fail("--started needs the --worker-id that holds the task")
         worker_id = worker_id or default_worker_id(conveyor_home())
         task = backend.get_task(task_id)
-        if task.status.is_terminal:
+        if started:
+            if task.status != TaskStatus.in_progress or task.runtime.worker != worker_id:
+                _fail(f"task {task_id} is {task.status.value} (worker {task.runtime.worker or 'none'}), "
+                      f"not in_progress held by {worker_id}")
+        elif task.status.is_terminal:
             _fail(f"task {task_id} is {task.status.value}: reset it first (controller tasks reset {task_id})")
-        task = backend.set_status(task_id, TaskStatus.in_progress, reason="started",
-                                  message=f"run by agent execute on {worker_id}", worker_id=worker_id)
+        else:
+            task = backend.set_status(task_id, TaskStatus.in_progress, reason="started",
+                                      message=f"run by agent execute on {worker_id}", worker_id=worker_id)
         settings = _settings(api, token, worker_id, stop_grace, docker, allow_privileged, gpus)
         agent = AgentDaemon(backend, settings, [])
         signal.signal(signal.SIGTERM, lambda *_: _abort_execute(agent))

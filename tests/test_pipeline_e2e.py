@@ -525,6 +525,44 @@ def test_steps_can_run_as_local_subprocesses_without_an_agent(
     local.close()
 
 
+def sleep_then_print(seconds: float = 60.0):
+    import time
+
+    print("local step started", flush=True)
+    time.sleep(seconds)
+    return seconds
+
+
+def test_local_steps_are_stopped_by_their_time_limit_and_by_a_pipeline_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'local-stop.db'}"
+    monkeypatch.setenv("CONVEYOR_API", url)
+    local = backend_from_url(url)
+
+    def stop_when_running(pipeline: PipelineController, node: PipelineController.Node, previous: str) -> None:
+        if node.name == "stopped" and node.status == "running":
+            time.sleep(1.0)  # the step prints its first line
+            pipeline.stop(mark_aborted=True)
+
+    pipe = PipelineController(name="local-stop", project="p", version="1.0.0")
+    pipe.add_function_step("limited", sleep_then_print, function_return=["slept"], time_limit=2,
+                           continue_behaviour={"continue_on_fail": True, "skip_children_on_fail": False})
+    pipe.add_function_step("stopped", sleep_then_print, function_return=["slept"], parents=["limited"],
+                           status_change_callback=stop_when_running)
+    started = time.monotonic()
+    pipe.start_locally(run_pipeline_steps_locally=True)
+    assert time.monotonic() - started < 40
+    assert statuses(pipe) == {"limited": "failed", "stopped": "aborted"}
+    limited = local.get_task(pipe.get_pipeline_dag()["limited"].executed)
+    assert limited.status == TaskStatus.stopped and limited.status_reason == "time_limit"
+    stopped = local.get_task(pipe.get_pipeline_dag()["stopped"].executed)
+    assert stopped.status == TaskStatus.stopped and stopped.status_reason == "aborted"
+    assert "local step started" in "\n".join(line.line for line in local.get_log(stopped.id))
+    assert local.get_task(pipe.id).status == TaskStatus.stopped and local.list_workers() == []
+    local.close()
+
+
 def test_pipeline_tags_and_target_project(backend: Backend, project: str) -> None:
     base = base_task(backend, project, "base")
     pipe = new_pipeline(project, add_pipeline_tags=True, target_project=f"{project}/steps")

@@ -7,12 +7,11 @@ Part of PipelineController (see `controller.pipeline.controller`).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from controller.connect import conveyor_home, get_backend
+from controller.connect import get_backend
 from controller.errors import ConveyorError, NotFoundError
 from controller.models import TaskRecord, TaskStatus, TaskType
 from controller.pipeline.definition import _packages_list
@@ -163,12 +162,6 @@ class PipelineTaskMixin:
         if isinstance(target, str) and target:
             return target
         return self._project
-
-    def _local_settings(self, worker_id: str) -> Any:
-        from agent.executor import ExecutionSettings
-
-        return ExecutionSettings(worker_id=worker_id, api_url=self._backend.url,
-                                 api_token=os.environ.get("CONVEYOR_API_TOKEN"), home=conveyor_home())
 
     def _task_record(self) -> TaskRecord:
         assert self._task_id is not None

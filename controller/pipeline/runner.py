@@ -33,6 +33,7 @@ from controller.pipeline.launch import (
     hyperparams_from_overrides,
     task_override_changes,
 )
+from controller.pipeline.local_step import LocalStep
 from controller.pipeline.node import (
     ABORTED,
     CACHED,
@@ -76,7 +77,7 @@ class PipelineRunner:
         self._in_flight: set[str] = set()
         self._launch_pool = ThreadPoolExecutor(LAUNCH_THREADS, thread_name_prefix="pipeline-launch")
         self._callback_pool = ThreadPoolExecutor(1, thread_name_prefix="pipeline-callback")
-        self._local_steps: list[threading.Thread] = []
+        self._local_steps: list[LocalStep] = []
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ loop
@@ -106,8 +107,8 @@ class PipelineRunner:
             self._collect_launches()
             if pipe._stop_event.is_set() or self.failed and pipe._abort_on_failure:
                 self.abort_running("the pipeline was stopped")
-            for thread in self._local_steps:
-                thread.join()
+            for step in self._local_steps:
+                step.join()
             self._callback_pool.shutdown(wait=True)
             pipe._record_state()
 
@@ -298,20 +299,13 @@ class PipelineRunner:
         self._finish(node, CACHED, f"reused completed task {hit.id} (cache hit)")
 
     def _run_locally(self, node: Node, task: TaskRecord) -> None:
-        from agent.executor import execute_task
-
-        worker = f"local:{self.pipe._local_worker_id}"
-        record = self.backend.set_status(task.id, TaskStatus.in_progress, reason="started",
-                                         message="run locally by the pipeline", worker_id=worker)
-        settings = self.pipe._local_settings(worker)
-        stop_event = self.pipe._stop_event
-
-        def run() -> None:
-            execute_task(self.backend, record, settings, lambda: "aborted" if stop_event.is_set() else None)
-
-        thread = threading.Thread(target=run, name=f"local-step-{node.name}", daemon=True)
-        self._local_steps.append(thread)
-        thread.start()
+        """Start the step as the worker `local:...` and run it through `agent execute`."""
+        worker = f"local:{self.pipe._local_worker_id}:{node.name}"
+        self.backend.set_status(task.id, TaskStatus.in_progress, reason="started",
+                                message="run locally by the pipeline", worker_id=worker)
+        step = LocalStep(self.backend, task.id, worker, self.pipe._stop_event)
+        self._local_steps.append(step)
+        step.start()
 
     # ------------------------------------------------------------- statuses
     def _apply_task_status(self, node: Node, record: TaskRecord) -> None:
