@@ -32,7 +32,7 @@ from controller import __version__
 from controller.cli import QUEUE_NAME, OneLineErrorGroup
 from controller.connect import backend_from_url, conveyor_home, default_api_url
 from controller.errors import ConveyorError
-from controller.models import DEFAULT_LEASE_S, TaskStatus
+from controller.models import DEFAULT_LEASE_S, StatusReason, TaskStatus
 
 
 def _fail(message: str) -> None:
@@ -284,6 +284,10 @@ def execute(task_id: str, worker_id: str | None, stop_grace: float, started: boo
         worker_id = worker_id or default_worker_id(conveyor_home())
         task = backend.get_task(task_id)
         if started:
+            if task.status == TaskStatus.stopping and task.runtime.worker == worker_id:
+                backend.set_status(task_id, TaskStatus.stopped, reason=StatusReason.aborted,
+                                   message="aborted before it started", worker_id=worker_id)
+                _fail(f"task {task_id} was aborted before it started")
             if task.status != TaskStatus.in_progress or task.runtime.worker != worker_id:
                 _fail(f"task {task_id} is {task.status.value} (worker {task.runtime.worker or 'none'}), "
                       f"not in_progress held by {worker_id}")

@@ -542,7 +542,10 @@ def test_local_steps_are_stopped_by_their_time_limit_and_by_a_pipeline_stop(
 
     def stop_when_running(pipeline: PipelineController, node: PipelineController.Node, previous: str) -> None:
         if node.name == "stopped" and node.status == "running":
-            time.sleep(1.0)  # the step prints its first line
+            deadline = time.monotonic() + 30
+            while not any("local step started" in line.line for line in local.get_log(node.executed)):
+                assert time.monotonic() < deadline, "the local step never printed its first line"
+                time.sleep(0.1)
             pipeline.stop(mark_aborted=True)
 
     pipe = PipelineController(name="local-stop", project="p", version="1.0.0")
@@ -558,7 +561,7 @@ def test_local_steps_are_stopped_by_their_time_limit_and_by_a_pipeline_stop(
     assert limited.status == TaskStatus.stopped and limited.status_reason == "time_limit"
     stopped = local.get_task(pipe.get_pipeline_dag()["stopped"].executed)
     assert stopped.status == TaskStatus.stopped and stopped.status_reason == "aborted"
-    assert "local step started" in "\n".join(line.line for line in local.get_log(stopped.id))
+    assert "local step started" in [line.line for line in local.get_log(stopped.id)]
     assert local.get_task(pipe.id).status == TaskStatus.stopped and local.list_workers() == []
     local.close()
 
