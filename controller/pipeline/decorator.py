@@ -38,7 +38,7 @@ from controller.pipeline.controller import PipelineController
 from controller.pipeline.launch import ArtifactInput
 from controller.pipeline.lazy import LazyResult, PipelineStepError, resolve_value
 from controller.pipeline.node import CACHED, COMPLETED
-from controller.pipeline.runner import PipelineRunner
+from controller.pipeline.running import PipelineRunner
 
 _local = threading.local()
 

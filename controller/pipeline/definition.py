@@ -1,4 +1,4 @@
-"""Defining a pipeline: parameters, steps from base tasks, steps from functions.
+"""Defining a pipeline: parameters, steps from base tasks, steps from functions, validation.
 
 Part of PipelineController (see `controller.pipeline.controller`). Bad option values are
 refused when a step is added, with one PipelineDefinitionError naming the step and the
@@ -11,15 +11,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controller.models import TaskType
-from controller.pipeline.dag import PipelineDefinitionError, step_error
+from controller.pipeline.dag import (
+    PipelineDefinitionError,
+    add_implied_parents,
+    step_error,
+    validate_dag,
+)
 from controller.pipeline.function_step import build_function_spec, repository_fields
-from controller.pipeline.node import ContinueBehaviour, Node
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
+from controller.pipeline.node import ContinueBehaviour, Node, to_json_value
 
 STEP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 
@@ -199,6 +201,23 @@ class DefinitionMixin:
         self._nodes[name] = node
         return True
 
+    def _prepare(self) -> None:
+        """Add the parents references imply; validate the whole DAG (see `dag.validate_dag`)."""
+        add_implied_parents(self._nodes)
+        if not self._dynamic:
+            validate_dag(self._nodes, self._parameters, self._backend)
+
+    def _definition(self, version: str | None = None) -> dict[str, Any]:
+        """The definition as recorded in the controller task's configuration["Pipeline"]."""
+        return {
+            "name": self._name,
+            "version": version or self._version or "",
+            "steps": {n.name: {**n.state(), "status": "pending", "task_id": None} for n in self._nodes.values()},
+            "parameters": {k: to_json_value(v) for k, v in self._parameters.items()},
+            "abort_on_failure": self._abort_on_failure,
+            "time_limit_s": self._time_limit_s,
+        }
+
     def _check_new_step(self, name: Any) -> None:
         if not isinstance(name, str) or not STEP_NAME_RE.match(name):
             raise PipelineDefinitionError(
@@ -249,7 +268,8 @@ def _mapping(step: str, field_name: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _packages_list(packages: str | Sequence[str]) -> list[str]:
+def packages_list(packages: str | Sequence[str]) -> list[str]:
+    """`packages` as a list: a requirements file's lines, one requirement, or the list given."""
     if isinstance(packages, str):
         path = Path(packages)
         if path.is_file():

@@ -1,9 +1,10 @@
 """Turning a ready node into an enqueued task: resolve references, clone, override, cache.
 
-`resolve_node` resolves every `${...}` of a node against the current state of its
-parents (one place for all reference kinds); `build_step_task` clones the base task (or
-creates a function step's task) and applies the overrides; `cache_key` hashes what
-defines the step's result so `cache_executed_step` can reuse a completed task.
+`Resolver.resolve_node` resolves every `${...}` of a node against the current state of
+its parents (one place for all reference kinds); `create_step_task` clones the base task
+(or creates a function step's task); `task_override_changes` turns task_overrides into an
+edit; `cache_key` hashes what defines the step's result so `cache_executed_step` can
+reuse a completed task. The loop that calls them is `controller.pipeline.running`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.backend import Backend
-from controller.models import TaskRecord
+from controller.errors import NotFoundError
+from controller.models import TaskRecord, TaskStatus
 from controller.pipeline import references
+from controller.pipeline.function_step import repository_fields
 from controller.pipeline.node import Node
 
 #: ClearML-style task_overrides keys mapped onto our task record.
@@ -140,6 +143,48 @@ class Resolver:
                 else:
                     out.kwargs[name] = resolved
         return out
+
+
+def create_step_task(
+    backend: Backend, node: Node, *, pipeline_task_id: str | None, tags: list[str], project: str,
+    keep_base_project: bool,
+) -> TaskRecord:
+    """The task a node will run: a clone of its base task, or made from its function.
+
+    The task is a child of the pipeline task, in `project` (a clone stays in its base
+    task's project with `keep_base_project`), with `tags` added. With
+    `clone_base_task=False` the base task itself (a draft) is used.
+    """
+    if node.function_spec is not None:
+        spec = dict(node.function_spec["task_spec"])
+        script = dict(spec["script"])
+        script.update(repository_fields(*node.function_spec.get("repo", (None, None, None))))
+        if node.function_spec.get("working_dir"):
+            script["working_dir"] = node.function_spec["working_dir"]
+        spec["script"] = script
+        spec.update(name=node.function_spec["task_name"], parent=pipeline_task_id,
+                    project=node.function_spec.get("project") or project,
+                    type=node.function_spec["task_type"], tags=tags,
+                    container=node.function_spec["container"])
+        return backend.create_task(spec)
+    if node.base_task_factory is not None:
+        made = node.base_task_factory(node)
+        task_id = getattr(made, "id", None) or (made if isinstance(made, str) else None)
+        if not task_id:
+            raise ValueError("base_task_factory must return a Task or a task id")
+        node.base_task_id = str(task_id)
+    if not node.base_task_id:
+        raise NotFoundError(f"step '{node.name}' has no base task")
+    base = backend.get_task(node.base_task_id)
+    if not node.clone_task:
+        if base.status != TaskStatus.created:
+            raise ValueError(f"clone_base_task=False needs a draft base task; {base.id} is {base.status.value}")
+        return backend.edit_task(base.id, {"parent": pipeline_task_id, "tags": [*base.tags, *tags]})
+    clone = backend.clone_task(node.base_task_id, name=node.name, parent=pipeline_task_id,
+                               project=base.project if keep_base_project else project)
+    if tags:
+        clone = backend.edit_task(clone.id, {"tags": [*clone.tags, *tags]})
+    return clone
 
 
 def hyperparams_from_overrides(parameters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,5 +1,9 @@
-"""The pipeline's own task: creating or attaching to it, the step tasks it makes,
-recording the DAG state on it, and the class-level API that finds it.
+"""A pipeline's recorded state: its own (controller) task and what is recorded on it.
+
+Creating or attaching to the controller task, its parameters and definition, the run
+state of every node written to `runtime.pipeline` on each transition, and the
+class-level API that finds a recorded pipeline (`get`, `enqueue`) or reports to its task
+(`get_logger`, `upload_artifact`, `upload_model`).
 
 Part of PipelineController (see `controller.pipeline.controller`).
 """
@@ -13,11 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from controller.connect import get_backend
 from controller.errors import ConveyorError, NotFoundError
-from controller.models import TaskRecord, TaskStatus, TaskType
-from controller.pipeline.definition import _packages_list
-from controller.pipeline.function_step import repository_fields
-from controller.pipeline.launch import ResolvedStep
-from controller.pipeline.node import Node, to_json_value
+from controller.models import TaskRecord, TaskType
+from controller.pipeline.definition import packages_list
+from controller.pipeline.node import to_json_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from controller.pipeline.controller import PipelineController
@@ -27,8 +29,8 @@ log = logging.getLogger("conveyor.pipeline")
 PIPELINE_SECTION = "Pipeline"
 
 
-class PipelineTaskMixin:
-    """The controller task of a pipeline and what is recorded on it."""
+class PipelineStateMixin:
+    """The controller task of a pipeline and the run state recorded on it."""
 
     def _attach(self, task_id: str) -> None:
         """Use the task this process runs as (under an agent) as the controller task."""
@@ -81,7 +83,7 @@ class PipelineTaskMixin:
             "name": name, "project": self._project, "type": TaskType.controller.value,
             "tags": list(dict.fromkeys(["pipeline", *self._tags])),
             "script": script,
-            "packages": packages if self._packages is None else _packages_list(self._packages),
+            "packages": packages if self._packages is None else packages_list(self._packages),
             "container": self._container,
             "hyperparams": self._parameter_sections(),
             "configuration": {**self._configurations, "Pipeline": self._definition(version)},
@@ -108,60 +110,6 @@ class PipelineTaskMixin:
             parts[-1] = str(int(parts[-1]) + 1)
             return ".".join(parts)
         return latest
-
-    def _definition(self, version: str | None = None) -> dict[str, Any]:
-        return {
-            "name": self._name,
-            "version": version or self._version or "",
-            "steps": {n.name: {**n.state(), "status": "pending", "task_id": None} for n in self._nodes.values()},
-            "parameters": {k: to_json_value(v) for k, v in self._parameters.items()},
-            "abort_on_failure": self._abort_on_failure,
-            "time_limit_s": self._time_limit_s,
-        }
-
-    def _create_step_task(self, node: Node, resolved: ResolvedStep) -> TaskRecord:
-        """The task a node will run: a clone of its base task, or made from its function."""
-        project = self._step_project()
-        tags = [*node.tags]
-        if self._add_pipeline_tags and self._task_id:
-            tags.append(f"pipe: {self._task_id}")
-        if node.function_spec is not None:
-            spec = dict(node.function_spec["task_spec"])
-            script = dict(spec["script"])
-            script.update(repository_fields(*node.function_spec.get("repo", (None, None, None))))
-            if node.function_spec.get("working_dir"):
-                script["working_dir"] = node.function_spec["working_dir"]
-            spec["script"] = script
-            spec.update(name=node.function_spec["task_name"], parent=self._task_id,
-                        project=node.function_spec.get("project") or project,
-                        type=node.function_spec["task_type"], tags=tags,
-                        container=node.function_spec["container"])
-            return self._backend.create_task(spec)
-        if node.base_task_factory is not None:
-            made = node.base_task_factory(node)
-            task_id = getattr(made, "id", None) or (made if isinstance(made, str) else None)
-            if not task_id:
-                raise ValueError("base_task_factory must return a Task or a task id")
-            node.base_task_id = str(task_id)
-        if not node.base_task_id:
-            raise NotFoundError(f"step '{node.name}' has no base task")
-        if not node.clone_task:
-            base = self._backend.get_task(node.base_task_id)
-            if base.status != TaskStatus.created:
-                raise ValueError(f"clone_base_task=False needs a draft base task; {base.id} is {base.status.value}")
-            return self._backend.edit_task(base.id, {"parent": self._task_id, "tags": [*base.tags, *tags]})
-        base = self._backend.get_task(node.base_task_id)
-        clone = self._backend.clone_task(node.base_task_id, name=node.name, parent=self._task_id,
-                                         project=project if self._target_project not in (True, None) else base.project)
-        if tags:
-            clone = self._backend.edit_task(clone.id, {"tags": [*clone.tags, *tags]})
-        return clone
-
-    def _step_project(self) -> str:
-        target = self._target_project
-        if isinstance(target, str) and target:
-            return target
-        return self._project
 
     def _task_record(self) -> TaskRecord:
         assert self._task_id is not None

@@ -1,4 +1,9 @@
-"""The pipeline loop: launch ready steps, follow their statuses, apply the rules.
+"""Running a pipeline: starting and stopping it, launching its steps, following them.
+
+`RunningMixin` is PipelineController's run API (start, start_locally, stop, wait, ...)
+and what a start does: validate, record or attach to the controller task, run the loop,
+record how it ended. `PipelineRunner` is the loop: launch ready steps, follow their
+statuses, apply the rules.
 
 The loop is event driven: it sleeps in `Backend.wait_for_status_change` on the tasks of
 its running steps (and its own controller task, to notice an abort) and wakes as soon as
@@ -14,7 +19,10 @@ whose task failed; nothing a step does can kill or hang the loop.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -30,6 +38,7 @@ from controller.pipeline.launch import (
     Resolver,
     StepLaunchError,
     cache_key,
+    create_step_task,
     hyperparams_from_overrides,
     task_override_changes,
 )
@@ -61,6 +70,179 @@ MAX_WAIT_S = 1.0
 LAUNCHING_WAIT_S = 0.01
 LAUNCH_THREADS = 8
 CACHE_TAG_PREFIX = "cache:"
+
+
+class RunningMixin:
+    """start, start_locally, stop, wait and the questions about a run."""
+
+    def start(
+        self,
+        queue: str = "services",
+        step_task_created_callback: Callable[..., Any] | None = None,
+        step_task_completed_callback: Callable[..., Any] | None = None,
+        wait: bool = True,
+    ) -> bool:
+        """Run the pipeline on an agent of `queue`.
+
+        Outside an agent: validate, record the controller task, enqueue it and end this
+        process. Under an agent: run the pipeline loop here (blocking when `wait`).
+        """
+        self._apply_default_callbacks(step_task_created_callback, step_task_completed_callback)
+        if os.environ.get("CONVEYOR_TASK_ID"):
+            self._begin(run_steps_locally=False)
+            self._stop_on_sigterm()
+            if wait:
+                self._run_loop()
+            else:
+                self._thread = threading.Thread(target=self._run_loop, name="pipeline", daemon=True)
+                self._thread.start()
+            return True
+        self._prepare()
+        task = self._create_controller_task(queue=queue)
+        self._backend.enqueue(task.id, queue)
+        print(f"pipeline '{task.name}' ({task.id}) enqueued on '{queue}'; this process ends here",
+              file=sys.stderr)
+        sys.exit(0)
+
+    def start_locally(self, run_pipeline_steps_locally: bool = False) -> None:
+        """Run the pipeline loop in this process until it ends; steps run on agents, or as
+        local subprocesses with `run_pipeline_steps_locally=True`."""
+        self._begin(run_steps_locally=run_pipeline_steps_locally)
+        self._run_loop()
+
+    def create_draft(self) -> None:
+        """Record the pipeline as a controller task in status created (enqueue it later).
+
+        Under an agent, the task being run is such a draft (or a clone of it, e.g. a step
+        of another pipeline): then this runs the pipeline, as `start()` would.
+        """
+        if os.environ.get("CONVEYOR_TASK_ID"):
+            self.start()
+            return
+        self._prepare()
+        self._create_controller_task(queue=None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the pipeline to end (timeout in minutes). True if it ended."""
+        if self._started_at is None:
+            return True
+        return self._done.wait(None if timeout is None else timeout * 60)
+
+    def stop(self, timeout: float | None = None, mark_failed: bool = False, mark_aborted: bool = False) -> None:
+        """Stop the pipeline: abort running steps and record the final status.
+
+        Completed unless a step failed (then failed); `mark_failed` / `mark_aborted`
+        force failed / stopped. `timeout` (minutes) bounds the wait for the loop to end;
+        safe to call from a callback.
+        """
+        self._stop_mark_failed = self._stop_mark_failed or mark_failed
+        self._stop_mark_aborted = self._stop_mark_aborted or mark_aborted
+        self._stop_event.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(None if timeout is None else timeout * 60)
+
+    def is_running(self) -> bool:
+        """True while the pipeline loop runs."""
+        return self._started_at is not None and not self._done.is_set()
+
+    def is_successful(self, fail_on_step_fail: bool = True, fail_condition: str = "all") -> bool:
+        """Whether the pipeline ended well (False while it runs).
+
+        `fail_condition`: "all" (failed or aborted is unsuccessful), "failed" or "aborted".
+        Cached steps count as successful.
+        """
+        if fail_condition not in ("all", "failed", "aborted"):
+            raise ValueError("fail_condition must be 'all', 'failed' or 'aborted'")
+        if not self._done.is_set():
+            return False
+        status = self._status
+        if status == "stopped":
+            return fail_condition == "failed"
+        if status == "failed":
+            if not fail_on_step_fail and self._runner is not None and not self._stop_mark_failed:
+                return True
+            return fail_condition == "aborted"
+        return True
+
+    def elapsed(self) -> float:
+        """Minutes since the pipeline started (negative if it has not)."""
+        if self._started_at is None:
+            return -1.0
+        return (time.time() - self._started_at) / 60
+
+    def get_processed_nodes(self) -> list[Node]:
+        """Nodes that finished (completed, failed, aborted, skipped, cached)."""
+        return [n for n in self._nodes.values() if n.is_finished]
+
+    def get_running_nodes(self) -> list[Node]:
+        """Nodes whose task is being launched, queued or running."""
+        return [n for n in self._nodes.values() if n.is_running]
+
+    # ------------------------------------------------------------ internals
+    def _apply_default_callbacks(self, created: Callable[..., Any] | None, completed: Callable[..., Any] | None) -> None:
+        for node in self._nodes.values():
+            if created is not None and node.pre_execute_callback is None:
+                node.pre_execute_callback = created
+            if completed is not None and node.post_execute_callback is None:
+                node.post_execute_callback = completed
+
+    def _begin(self, run_steps_locally: bool) -> None:
+        self._prepare()
+        self._run_steps_locally = run_steps_locally
+        attached = os.environ.get("CONVEYOR_TASK_ID")
+        if attached:
+            self._attach(attached)
+        else:
+            task = self._create_controller_task(queue=None)
+            self._backend.set_status(task.id, TaskStatus.in_progress, reason="started",
+                                     message="pipeline running locally")
+        self._started_at = time.time()
+        self._status = "running"
+        self._record_state()
+
+    def _stop_on_sigterm(self) -> None:
+        """Under an agent, SIGTERM (an abort, a time limit, agent shutdown) stops the
+        pipeline cleanly: running steps are aborted before this process ends."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(_signum: int, _frame: Any) -> None:
+            log.warning("SIGTERM: stopping the pipeline and its running steps")
+            self._stop_mark_aborted = True
+            self._stop_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def _run_loop(self) -> None:
+        self._runner = PipelineRunner(self)
+        try:
+            self._runner.run()
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        runner = self._runner
+        failed = bool(runner and runner.failed) or self._stop_mark_failed
+        aborted = self._stop_mark_aborted or bool(runner and runner.aborted)
+        if aborted and not self._stop_mark_failed:
+            self._status, status, reason = "stopped", TaskStatus.stopped, "aborted"
+        elif failed:
+            self._status, status, reason = "failed", TaskStatus.failed, "pipeline_failed"
+        else:
+            self._status, status, reason = "completed", TaskStatus.completed, "completed"
+        message = (runner.failure_message if runner and runner.failed else "") or self._status
+        self._record_state()
+        under_agent = bool(os.environ.get("CONVEYOR_TASK_ID"))
+        # Under an agent, success is reported by the agent when this process exits 0.
+        if self._task_id and (not under_agent or status != TaskStatus.completed):
+            try:
+                current = self._task_record().status
+                if current == TaskStatus.in_progress or current == TaskStatus.stopping:
+                    self._backend.set_status(self._task_id, status, reason=reason, message=message)
+            except ConveyorError as exc:
+                log.warning("cannot record the pipeline's final status: %s", exc)
+        log.info("pipeline %s: %s", self._name, message)
+        self._done.set()
 
 
 class PipelineRunner:
@@ -244,7 +426,13 @@ class PipelineRunner:
             raise StepLaunchError(str(exc)) from None
         node.resolved_parameters = dict(resolved.parameters)
         node.resolved_overrides = dict(resolved.task_overrides)
-        task = pipe._create_step_task(node, resolved)
+        target = pipe._target_project
+        tags = [*node.tags, *([f"pipe: {pipe._task_id}"] if pipe._add_pipeline_tags and pipe._task_id else [])]
+        task = create_step_task(
+            self.backend, node, pipeline_task_id=pipe._task_id, tags=tags,
+            project=target if isinstance(target, str) and target else pipe._project,
+            keep_base_project=target in (True, None),
+        )
         changes: dict[str, Any] = {}
         hyperparams = hyperparams_from_overrides(resolved.parameters)
         if node.function_spec:
