@@ -33,22 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("controller", "agent")
 
-#: Imports that break a layer rule today and are being removed in parallel work; the lead
-#: empties this at merge (issue 14: containers reach the control plane without an
-#: embedded server). Nothing else may be added here.
-LAYER_EXCEPTIONS_BEING_REMOVED: frozenset[tuple[str, str]] = frozenset({
-    ("agent.container_api", "controller.server"),
-    ("agent.container_api", "controller.store"),
-})
-
 #: The only circles through lazy (function-level) imports that remain, each a set of
-#: modules, outside the pipeline/connect work that removed the others. Module-level
+#: modules. Module-level
 #: circles have no exceptions. A listed circle that disappears fails the test until it
 #: is removed from here, so this list only shrinks.
 KNOWN_LAZY_CIRCLES: frozenset[frozenset[str]] = frozenset({
-    # Container steps: docker.py starts `container_supervisor.run_container` lazily and
-    # container_supervisor uses docker.ContainerSpec; reworked in parallel with
-    # agent/container_api.py (issue 14, part 4, containers).
+    # Container steps: docker.py starts `container_supervisor.run_container` lazily, and
+    # container_supervisor uses docker.ContainerSpec (the agent's container code).
     frozenset({"agent.environments.docker", "agent.container_supervisor"}),
     # Step SDK: `Logger.current_logger()` and `OutputModel(task=None)` (reference API)
     # find the current Task lazily, while Task makes Loggers and OutputModels.
@@ -214,15 +205,7 @@ def test_agent_never_imports_the_server_or_the_store() -> None:
         if _in_package(imp.source, "agent")
         and (_in_package(imp.target, "controller.server") or _in_package(imp.target, "controller.store"))
     ]
-    by_pair: dict[tuple[str, str], list[Import]] = {}
-    for imp in offending:
-        top = "controller.server" if _in_package(imp.target, "controller.server") else "controller.store"
-        by_pair.setdefault((imp.source, top), []).append(imp)
-    unexpected = {pair: found for pair, found in by_pair.items() if pair not in LAYER_EXCEPTIONS_BEING_REMOVED}
-    assert unexpected == {}, "\n".join(
-        f"{i.source}:{i.line} imports {i.target} ({i.level})" for found in unexpected.values() for i in found)
-    gone = LAYER_EXCEPTIONS_BEING_REMOVED - set(by_pair)
-    assert not gone, f"no longer imported, remove from LAYER_EXCEPTIONS_BEING_REMOVED: {sorted(gone)}"
+    assert offending == [], "\n".join(f"{i.source}:{i.line} imports {i.target} ({i.level})" for i in offending)
 
 
 def test_the_backend_interface_imports_no_implementation() -> None:
