@@ -15,7 +15,6 @@ The implementations are imported when a URL asks for one, so importing this modu
 from __future__ import annotations
 
 import os
-import urllib.parse
 from pathlib import Path
 
 from controller.backend import Backend
@@ -40,22 +39,6 @@ def default_api_url() -> str:
     return f"sqlite:///{conveyor_home() / 'conveyor.db'}"
 
 
-def check_http_url(url: str) -> None:
-    """InvalidInputError naming the problem if an http(s) API URL has no host or a bad port."""
-    parts = urllib.parse.urlsplit(url)
-    try:
-        parts.port  # noqa: B018 - reading it checks it
-    except ValueError:
-        raise InvalidInputError(
-            f"invalid API URL {url!r}: the port must be a number from 1 to 65535 "
-            "(e.g. http://host:8008)", field="CONVEYOR_API",
-        ) from None
-    if not parts.hostname:
-        raise InvalidInputError(
-            f"invalid API URL {url!r}: it names no host (e.g. http://host:8008)", field="CONVEYOR_API"
-        )
-
-
 def backend_from_url(url: str | None = None, *, token: str | None = None) -> Backend:
     """Open the Backend a URL names (default: `default_api_url()`).
 
@@ -65,7 +48,9 @@ def backend_from_url(url: str | None = None, *, token: str | None = None) -> Bac
     """
     url = url or default_api_url()
     if url.startswith(HTTP_SCHEMES):
-        check_http_url(url)
+        from controller.http_session import check_api_url
+
+        check_api_url(url)
         from controller.client import HttpBackend
 
         return HttpBackend(url, token=token if token is not None else os.environ.get("CONVEYOR_API_TOKEN"))

@@ -79,8 +79,8 @@ def test_a_relative_sqlite_path_is_found_from_the_working_folder(tmp_path: Path)
 
 @pytest.mark.parametrize(
     "url, problem",
-    [("http://127.0.0.1:abc", "the port must be a number"), ("http://:8008", "names no host"),
-     ("http://127.0.0.1:99999", "the port must be a number"),
+    [("http://127.0.0.1:abc", "is not a number from 1 to 65535"), ("http://:8008", "no host"),
+     ("http://127.0.0.1:99999", "is not a number from 1 to 65535"),
      ("ftp://x", "use sqlite:///path, postgresql://... or http://host:port")],
 )
 def test_a_malformed_api_url_is_one_line_naming_it(tmp_path: Path, url: str, problem: str) -> None:

@@ -105,15 +105,7 @@ def test_malformed_api_url_is_refused_naming_it(bad_url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad_url",
-    [
-        pytest.param(url, marks=pytest.mark.xfail(
-            strict=True, reason="controller.backend.check_http_url lets urlsplit's ValueError "
-            "through (reported to the lead; HttpBackend itself names the URL)"))
-        if url == "http://[::1" else url
-        for url in MALFORMED_URLS
-    ],
-)
+    "bad_url", MALFORMED_URLS)
 def test_malformed_conveyor_api_is_one_cli_error_naming_it(bad_url: str, tmp_path: Path) -> None:
     line = cli_error(tmp_path, "queues", CONVEYOR_API=bad_url)
     assert repr(bad_url) in line
