@@ -4,7 +4,8 @@ Read `AgentDaemon.run` top to bottom for the life of a daemon:
 
 1. replay the outbox: final reports a previous run of this worker id (same
    CONVEYOR_HOME) wrote but could not deliver (`agent.outbox`); then register the
-   worker (id `hostname:N`; retried while the control plane is unreachable), remove
+   worker (id `hostname:N`, see `default_worker_id`; retried while the control plane
+   is unreachable), remove
    containers a killed predecessor of the same worker id left behind (with
    `--docker`), and start heartbeating;
 2. while not asked to stop: wait for a free slot, long-poll `claim` on the queues (in
@@ -37,6 +38,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import filelock
 import psutil
 
 from agent.executor import ExecutionSettings, execute_task
@@ -102,14 +105,100 @@ def local_agents(home: Path) -> list[dict[str, Any]]:
     return found
 
 
-def default_worker_id(home: Path) -> str:
-    """`hostname:N` with the lowest N no live local daemon uses."""
-    host = socket.gethostname()
+#: Host-wide claims of home numbers (one file per number, naming its CONVEYOR_HOME).
+HOST_REGISTRY_DIR = Path("/var/tmp/conveyor-worker-numbers")
+#: Where a CONVEYOR_HOME keeps the number it was given.
+HOME_NUMBER_FILE = "worker-number"
+
+
+def _home_number_claims(registry: Path) -> Path:
+    """The registry folder, writable by every user of the host (sticky, like /tmp);
+    under the temp directory if `registry` cannot be made."""
+    for folder in (registry, Path(tempfile.gettempdir()) / registry.name):
+        try:
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                folder.chmod(0o1777)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    raise ConveyorError(f"cannot make {registry} to number this host's agents: pass --worker-id")
+
+
+def _claim_is_stale(claim: Path, number: int) -> bool:
+    """True if the home named by `claim` is gone or no longer holds `number`."""
+    try:
+        home = Path(claim.read_text().strip())
+        held = (home / HOME_NUMBER_FILE).read_text().strip()
+    except OSError:
+        return True
+    return held != str(number)
+
+
+def _claim(registry: Path, number: int, home: Path) -> bool:
+    """Claim `number` for `home` in the host registry; False if another home holds it."""
+    claim = registry / str(number)
+    try:
+        fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        try:
+            if Path(claim.read_text().strip()) == home:
+                return True
+        except OSError:
+            return False
+        if not _claim_is_stale(claim, number):
+            return False
+        tmp = registry / f".{number}.{os.getpid()}"
+        tmp.write_text(str(home))
+        os.replace(tmp, claim)  # a stale claim of a deleted home: take the number over
+        return Path(claim.read_text().strip()) == home
+    with os.fdopen(fd, "w") as out:
+        out.write(str(home))
+    return True
+
+
+def home_number(home: Path, registry: Path = HOST_REGISTRY_DIR) -> int:
+    """This CONVEYOR_HOME's number on this host: allocated once, then kept in the home.
+
+    The first time, the lowest number no other home of this host holds is claimed in
+    `registry` (a file per number naming its home; claims of deleted homes are taken
+    over) and written to `home/worker-number`; later calls read it back (and renew the
+    claim, e.g. after the registry was cleaned up).
+    """
+    home = Path(home).absolute()
+    stored = home / HOME_NUMBER_FILE
+    claims = _home_number_claims(registry)
+    try:
+        number = int(stored.read_text().strip())
+    except (OSError, ValueError):
+        number = None
+    if number is not None:
+        _claim(claims, number, home)  # renew; a clash after a cleanup keeps this home's id
+        return number
+    with filelock.FileLock(str(claims / ".lock"), timeout=30, mode=0o666):
+        number = 0
+        while not _claim(claims, number, home):
+            number += 1
+        home.mkdir(parents=True, exist_ok=True)
+        stored.write_text(f"{number}\n")
+    return number
+
+
+def default_worker_id(home: Path, registry: Path = HOST_REGISTRY_DIR) -> str:
+    """`hostname:N`, N being this CONVEYOR_HOME's number on this host (`home_number`).
+
+    Agents of different homes on one host get different ids, and a daemon restarted
+    with the same home gets its id back. A second daemon running at the same time in
+    the same home gets `hostname:N.1` (then `.2`, ...: the lowest no live daemon uses).
+    """
+    base = f"{socket.gethostname()}:{home_number(home, registry)}"
     taken = {a["worker_id"] for a in local_agents(home)}
-    n = 0
-    while f"{host}:{n}" in taken:
-        n += 1
-    return f"{host}:{n}"
+    candidate, extra = base, 0
+    while candidate in taken:
+        extra += 1
+        candidate = f"{base}.{extra}"
+    return candidate
 
 
 def read_resources(home: Path) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from agent.environments.errors import ContainerError
 from agent.environments.venv import EnvironmentBuildError, ensure_venv
 from agent.outbox import Outbox, make_report
 from agent.output import chunk_batch
-from agent.supervisor import StepOutcome, run_step
+from agent.supervisor import LastExceptionLine, StepOutcome, run_step, with_exception
 from controller.backend import Backend
 from controller.connect import conveyor_home
 from controller.errors import BackendUnavailableError, ConveyorError, NotFoundError
@@ -189,6 +189,8 @@ def execute_task(
         return report(backend, settings, task.id, status, reason, message,
                       runtime=runtime, task_log=task_log, give_up=give_up_report)
 
+    exception = LastExceptionLine()  # names the exception in a failed step's message
+    step_output = exception.watching(task_log.output)
     work_dir = settings.work_root / f"{task.id}-{task.runtime.attempt}"
     task_log.agent(f"worker {settings.worker_id} runs task {task.id} (attempt {task.runtime.attempt})")
     image = task.container.image.strip() or (settings.docker.default_image if settings.docker else "")
@@ -204,7 +206,7 @@ def execute_task(
         _record_runtime(backend, task.id, {"commit_used": checkout.commit_used})
         if image:
             outcome = run_in_container(backend, task, image, work_dir, checkout.path_to_run_in,
-                                       settings, task_log, should_abort)
+                                       settings, task_log, should_abort, step_output)
         else:
             with prepare_environment(task, checkout.path_to_run_in, settings, task_log.agent) as venv:
                 argv = build_argv(task, venv.python_path)
@@ -216,7 +218,7 @@ def execute_task(
                     checkout.path_to_run_in,
                     env,
                     task.execution.time_limit_s,
-                    task_log.output,
+                    step_output,
                     should_abort,
                     grace_s=settings.stop_grace_s,
                 )
@@ -230,6 +232,7 @@ def execute_task(
     finally:
         if not settings.keep_work_dirs:
             shutil.rmtree(work_dir, ignore_errors=True)
+    outcome = with_exception(outcome, exception.line)
     runtime.update(exit_code=outcome.exit_code, duration_s=round(outcome.duration_s, 3))
     task_log.agent(f"step ended: {outcome.message}")
     return finish(outcome_status(outcome), outcome.reason, outcome.message)
@@ -244,13 +247,17 @@ def run_in_container(
     settings: ExecutionSettings,
     task_log: TaskLog,
     should_abort: Callable[[], str | None],
+    on_output: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> StepOutcome:
-    """The step of `task` in a container from `image` (see `agent.environments.docker`)."""
+    """The step of `task` in a container from `image` (see `agent.environments.docker`).
+
+    The step's output goes to `on_output` (default: the task log)."""
     from agent.environments.docker import run_task_in_container
 
     outcome = run_task_in_container(
         task, image, work_dir, run_dir, requirements_file_for(task, run_dir),
-        lambda python: build_argv(task, python), settings, task_log.agent, task_log.output,
+        lambda python: build_argv(task, python), settings, task_log.agent,
+        on_output or task_log.output,
         should_abort, lambda values: _record_runtime(backend, task.id, values),
     )
     return outcome

@@ -25,6 +25,10 @@ Decisions:
 - **Outcome.** `exit_code` is the return code (negative signal number when killed by
   a signal); `reason` is a `StatusReason` value: completed / exit_code / signal /
   time_limit / the string `should_abort()` returned / setup_failed (cannot start).
+- **Failure message.** `LastExceptionLine` watches the stderr lines as they stream by
+  and keeps the last line of the last Python traceback ("ValueError: bad input");
+  `with_exception` appends it to an `exit_code` outcome's message, so a failed step
+  says "exited with code 1: ValueError: bad input" (host and container steps alike).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +67,9 @@ _PR_SET_PDEATHSIG = 1
 _READ_SIZE = 64 * 1024
 _POLL_S = 0.2
 _SNAPSHOT_EVERY_S = 0.5
+_TRACEBACK_START = "Traceback (most recent call last):"
+#: Longest exception line kept for a status message (characters).
+MAX_EXCEPTION_LINE_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,47 @@ class StepOutcome:
 
 
 # ----------------------------------------------------------------- output
+class LastExceptionLine:
+    """The last line of the last Python traceback seen in a step's stderr.
+
+    `feed` takes the batches a supervisor delivers (LogLine-like dicts) and costs one
+    string check per stderr line: after a "Traceback (most recent call last):" line,
+    the first line that is not indented is the exception ("ValueError: bad input").
+    """
+
+    def __init__(self) -> None:
+        self.line: str | None = None
+        self._in_traceback = False
+
+    def feed(self, batch: list[dict[str, Any]]) -> None:
+        """Look at one batch of output lines (only the stderr ones matter)."""
+        for entry in batch:
+            if entry.get("stream") != "stderr":
+                continue
+            text = str(entry.get("line", ""))
+            if text.startswith(_TRACEBACK_START):
+                self._in_traceback = True
+            elif self._in_traceback and text.strip() and not text[0].isspace():
+                self.line = text.strip()[:MAX_EXCEPTION_LINE_CHARS]
+                self._in_traceback = False
+
+    def watching(self, on_output: OutputCallback) -> OutputCallback:
+        """`on_output`, with every batch looked at first."""
+
+        def watched(batch: list[dict[str, Any]]) -> None:
+            self.feed(batch)
+            on_output(batch)
+
+        return watched
+
+
+def with_exception(outcome: StepOutcome, exception_line: str | None) -> StepOutcome:
+    """`outcome` with `exception_line` appended to its message when it failed by exit code."""
+    if not exception_line or outcome.reason != StatusReason.exit_code:
+        return outcome
+    return replace(outcome, message=f"{outcome.message}: {exception_line}")
+
+
 def _read_pipes(
     pipes: dict[str, Any], output: PendingLines, max_line_chars: int, stop: threading.Event
 ) -> None:
