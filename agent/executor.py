@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.checkout import CheckoutError, checkout_task_code
 from agent.environments.errors import ContainerError
-from agent.environments.venv import EnvironmentBuildError, ensure_venv
+from agent.environments.venv import EnvironmentBuildError, ensure_venv, find_uv
 from agent.outbox import Outbox, make_report
 from agent.output import chunk_batch
 from agent.supervisor import LastExceptionLine, StepOutcome, run_step, with_exception
@@ -280,16 +280,33 @@ def prepare_environment(
     requirements_file = requirements_file_for(task, run_dir)
     if requirements_file is not None:
         say(f"installing from {requirements_file.name}")
+    progress = build_progress_line(task, requirements_file)
+
+    def say_and_report_builds(message: str) -> None:
+        if message.startswith("building virtualenv"):  # ensure_venv builds (no cache hit)
+            log.info("task %s: %s", task.id, progress)
+            say(progress)
+        say(message)
+
     venv = ensure_venv(
         settings.python,
         list(task.packages),
         requirements_file,
         settings.env_cache,
-        say,
+        say_and_report_builds,
         index_args=settings.index_args,
     )
     say(f"environment ready in {venv.seconds * 1000:.0f} ms ({'cached' if venv.cache_hit else 'built'}: {venv.path})")
     return venv
+
+
+def build_progress_line(task: TaskRecord, requirements_file: Path | None) -> str:
+    """The one line a venv build reports: "building venv: numpy==1.26.4, pandas (uv)"."""
+    what = [*task.packages]
+    if requirements_file is not None:
+        what.append(f"-r {requirements_file.name}")
+    installer = "uv" if find_uv() else "pip"
+    return f"building venv: {', '.join(what) or 'no packages'} ({installer})"
 
 
 def build_argv(task: TaskRecord, python: Path) -> list[str]:

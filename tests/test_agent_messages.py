@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from agent.supervisor import LastExceptionLine
-from controller.backend import Backend
+from controller.backend import Backend, backend_from_url
 from controller.models import TaskStatus
 from tests import test_agent_e2e as e2e
 from tests.test_agent_e2e import ROOT, Daemons, code_task, wait_for
@@ -109,3 +109,25 @@ def test_agents_of_two_homes_on_one_host_get_distinct_ids_kept_across_restarts(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+# ------------------------------------------------------------------- venv builds
+def test_a_venv_build_reports_what_it_installs_in_the_task_log_and_the_agent_log(
+    backend: Backend, sqlite_url: str, wheelhouse: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "logs").mkdir()
+    fresh = Daemons(tmp_path / "fresh-home", wheelhouse, tmp_path / "logs")  # nothing cached yet
+    store = backend_from_url(sqlite_url)
+    try:
+        code = "import tinypkg\nprint(tinypkg.VALUE)\n"
+        first = code_task(store, code, packages=["tinypkg==1.0"])
+        fresh.start(sqlite_url)
+        assert wait_for(store, first.id, "completed", "failed").status == TaskStatus.completed
+        assert "building venv: tinypkg==1.0 (uv)" in e2e.log_text(store, first.id)
+        second = code_task(store, code, packages=["tinypkg==1.0"])
+        assert wait_for(store, second.id, "completed", "failed").status == TaskStatus.completed
+        assert "building venv" not in e2e.log_text(store, second.id)  # a cache hit builds nothing
+        assert fresh.output().count("building venv: tinypkg==1.0 (uv)") == 1
+    finally:
+        fresh.stop_all()
+        store.close()
