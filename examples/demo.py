@@ -5,15 +5,19 @@
 3. registers the three step templates (examples/steps/*.py) as draft tasks;
 4. runs examples/pipeline_from_tasks.py, which sends the pipeline to "services": the
    agent runs the controller, the controller sends the steps to "default";
-5. follows the pipeline, prints its DAG with step statuses and the final accuracy, and
-   stops the agent.
+5. follows the pipeline, prints its DAG with step statuses and the final accuracy,
+   stops the agent and removes the throw-away CONVEYOR_HOME (kept, and its path
+   printed, with `CONVEYOR_DEMO_KEEP=1` or `--keep`, or when the demo failed).
 
-The first run installs scikit-learn into the steps' cached virtualenv (needs PyPI).
+The steps' virtualenv gets scikit-learn from PyPI. Its downloads go to uv's own cache
+(`uv cache dir`, shared across runs, so only the first run downloads) unless
+UV_CACHE_DIR is set; the demo's folder then holds hard links, not copies.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,10 +33,43 @@ STEPS = [
 TIMEOUT_S = 900
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """Run the demo; 0 if the pipeline completed and reported its accuracy."""
+    keep = "--keep" in argv or os.environ.get("CONVEYOR_DEMO_KEEP", "") not in ("", "0")
     home = Path(tempfile.mkdtemp(prefix="conveyor-demo-"))
     os.environ["CONVEYOR_HOME"] = str(home)
     os.environ.pop("CONVEYOR_API", None)
+    use_uv_cache()
+    ok = False
+    try:
+        ok = run_demo(home)
+    finally:
+        if keep or not ok:
+            why = "as asked" if keep else "the demo failed"
+            print(f"store, logs and caches kept in {home} ({why}; remove it when done)")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+            print(f"removed {home} (run with CONVEYOR_DEMO_KEEP=1 or --keep to look around in it)")
+    return 0 if ok else 1
+
+
+def use_uv_cache() -> None:
+    """Point the agent's installs at uv's own cache, so later demos download nothing."""
+    if os.environ.get("UV_CACHE_DIR"):
+        return
+    from agent.environments.venv import find_uv
+
+    uv = find_uv()
+    if uv is None:
+        return
+    found = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, check=False)
+    if found.returncode == 0 and found.stdout.strip():
+        os.environ["UV_CACHE_DIR"] = found.stdout.strip()
+        print(f"package downloads cached in {os.environ['UV_CACHE_DIR']} (uv's cache)")
+
+
+def run_demo(home: Path) -> bool:
+    """Start an agent in `home`, run the pipeline on it, print what happened."""
     from controller import Task
     from controller.connect import get_backend
 
@@ -60,8 +97,8 @@ def main() -> int:
     finally:
         agent.terminate()
         agent.wait(120)
-        print(f"agent stopped; store, logs and caches kept in {home}")
-    return 0 if ok else 1
+        print("agent stopped")
+    return ok
 
 
 def follow(backend, pipeline_id: str) -> bool:  # noqa: ANN001
@@ -100,4 +137,4 @@ def follow(backend, pipeline_id: str) -> bool:  # noqa: ANN001
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
