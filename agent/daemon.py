@@ -195,10 +195,32 @@ def default_worker_id(home: Path, registry: Path = HOST_REGISTRY_DIR) -> str:
     base = f"{socket.gethostname()}:{home_number(home, registry)}"
     taken = {a["worker_id"] for a in local_agents(home)}
     candidate, extra = base, 0
-    while candidate in taken:
+    while candidate in taken or not _reserve(home, candidate):
         extra += 1
         candidate = f"{base}.{extra}"
     return candidate
+
+
+def pid_file_path(home: Path, worker_id: str) -> Path:
+    """The pid file of the daemon `worker_id` of this CONVEYOR_HOME."""
+    return agents_dir(home) / f"{worker_id.replace(':', '_').replace('/', '_')}.json"
+
+
+def _reserve(home: Path, worker_id: str) -> bool:
+    """Take `worker_id` for this process by creating its pid file (False: already taken).
+
+    Two daemons of one home starting at the same moment thus never pick the same id;
+    the daemon overwrites the file with its details, and a file whose process is gone
+    is removed by `local_agents`."""
+    path = pid_file_path(home, worker_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as out:
+        json.dump({"worker_id": worker_id, "pid": os.getpid(), "queues": []}, out)
+    return True
 
 
 def read_resources(home: Path) -> dict[str, Any]:

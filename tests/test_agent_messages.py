@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from agent.daemon import default_worker_id
 from agent.supervisor import LastExceptionLine
 from controller.backend import Backend, backend_from_url
 from controller.models import TaskStatus
@@ -131,3 +132,11 @@ def test_a_venv_build_reports_what_it_installs_in_the_task_log_and_the_agent_log
     finally:
         fresh.stop_all()
         store.close()
+
+
+def test_two_daemons_of_one_home_starting_together_get_different_ids(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    first = default_worker_id(tmp_path / "home", registry)
+    second = default_worker_id(tmp_path / "home", registry)  # the first has not registered yet
+    assert second == f"{first}.1"
+    assert default_worker_id(tmp_path / "other-home", registry) != first.split(".")[0]
