@@ -16,7 +16,8 @@ from pathlib import Path
 
 from agent.daemon import default_worker_id
 from agent.supervisor import LastExceptionLine
-from controller.backend import Backend, backend_from_url
+from controller.backend import Backend
+from controller.connect import backend_from_url
 from controller.models import TaskStatus
 from tests import test_agent_e2e as e2e
 from tests.test_agent_e2e import ROOT, Daemons, code_task, wait_for
