@@ -29,6 +29,13 @@ def noop(value: int = 0):
     return value + 1
 
 
+def start_agent(home: Path, concurrency: int = 2) -> subprocess.Popen[bytes]:
+    """An agent daemon on queue "default" for the current CONVEYOR_API (log in `home`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "daemon", "--queue", "default", "--concurrency", str(concurrency),
+         "--foreground"],
+        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=open(home / "agent.log", "wb"), cwd=ROOT,  # noqa: SIM115
+    )
 
 
 def run_pipeline(kind: str, size: int) -> tuple[float, list[float]]:
@@ -81,10 +88,7 @@ def main() -> None:
     if args.http:
         server, api = start_server(db)
     os.environ["CONVEYOR_API"] = api
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "daemon", "--queue", "default", "--concurrency", "2", "--foreground"],
-        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=open(home / "agent.log", "wb"), cwd=ROOT,  # noqa: SIM115
-    )
+    agent = start_agent(home)
     try:
         run_pipeline("chain", 2)  # warm up: builds the steps' venv once
         walls, edges = [], []
