@@ -29,7 +29,6 @@ the same name replaces the previous one.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import pickle
@@ -182,7 +181,11 @@ def _names_local_files(text: str) -> bool:
             return True
     except OSError:
         return False
-    return bool(_GLOB_CHARS & set(text)) and bool(glob.glob(os.path.expanduser(text), recursive=True))
+    if not _GLOB_CHARS & set(text):
+        return False
+    import glob
+
+    return bool(glob.glob(os.path.expanduser(text), recursive=True))
 
 
 def _serialize_path(name: str, text: str, work_dir: Path) -> Serialized:
@@ -195,6 +198,8 @@ def _serialize_path(name: str, text: str, work_dir: Path) -> Serialized:
         _zip(files, target)
         return Serialized("folder", target, target.name, f"folder {path.name}: {len(files)} files", [path])
     if _GLOB_CHARS & set(text):
+        import glob
+
         matches = [Path(p) for p in sorted(glob.glob(os.path.expanduser(text), recursive=True))]
         base = _glob_base(os.path.expanduser(text))
         files: list[tuple[Path, str]] = []

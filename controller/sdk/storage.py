@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
-from urllib.request import url2pathname
 
 from controller.backend import Backend
 from controller.connect import conveyor_home, default_api_url
@@ -92,7 +91,11 @@ def local_path_of(url: str | os.PathLike[str]) -> Path | None:
         parts = urlsplit(text)
         if parts.netloc not in ("", "localhost"):
             return None
-        return Path(url2pathname(parts.path))
+        if os.name == "nt":  # drive letters; urllib.request is slow to import, so only here
+            from urllib.request import url2pathname
+
+            return Path(url2pathname(parts.path))
+        return Path(unquote(parts.path))  # what url2pathname does on POSIX
     if is_url(text):
         return None
     return Path(text).expanduser()

@@ -16,21 +16,22 @@ was wrong.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from controller.backend import _UNSET, Backend
 from controller.connect import get_backend
 from controller.errors import NotFoundError
 from controller.models import StatusReason, TaskRecord, TaskStatus, TaskType
-from controller.sdk import lifecycle, params, script_info, storage
+from controller.sdk import lifecycle, params, storage
 from controller.sdk.artifacts import Artifacts, upload_artifact
 from controller.sdk.logger import Logger
-from controller.sdk.output_model import ModelEntry, ModelList
 from controller.sdk.task_params import TaskParameters
+
+if TYPE_CHECKING:  # loaded where used: a step under an agent needs neither
+    from controller.sdk.output_model import ModelList
 
 #: Environment variable the agent sets to the id of the task it runs.
 TASK_ID_ENV = "CONVEYOR_TASK_ID"
@@ -161,6 +162,10 @@ class Task(TaskParameters):
                 task._output_uri = uri
             cls._current = task
             return task
+        import socket
+
+        from controller.sdk import script_info
+
         script, packages = script_info.describe_running_script()
         main, _ = script_info.main_script()
         spec: dict[str, Any] = {
@@ -287,6 +292,8 @@ class Task(TaskParameters):
         backend = get_backend()
         changes: dict[str, Any] = {}
         if script or repo:
+            from controller.sdk import script_info
+
             fields, local_script = script_info.script_for_create(
                 repo, branch, commit, script, working_directory, single_file=force_single_script_file
             )
@@ -497,6 +504,8 @@ class Task(TaskParameters):
     def models(self) -> dict[str, ModelList]:
         """{"input": [...], "output": [...]} models of the task, read from the store now;
         `task.models["output"][-1].url` is the last output model's URL."""
+        from controller.sdk.output_model import ModelEntry, ModelList
+
         self.reload()
         result = {"input": ModelList(), "output": ModelList()}
         for kind, items in self._record.models.items():

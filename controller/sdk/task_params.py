@@ -6,9 +6,9 @@ rules are in `controller.sdk.params`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,7 +47,8 @@ class TaskParameters:
         dict's values in place, cast to the type of each default (see
         `controller.sdk.params`). Returns the same dict or object.
         """
-        if isinstance(mutable, argparse.ArgumentParser):
+        argparse = sys.modules.get("argparse")  # not loaded: `mutable` cannot be a parser
+        if argparse is not None and isinstance(mutable, argparse.ArgumentParser):
             raise TypeError("connect the parsed arguments (parser.parse_args()), not the parser")
         section = name or params.DEFAULT_SECTION
         defaults = params.read_values(mutable)
