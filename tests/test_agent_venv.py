@@ -233,17 +233,70 @@ def test_lru_eviction_spares_venvs_in_use(tmp_path: Path, wheelhouse: Path) -> N
 
 @pytest.mark.slow
 def test_pip_installer(tmp_path: Path, wheelhouse: Path) -> None:
+    logs: list[str] = []
     result = ensure_venv(
         sys.executable,
         ["tinypkg==0.2"],
         None,
         tmp_path,
-        lambda _: None,
+        logs.append,
         index_args=offline(wheelhouse),
         installer="pip",
     )
     proc = in_venv(result, "import tinypkg, controller.models; print(tinypkg.VALUE)")
     assert proc.stdout.strip() == "tiny 0.2", proc.stderr
+    created = next(line for line in logs if line.startswith("$ ") and str(result.path) in line)
+    assert " -m virtualenv " in created, "without uv the venv is made by virtualenv, not venv + ensurepip"
+    assert (tmp_path / "virtualenv").is_dir(), "virtualenv seeds pip from its app-data cache in the cache root"
+
+
+def test_sdk_check_needs_no_interpreter_when_nothing_shadows_the_sdk(tmp_path: Path, wheelhouse: Path) -> None:
+    logs: list[str] = []
+    result = ensure_venv(
+        sys.executable, ["tinypkg==0.1"], None, tmp_path, logs.append, index_args=offline(wheelhouse)
+    )
+    assert not any("import controller" in line for line in logs if line.startswith("$ "))
+    assert any(line.startswith("Conveyor SDK linked from") for line in logs)
+    proc = in_venv(result, "import controller.models, controller.sdk.task, pydantic, sqlalchemy, requests")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_package_at_the_sdks_own_version_is_no_conflict(tmp_path: Path) -> None:
+    import importlib.metadata
+
+    from tests.helpers_wheels import wheel_from_installed
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel_from_installed(importlib.metadata.distribution("idna"), wheels)
+    logs: list[str] = []
+    version = importlib.metadata.version("idna")
+    result = ensure_venv(
+        sys.executable, [f"idna=={version}"], None, tmp_path, logs.append, index_args=offline(wheels)
+    )
+    assert not any("import controller" in line for line in logs if line.startswith("$ "))
+    assert in_venv(result, "import controller.models, idna").returncode == 0
+
+
+def test_a_package_shadowing_an_sdk_dependency_is_checked_and_named(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, "pydantic", "0.0.1", "raise ImportError('this pydantic is a stub')\n")
+    logs: list[str] = []
+    with pytest.raises(EnvironmentBuildError) as info:
+        ensure_venv(sys.executable, ["pydantic==0.0.1"], None, tmp_path, logs.append, index_args=offline(wheels))
+    message = str(info.value)
+    assert message.startswith("importing the Conveyor SDK in the new virtualenv failed (exit code 1)")
+    assert "the task's packages replace SDK dependencies: pydantic 0.0.1" in message
+    assert "this pydantic is a stub" in info.value.output
+    assert any("shadow SDK dependencies (pydantic 0.0.1)" in line for line in logs)
+    assert not list((tmp_path / "venvs").glob(f"*/{MARKER_NAME}")), "a failed check publishes no venv"
+
+
+def test_an_sdk_source_without_the_controller_package_fails_the_build(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    (source / "controller").mkdir(parents=True)  # no __init__.py: not the SDK
+    with pytest.raises(EnvironmentBuildError, match="holds no 'controller' package"):
+        ensure_venv(sys.executable, [], None, tmp_path / "cache", lambda _: None, sdk_source=source)
 
 
 def test_normalize_packages() -> None:

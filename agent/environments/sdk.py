@@ -30,7 +30,7 @@ from pathlib import Path
 
 LAYOUT_VERSION = 1
 #: Requirements of `conveyor` a step never needs (server or agent only).
-SDK_EXCLUDED = frozenset({"fastapi", "uvicorn", "gitpython", "uv", "docker"})
+SDK_EXCLUDED = frozenset({"fastapi", "uvicorn", "gitpython", "uv", "virtualenv", "docker"})
 #: Used when the `conveyor` distribution metadata is not installed.
 SDK_FALLBACK_REQUIREMENTS = (
     "sqlalchemy>=2.0",
@@ -109,18 +109,19 @@ def _closure(requirements: Iterable[str]) -> list[importlib.metadata.Distributio
     return list(dists.values())
 
 
+def distribution_top_levels(dist: importlib.metadata.Distribution) -> set[str]:
+    """The top-level names (packages, modules, extensions, its .dist-info) a distribution
+    installed into its site-packages, from its RECORD (else its top_level.txt)."""
+    if dist.files is None:
+        return set((dist.read_text("top_level.txt") or "").split())
+    names = {Path(str(f)).parts[0] for f in dist.files if Path(str(f)).parts}
+    return {n for n in names if not n.startswith("..") and n != "__pycache__" and not n.endswith(".pth")}
+
+
 def _top_level_paths(dist: importlib.metadata.Distribution) -> list[Path]:
     """The top-level files and folders a distribution installed into site-packages."""
     base = Path(str(dist.locate_file("")))
-    names = {Path(str(f)).parts[0] for f in dist.files or [] if Path(str(f)).parts}
-    return [
-        base / n
-        for n in sorted(names)
-        if not n.startswith("..")
-        and n != "__pycache__"
-        and not n.endswith(".pth")
-        and (base / n).exists()
-    ]
+    return [base / n for n in sorted(distribution_top_levels(dist)) if (base / n).exists()]
 
 
 def default_sdk_source() -> Path:

@@ -22,11 +22,13 @@ Decisions:
   lock is busy) or one in use (its in-use `flock` cannot be taken exclusively). Sizes
   are measured once at build time and stored in the marker.
 - **Installer.** `uv` (from the `uv` package, else PATH) with its cache in
-  `cache_root/uv-cache` (same file system, so files are hard-linked, not copied);
-  `python -m venv` + pip when uv is missing or `installer="pip"`. Index options come
-  from `index_args`, else the `CONVEYOR_PIP_ARGS` environment variable (e.g.
-  `--no-index --find-links /wheels`). Installer output goes to `log` line by line; a
-  failure raises EnvironmentBuildError with the output's tail.
+  `cache_root/uv-cache` (same file system, so files are hard-linked, not copied).
+  When uv is missing or `installer="pip"`: `virtualenv` (a dependency of the agent)
+  creates the venv, seeding pip from its app-data cache `cache_root/virtualenv`
+  (symlinked, nothing downloaded: a fraction of stdlib `venv` + ensurepip), and pip
+  installs. Index options come from `index_args`, else the `CONVEYOR_PIP_ARGS`
+  environment variable (e.g. `--no-index --find-links /wheels`). Installer output goes
+  to `log` line by line; a failure raises EnvironmentBuildError with the output's tail.
 - **The Conveyor SDK inside the venv, offline.** A `zz_conveyor_sdk.pth` file in the
   venv's site-packages adds one directory, `cache_root/sdk/<hash>/`, *after* the venv's
   own site-packages, so the task's own packages always win. That directory holds
@@ -39,10 +41,16 @@ Decisions:
   When the ABI differs (a task asking for another Python), the agent's compiled
   dependencies cannot load there, so the SDK's requirements are installed into the venv
   with the task's packages instead (this needs an index or `--find-links`).
-  A task that pins an incompatible version of an SDK dependency (e.g. pydantic 1)
-  wins, and `import controller` may then fail inside that step: its choice. Every
-  build ends by running `import controller.models` in the new venv. The symlink
-  directory is made by `agent.environments.sdk`.
+  The symlink directory is made by `agent.environments.sdk`.
+- **The SDK check, only where it can fail.** A build ends by checking that the SDK
+  will import in the venv. When the SDK's dependencies come through the .pth file
+  (same ABI) and none of the venv's own distributions provides a top-level module the
+  SDK directory provides, at another version, the step imports exactly what the agent
+  imports: checking costs a look at the venv's metadata and that the .pth names an SDK
+  directory holding `controller`, no interpreter start. Otherwise (a task pinning e.g.
+  pydantic 1, or SDK dependencies installed into the venv for another ABI) the new
+  venv runs `import controller.models`; if that fails the build fails with its output
+  and the conflicting distributions named.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from __future__ import annotations
 import collections
 import fcntl
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shlex
@@ -70,6 +80,7 @@ import filelock
 from agent.environments.sdk import (
     REQUIREMENT_RE,
     canonical_name,
+    distribution_top_levels,
     default_sdk_source,
     sdk_dir,
     sdk_requirements,
@@ -219,6 +230,7 @@ def _ensure_pth(venv_dir: Path, sdk_path: Path) -> None:
 
 # ----------------------------------------------------------------- building
 def find_uv() -> str | None:
+    """The uv binary: from the `uv` package, else PATH; None when there is none."""
     try:
         import uv
 
@@ -273,6 +285,81 @@ def _run(
         raise EnvironmentBuildError(f"{what} failed ({why}):\n{output}", output=output)
 
 
+def _create_command(venv_dir: Path, info: _PythonInfo, uv: str | None, cache_root: Path) -> tuple[list[str], str]:
+    """The command creating an empty venv at `venv_dir`, and what it does (for errors)."""
+    if uv:
+        return (
+            [uv, "venv", "--quiet", "--no-project", "--python", info.executable, str(venv_dir)],
+            "creating the virtualenv with uv",
+        )
+    if importlib.util.find_spec("virtualenv") is None:
+        raise EnvironmentBuildError(
+            "cannot create a virtualenv: neither uv nor the virtualenv package is installed "
+            f"in the agent's environment ({sys.executable}); install one of them"
+        )
+    return (
+        [
+            sys.executable, "-m", "virtualenv", "--quiet", "--no-download", "--no-periodic-update",
+            "--symlink-app-data", "--app-data", str(cache_root / "virtualenv"),
+            "--python", info.executable, str(venv_dir),
+        ],
+        "creating the virtualenv with virtualenv",
+    )
+
+
+def sdk_conflicts(site_packages: Path, sdk_path: Path) -> list[str]:
+    """Distributions installed in a venv that shadow a top-level module of the SDK
+    directory `sdk_path` with other files: "name version" each, sorted.
+
+    A distribution whose metadata folder the SDK directory links too (same name, same
+    version) is the very one the SDK uses and is not read at all; the others' RECORD
+    (else top_level.txt) say which top-level names they installed. No interpreter start.
+    """
+    linked = {entry.name for entry in sdk_path.iterdir()}
+    conflicts = set()
+    for entry in site_packages.iterdir():
+        if entry.suffix not in (".dist-info", ".egg-info") or entry.name in linked:
+            continue
+        dist = importlib.metadata.Distribution.at(entry)
+        if distribution_top_levels(dist) & linked:
+            conflicts.add(f"{canonical_name(dist.metadata['Name'] or entry.stem)} {dist.version}")
+    return sorted(conflicts)
+
+
+def _check_sdk(
+    venv_dir: Path, python_path: Path, sdk_path: Path, sdk_deps: list[str], log: Log, env: dict[str, str]
+) -> None:
+    """EnvironmentBuildError unless the SDK will import in the venv (see the module docstring)."""
+    if not (sdk_path / "controller" / "__init__.py").is_file():
+        raise EnvironmentBuildError(
+            f"the Conveyor SDK cannot be imported in the new virtualenv: {sdk_path} (named by its "
+            f"{PTH_NAME}) holds no 'controller' package"
+        )
+    conflicts = sdk_conflicts(_site_packages(venv_dir), sdk_path)
+    if not conflicts and not sdk_deps:
+        log(f"Conveyor SDK linked from {sdk_path} (no installed package shadows its dependencies)")
+        return
+    if conflicts:
+        log(f"packages of the task shadow SDK dependencies ({', '.join(conflicts)}): checking the import")
+    check_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    try:
+        _run(
+            [str(python_path), "-c", "import controller.models"],
+            "importing the Conveyor SDK in the new virtualenv",
+            log,
+            check_env,
+            venv_dir,
+            120.0,
+        )
+    except EnvironmentBuildError as exc:
+        if not conflicts:
+            raise
+        raise EnvironmentBuildError(
+            f"{exc.message}\nthe task's packages replace SDK dependencies: {', '.join(conflicts)}",
+            output=exc.output,
+        ) from exc
+
+
 def _build(
     venv_dir: Path,
     info: _PythonInfo,
@@ -285,29 +372,13 @@ def _build(
     log: Log,
     env: dict[str, str],
     timeout_s: float,
+    cache_root: Path,
 ) -> None:
     uv = find_uv() if installer in ("auto", "uv") else None
     if installer == "uv" and uv is None:
         raise EnvironmentBuildError("installer 'uv' requested but not found")
-    cwd = venv_dir.parent
-    if uv:
-        _run(
-            [uv, "venv", "--quiet", "--no-project", "--python", info.executable, str(venv_dir)],
-            "creating the virtualenv with uv",
-            log,
-            env,
-            cwd,
-            timeout_s,
-        )
-    else:
-        _run(
-            [info.executable, "-m", "venv", str(venv_dir)],
-            "creating the virtualenv",
-            log,
-            env,
-            cwd,
-            timeout_s,
-        )
+    create, what = _create_command(venv_dir, info, uv, cache_root)
+    _run(create, what, log, env, venv_dir.parent, timeout_s)
     python_path = venv_dir / "bin" / "python"
     args: list[str] = []
     if packages:
@@ -326,15 +397,7 @@ def _build(
             cmd, f"installing packages with {'uv' if uv else 'pip'}", log, env, venv_dir, timeout_s
         )
     _ensure_pth(venv_dir, sdk_path)
-    check_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    _run(
-        [str(python_path), "-c", "import controller.models"],
-        "importing the Conveyor SDK in the new virtualenv",
-        log,
-        check_env,
-        venv_dir,
-        120.0,
-    )
+    _check_sdk(venv_dir, python_path, sdk_path, sdk_deps, log, env)
 
 
 def _dir_size(path: Path) -> int:
@@ -493,6 +556,7 @@ def ensure_venv(
                     log,
                     _installer_env(cache_root),
                     timeout_s,
+                    cache_root,
                 )
                 _write_marker(
                     venv_dir,
