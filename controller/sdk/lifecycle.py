@@ -15,6 +15,8 @@ Decisions:
   process still ends the way the sender asked. SIGKILL cannot be seen: such a task stays
   in_progress until someone stops it.
 - Under an agent none of this is installed: the agent reports the status it observed.
+  What is installed there is `freeze_at_exit`: a step's process skips the interpreter's
+  final garbage collections, which cost a short step more CPU than its own work.
 - The process's stdout/stderr are not captured into the task log outside an agent
   (under an agent they are, by the agent).
 """
@@ -22,6 +24,7 @@ Decisions:
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import signal
 import sys
@@ -42,6 +45,7 @@ _settled = False
 _previous_excepthook = sys.excepthook
 _exit_code: object = None
 _original_exit = sys.exit
+_freeze_registered = False
 
 
 def _recording_exit(code: object = None) -> None:
@@ -66,6 +70,25 @@ def watch(task: Task) -> None:
                 signal.signal(signal.SIGTERM, _on_sigterm)
         except (ValueError, OSError):  # not allowed here: leave signals alone
             pass
+
+
+def freeze_at_exit() -> None:
+    """At exit, after the exit handlers registered from now on (the Logger's last flush
+    among them), move every object alive into the garbage collector's permanent
+    generation (`gc.freeze`), so the interpreter's final collections do not walk them.
+
+    With pydantic and SQLAlchemy loaded those collections take ~200 ms of CPU per
+    process, more than a short step's own work. Objects are still released when the
+    modules holding them are cleared, and exit handlers registered earlier still run
+    (after the freeze); only objects kept alive by reference cycles are left to the
+    operating system, as Python already allows at exit. Registered once per process.
+    """
+    global _freeze_registered
+    with _lock:
+        if _freeze_registered:
+            return
+        _freeze_registered = True
+    atexit.register(gc.freeze)
 
 
 def settle() -> None:

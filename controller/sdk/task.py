@@ -149,7 +149,9 @@ class Task(TaskParameters):
         run by agents store there too; True/False/None mean the default. A second call
         returns the same task. Every local run makes a new task (`reuse_last_task_id`
         and `continue_last_task` are not supported); the `auto_*` options are accepted
-        and do nothing (no framework hooks, no stream capture).
+        and do nothing (no framework hooks, no stream capture). Under an agent the
+        process then ends without the interpreter's final garbage collection walk
+        (`lifecycle.freeze_at_exit`); exit handlers and the Logger's last flush still run.
         """
         if cls._current is not None:
             return cls._current
@@ -161,6 +163,7 @@ class Task(TaskParameters):
             if uri and not os.environ.get(storage.OUTPUT_URI_ENV):  # the task's own setting wins
                 task._output_uri = uri
             cls._current = task
+            lifecycle.freeze_at_exit()  # a step's process ends without the final GC walk
             return task
         import socket
 

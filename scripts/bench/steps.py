@@ -27,10 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,11 +52,12 @@ HEAVY_MODULES = (
 
 IMPORT_PROBE = """\
 import sys, time, json
-started = time.perf_counter()
+started, started_cpu = time.perf_counter(), time.process_time()
 import {module}
 elapsed_ms = (time.perf_counter() - started) * 1000
+cpu_ms = (time.process_time() - started_cpu) * 1000
 heavy = {heavy!r}
-print(json.dumps({{"ms": elapsed_ms, "loaded": [m for m in heavy if m in sys.modules],
+print(json.dumps({{"ms": elapsed_ms, "cpu_ms": cpu_ms, "loaded": [m for m in heavy if m in sys.modules],
                    "modules": len(sys.modules)}}))
 """
 
@@ -63,14 +66,14 @@ STEP_PROBE = """\
 import time
 first_line = time.time()
 import json, sys
-phases = {{}}
-mark = time.perf_counter()
+phases, cpu = {{}}, {{}}
+mark, mark_cpu = time.perf_counter(), time.process_time()
 
 def phase(name):
-    global mark
-    now = time.perf_counter()
-    phases[name] = (now - mark) * 1000
-    mark = now
+    global mark, mark_cpu
+    now, now_cpu = time.perf_counter(), time.process_time()
+    phases[name], cpu[name] = (now - mark) * 1000, (now_cpu - mark_cpu) * 1000
+    mark, mark_cpu = now, now_cpu
 
 from controller.pipeline.function_runner import run_function_step  # what a step imports
 phase("import")
@@ -94,20 +97,37 @@ task.upload_artifact("out", result)
 phase("outputs")
 Logger.current_logger().report_scalar("bench", "value", result, 0)
 phase("report")
-print(json.dumps({{"first_line": first_line, "phases": phases, "loaded": loaded_after_import,
+print(json.dumps({{"first_line": first_line, "phases": phases, "cpu": cpu, "loaded": loaded_after_import,
                    "loaded_at_end": [m for m in {heavy!r} if m in sys.modules],
-                   "last_line": time.time()}}), flush=True)
+                   "cpu_at_last_line": time.process_time() * 1000, "last_line": time.time()}}), flush=True)
 """
 
 
-def run_child(python: Path, args: list[str], env: dict[str, str], cwd: Path) -> tuple[str, float, float]:
-    """Run a process; (stdout, spawn time, exit time) with wall-clock times (time.time)."""
+@dataclass
+class Child:
+    """A finished child process: its output, wall-clock spawn and exit times (time.time),
+    and the CPU time (user + system) it used, in ms."""
+
+    stdout: str
+    spawned: float
+    exited: float
+    cpu_ms: float
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_child(python: Path, args: list[str], env: dict[str, str], cwd: Path) -> Child:
+    """Run a process to its end (one at a time, so the children's CPU time is its own)."""
+    cpu_before = _children_cpu_s()
     spawned = time.time()
     proc = subprocess.run([str(python), *args], env=env, cwd=cwd, capture_output=True, text=True)
     exited = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)[:80]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc.stdout, spawned, exited
+    return Child(proc.stdout, spawned, exited, (_children_cpu_s() - cpu_before) * 1000)
 
 
 def step_environment(api: str, home: Path, venv: Path, task_id: str) -> dict[str, str]:
@@ -145,18 +165,22 @@ def make_step_task(api: str, step_code: str) -> str:
 
 def import_times(python: Path, env: dict[str, str], cwd: Path, runs: int) -> None:
     """Figures 1 and 2."""
-    bare = []
+    bare, bare_cpu = [], []
     for _ in range(runs):
-        _, spawned, exited = run_child(python, ["-c", "pass"], env, cwd)
-        bare.append((exited - spawned) * 1000)
+        child = run_child(python, ["-c", "pass"], env, cwd)
+        bare.append((child.exited - child.spawned) * 1000)
+        bare_cpu.append(child.cpu_ms)
     show("interpreter start: python -c pass (step venv)", bare, "ms")
+    show("  CPU", bare_cpu, "ms")
     for module in ("controller.sdk", "controller.pipeline.function_runner"):
-        times, last = [], {}
+        times, cpu, last = [], [], {}
         for _ in range(runs):
-            out, _, _ = run_child(python, ["-c", IMPORT_PROBE.format(module=module, heavy=HEAVY_MODULES)], env, cwd)
-            last = json.loads(out)
+            child = run_child(python, ["-c", IMPORT_PROBE.format(module=module, heavy=HEAVY_MODULES)], env, cwd)
+            last = json.loads(child.stdout)
             times.append(last["ms"])
+            cpu.append(last["cpu_ms"])
         show(f"import {module}", times, "ms")
+        show("  CPU", cpu, "ms")
         print(f"    {last['modules']} modules; heavy ones loaded: {', '.join(last['loaded']) or 'none'}")
     proc = subprocess.run([str(python), "-X", "importtime", "-c", "import controller.pipeline.function_runner"],
                           env=env, cwd=cwd, capture_output=True, text=True, check=True)
@@ -180,28 +204,39 @@ def step_phases(python: Path, api: str, home: Path, venv: Path, work: Path, runs
     real_step = work / "step.py"
     real_step.write_text(spec["task_spec"]["script"]["code"])
     phases: dict[str, list[float]] = {}
-    totals, real_totals = [], []
+    cpu: dict[str, list[float]] = {}
+    totals, total_cpu, real_totals, real_cpu = [], [], [], []
     last: dict = {}
     for _ in range(runs):
         env = step_environment(api, home, venv, make_step_task(api, probe.read_text()))
-        out, spawned, exited = run_child(python, [str(probe)], env, work)
-        last = json.loads(out.strip().splitlines()[-1])
-        phases.setdefault("start (spawn → first line)", []).append((last["first_line"] - spawned) * 1000)
+        child = run_child(python, [str(probe)], env, work)
+        last = json.loads(child.stdout.strip().splitlines()[-1])
+        phases.setdefault("start (spawn → first line)", []).append((last["first_line"] - child.spawned) * 1000)
         for name, ms in last["phases"].items():
             phases.setdefault(name, []).append(ms)
-        phases.setdefault("exit (last line → process gone)", []).append((exited - last["last_line"]) * 1000)
-        totals.append((exited - spawned) * 1000)
+            cpu.setdefault(name, []).append(last["cpu"][name])
+        phases.setdefault("exit (last line → process gone)", []).append((child.exited - last["last_line"]) * 1000)
+        cpu.setdefault("start + exit (interpreter, atexit, teardown)", []).append(
+            child.cpu_ms - sum(last["cpu"].values()))
+        totals.append((child.exited - child.spawned) * 1000)
+        total_cpu.append(child.cpu_ms)
         env = step_environment(api, home, venv, make_step_task(api, real_step.read_text()))
-        _, spawned, exited = run_child(python, [str(real_step)], env, work)
-        real_totals.append((exited - spawned) * 1000)
+        child = run_child(python, [str(real_step)], env, work)
+        real_totals.append((child.exited - child.spawned) * 1000)
+        real_cpu.append(child.cpu_ms)
     where = "HTTP" if api.startswith("http") else "embedded SQLite"
-    print(f"one function step, phase by phase ({where}):")
+    print(f"one function step, phase by phase ({where}), wall time:")
     for name, values in phases.items():
         show(f"  {name}", values, "ms")
     show("  whole probe process", totals, "ms")
+    print("  the same, CPU time (user + system; steadier than wall time on a loaded machine):")
+    for name, values in cpu.items():
+        show(f"  {name}", values, "ms")
+    show("  whole probe process", total_cpu, "ms")
     print(f"    heavy modules after the import: {', '.join(last['loaded']) or 'none'}")
     print(f"    heavy modules at the end: {', '.join(last['loaded_at_end']) or 'none'}")
     show(f"real generated step (run_function_step), {where}", real_totals, "ms")
+    show("  CPU", real_cpu, "ms")
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
-"""A step imports only what it uses (issue 17): each import runs in a fresh interpreter
-and the test reads which modules it loaded."""
+"""What a step's process pays for (issue 17): it imports only what it uses (each import
+runs in a fresh interpreter and the test reads which modules it loaded), and under an
+agent it ends without the interpreter's final garbage collection walk, still running
+every exit handler and flushing its reports."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,35 @@ def test_an_unknown_name_is_an_attribute_error():
         controller.sdk.Nope  # noqa: B018
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         controller.pipeline.Nope  # noqa: B018
+
+
+def test_a_step_under_an_agent_flushes_its_reports_and_runs_every_exit_handler(tmp_path: Path, sqlite_url: str):
+    from controller.backend import backend_from_url
+
+    backend = backend_from_url(sqlite_url)
+    task = backend.create_task({"name": "step"})
+    script = tmp_path / "step.py"
+    script.write_text(textwrap.dedent(f"""
+        import atexit, gc
+        from pathlib import Path
+
+        def record(name):
+            Path({str(tmp_path)!r}, name).write_text(str(gc.get_freeze_count()))
+
+        atexit.register(record, "registered-before-init")  # runs last, after the freeze
+        from controller import Task
+
+        task = Task.init()
+        task.get_logger().report_scalar("loss", "train", 0.5, 3)
+        task.get_logger().report_text("last words")
+        atexit.register(record, "registered-after-init")  # runs first, before the freeze
+    """))
+    env = {**os.environ, "CONVEYOR_API": sqlite_url, "CONVEYOR_TASK_ID": task.id,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert [(s.title, s.series, s.iteration, s.value) for s in backend.get_scalars(task.id)] == [("loss", "train", 3, 0.5)]
+    assert [line.line for line in backend.get_log(task.id)] == ["last words"]
+    assert (tmp_path / "registered-after-init").read_text() == "0"
+    assert int((tmp_path / "registered-before-init").read_text()) > 0, "objects alive at exit were frozen"
