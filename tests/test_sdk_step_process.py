@@ -66,7 +66,13 @@ def test_lazy_sdk_names_are_the_real_classes(name):
 
 
 def test_pipeline_names_still_import_from_the_package():
-    from controller.pipeline import Node, PipelineController, PipelineDecorator, PipelineDefinitionError, PipelineStepError
+    from controller.pipeline import (
+        Node,
+        PipelineController,
+        PipelineDecorator,
+        PipelineDefinitionError,
+        PipelineStepError,
+    )
     from controller.pipeline.controller import PipelineController as Defined
 
     assert PipelineController is Defined

@@ -80,8 +80,8 @@ import filelock
 from agent.environments.sdk import (
     REQUIREMENT_RE,
     canonical_name,
-    distribution_top_levels,
     default_sdk_source,
+    distribution_top_levels,
     sdk_dir,
     sdk_requirements,
 )
