@@ -90,7 +90,7 @@ def test_an_unknown_name_is_an_attribute_error():
 
 
 def test_a_step_under_an_agent_flushes_its_reports_and_runs_every_exit_handler(tmp_path: Path, sqlite_url: str):
-    from controller.backend import backend_from_url
+    from controller.connect import backend_from_url
 
     backend = backend_from_url(sqlite_url)
     task = backend.create_task({"name": "step"})

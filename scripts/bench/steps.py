@@ -78,10 +78,7 @@ def phase(name):
 from controller.pipeline.function_runner import run_function_step  # what a step imports
 phase("import")
 loaded_after_import = [m for m in {heavy!r} if m in sys.modules]
-try:
-    from controller.connect import get_backend
-except ImportError:  # before the connect module existed
-    from controller.backend import get_backend
+from controller.connect import get_backend
 from controller import Logger, Task
 get_backend()
 phase("store open")
@@ -143,11 +140,7 @@ def step_environment(api: str, home: Path, venv: Path, task_id: str) -> dict[str
 def make_step_task(api: str, step_code: str) -> str:
     """A parent task with artifact "out" = 1 and an in_progress step task reading it."""
     from controller import Task
-
-    try:
-        from controller.connect import backend_from_url
-    except ImportError:  # before the connect module existed
-        from controller.backend import backend_from_url
+    from controller.connect import backend_from_url
 
     backend = backend_from_url(api)
     source = backend.create_task({"name": "source", "project": "bench"})
