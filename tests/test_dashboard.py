@@ -139,15 +139,17 @@ def test_api_paths_still_answer_401_in_json(client: TestClient) -> None:
     for path in ("/api/v1/pipelines", "/openapi.json"):
         answer = client.get(path)
         assert answer.status_code == 401 and answer.json()["error"] == "unauthorized"
-    # a token in the query of an API call is accepted as before, without a redirect
-    assert client.get("/api/v1/info", params={"token": TOKEN}, follow_redirects=False).status_code == 200
+    # a token in the query of an API call is refused (URLs end up in proxy logs)
+    assert client.get("/api/v1/info", params={"token": TOKEN}, follow_redirects=False).status_code == 401
 
 
 def test_the_dashboard_can_be_turned_off(backend: Backend) -> None:
     with TestClient(create_app(backend, TOKEN, lease_sweep_s=0, dashboard=False)) as client:
         assert client.get("/").status_code == 401
         assert client.get("/").headers["content-type"] == "application/json"
-        assert client.get("/", params={"token": TOKEN}).status_code == 404
+        # no dashboard, no entry page: a token in the URL is refused like on the API
+        assert client.get("/", params={"token": TOKEN}).status_code == 401
+        assert client.get("/", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
 
 
 # ---------------------------------------------------------------- statuses

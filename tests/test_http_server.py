@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from controller.errors import (
     NotFoundError,
 )
 from controller.models import TaskStatus
+from controller.server.app import open_access_warning
 from controller.server.waker import CLOSED, ENQUEUED, MAYBE_MORE, ClaimWaker
 from controller.store import SqlBackend
 from tests.helpers_server import free_port, start_server, stop_server
@@ -96,18 +98,51 @@ def test_token_required_on_every_endpoint(token_server: str, method: str, path: 
     assert right.status_code != 401
 
 
-def test_token_accepted_as_bearer_cookie_or_query(token_server: str) -> None:
+def test_token_accepted_as_bearer_or_cookie_not_in_api_urls(token_server: str) -> None:
     health = f"{token_server}{API}/health"
     assert (
         requests.get(health, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).status_code
         == 200
     )
     assert requests.get(health, cookies={"conveyor_token": TOKEN}, timeout=10).status_code == 200
-    assert requests.get(health, params={"token": TOKEN}, timeout=10).status_code == 200
     assert requests.get(health, cookies={"conveyor_token": "bad"}, timeout=10).status_code == 401
-    assert requests.get(health, params={"token": "bad"}, timeout=10).status_code == 401
+    # a token in the URL ends up in proxy logs: refused on the API and its schema
+    in_url = requests.get(health, params={"token": TOKEN}, timeout=10)
+    assert in_url.status_code == 401 and "not accepted" in in_url.json()["message"]
     docs = requests.get(f"{token_server}/openapi.json", params={"token": TOKEN}, timeout=10)
-    assert docs.status_code == 200 and docs.json()["openapi"]
+    assert docs.status_code == 401
+    created = requests.post(f"{token_server}{API}/tasks", params={"token": TOKEN}, json={"name": "x"}, timeout=10)
+    assert created.status_code == 401
+
+
+def test_token_in_the_url_only_on_the_dashboard_entry_page(token_server: str) -> None:
+    entry = requests.get(
+        f"{token_server}/", params={"token": TOKEN, "x": "1"}, allow_redirects=False, timeout=10
+    )
+    assert entry.status_code == 303 and entry.headers["location"] == "./?x=1"
+    assert entry.cookies["conveyor_token"] == TOKEN
+    with requests.Session() as browser:
+        page = browser.get(f"{token_server}/", params={"token": TOKEN}, timeout=10)
+        assert page.status_code == 200 and page.url == f"{token_server}/"
+        assert browser.get(f"{token_server}{API}/tasks", timeout=10).status_code == 200
+
+
+def test_open_access_warning_only_off_loopback_without_token() -> None:
+    assert open_access_warning("127.0.0.1", None) is None
+    assert open_access_warning("::1", None) is None
+    assert open_access_warning("localhost", None) is None
+    assert open_access_warning("0.0.0.0", "s3cret") is None
+    for host in ("0.0.0.0", "::", "192.168.1.10", "server.example.org"):
+        warning = open_access_warning(host, None)
+        assert warning and "without an API token" in warning and "--token" in warning
+
+
+def test_serving_on_all_addresses_without_token_warns_at_start(tmp_path: Path) -> None:
+    proc, _ = start_server(f"sqlite:///{tmp_path}/c.db", extra_args=["--host", "0.0.0.0"])
+    output = stop_server(proc)
+    assert "WARNING: serving on 0.0.0.0 (not a loopback address) without an API token" in output
+    proc, _ = start_server(f"sqlite:///{tmp_path}/c.db")
+    assert "WARNING" not in stop_server(proc)
 
 
 def test_client_with_wrong_token_raises_auth_error(token_server: str) -> None:
@@ -118,6 +153,99 @@ def test_client_with_wrong_token_raises_auth_error(token_server: str) -> None:
     good = HttpBackend(token_server, token=TOKEN)
     task = good.create_task({"name": "authorized"})
     assert good.get_task(task.id).name == "authorized"
+
+
+# ------------------------------------------- one answer on both databases, no leaks
+@pytest.fixture(params=["http", pytest.param("http_postgres", marks=pytest.mark.postgres)])
+def any_db_server(request: pytest.FixtureRequest) -> str:
+    """A fresh server over SQLite, then over PostgreSQL."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+NUL_CASES = [
+    ("GET", "/tasks/a%00b", None, "path.task_id"),
+    ("DELETE", "/queues/q%00", None, "path.name"),
+    ("POST", "/workers/w%00/heartbeat", {}, "path.worker_id"),
+    ("GET", "/tasks?name=a%00b", None, "query.name"),
+    ("GET", "/tasks?status=created&tags=ok&tags=b%00", None, "query.tags"),
+    ("POST", "/tasks", {"name": "a\x00b"}, "body.name"),
+    ("POST", "/tasks", {"name": "t", "hyperparams": {"lr": "0.1\x00"}}, "body.hyperparams.lr"),
+    ("POST", "/tasks", {"name": "t", "tags": ["ok", "\x00"]}, "body.tags.1"),
+    ("POST", "/tasks", {"name": "\ud800"}, "body.name"),
+    ("POST", "/workers", {"worker_id": "w\x00"}, "body.worker_id"),
+    ("POST", "/queues", {"name": "q\x00"}, "body.name"),
+    ("POST", "/claim", {"queues": ["q\x00"], "worker_id": "w"}, "body.queues.0"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "field"), NUL_CASES)
+def test_text_no_database_can_store_is_422_naming_the_field(
+    any_db_server: str, method: str, path: str, body: dict | None, field: str
+) -> None:
+    kwargs: dict = {}
+    if body is not None:
+        # json.dumps writes NUL as \u0000 and a lone surrogate as \ud800, as a client would
+        kwargs = {"data": json.dumps(body), "headers": {"content-type": "application/json"}}
+    answer = requests.request(method, f"{any_db_server}{API}{path}", timeout=10, **kwargs)
+    assert answer.status_code == 422, answer.text
+    error = answer.json()
+    assert error["error"] == "invalid_input" and error["field"] == field
+    assert field in error["message"]
+    assert task_count(any_db_server) == 0  # nothing was stored
+
+
+def test_an_escaped_backslash_u0000_is_ordinary_text(any_db_server: str) -> None:
+    raw = '{"name": "C:\\\\u0000 is not a NUL"}'  # the JSON text holds \\u0000
+    answer = requests.post(
+        f"{any_db_server}{API}/tasks", data=raw, headers={"content-type": "application/json"}, timeout=10
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["name"] == "C:\\u0000 is not a NUL"
+
+
+def test_long_file_names_are_422_without_server_paths(http_url: str, tmp_path: Path) -> None:
+    files = f"{http_url}{API}/files/"
+    home = str(tmp_path)
+    for path in ("a" * 256, "ok/" + "é" * 128, "x\x00y"):
+        for answer in (
+            requests.put(files + path, data=b"data", timeout=10),
+            requests.get(files + path, timeout=10),
+        ):
+            assert answer.status_code == 422, answer.text
+            # "path" from the files endpoint, "path.path" (the route's parameter) for a NUL
+            assert answer.json()["field"] in ("path", "path.path")
+            assert home not in answer.text and "File name too long" not in answer.text
+    # 255 bytes is the limit, not over it
+    stored = requests.put(files + "b" * 255, data=b"data", timeout=10)
+    assert stored.status_code == 201, stored.text
+    assert requests.get(files + "b" * 255, timeout=10).content == b"data"
+    deep = "/".join(["c" * 250] * 4)  # over 1000 characters, fine segment by segment
+    assert requests.put(files + deep, data=b"deep", timeout=10).status_code == 201
+
+
+def test_a_server_failure_is_500_with_an_error_id_the_log_explains(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    proc, url = start_server(f"sqlite:///{db}")
+    try:
+        task = requests.post(f"{url}{API}/tasks", json={"name": "x"}, timeout=10).json()["id"]
+        with sqlite3.connect(db) as conn:  # break the store behind the server's back
+            conn.execute("DROP TABLE scalars")
+        answer = requests.get(f"{url}{API}/tasks/{task}/scalars", timeout=10)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.conveyor_log.seek(0)
+        log = proc.conveyor_log.read().decode()  # all of it (stop_server gives the tail)
+        stop_server(proc)
+    assert answer.status_code == 500
+    body = answer.json()
+    assert body["error"] == "internal" and body["error_id"] in body["message"]
+    for secret in ("scalars", "sqlite", "OperationalError", "SELECT", str(tmp_path)):
+        assert secret not in answer.text
+    # the log has the details under that id
+    assert f"internal error {body['error_id']} on GET {API}/tasks/{task}/scalars" in log
+    assert "Traceback" in log and "no such table: scalars" in log
+    assert "Exception in ASGI application" not in log  # logged once, with its id
 
 
 # --------------------------------------------------------------------- openapi

@@ -7,8 +7,13 @@ and the web dashboard at `/` (`controller.server.dashboard`).
 Errors keep the Backend's meaning: a ConveyorError is answered with its own HTTP status
 and `to_json()` body, so `HttpBackend` raises the very same exception class. Input that
 fails validation is answered with 422 `invalid_input` naming the field at fault, and
-nothing is changed. Long-polling claims wait on wake-ups fired by the Backend's enqueue
-listener (see `controller.server.waker`); a background task sweeps expired leases.
+nothing is changed; so is text the databases cannot store (NUL characters, lone
+surrogates) anywhere in a path, query or JSON body (`controller.server.input_checks`), on
+SQLite and PostgreSQL alike. A 5xx (a bug, or the store unavailable) carries a generic
+message and an error id that the server logs with the details and the traceback; never
+exception text or server paths. Long-polling claims wait on wake-ups fired by the
+Backend's enqueue listener (see `controller.server.waker`); a background task sweeps
+expired leases.
 
 One path per operation: every request goes through its FastAPI route (`routes_*.py`),
 whose request body is a pydantic model of `controller.server.schemas`; the route calls
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import ipaddress
 import logging
 import re
 import sys
@@ -28,7 +34,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,13 +51,19 @@ from controller.server.dashboard import (
 )
 from controller.server.error_bodies import (
     conveyor_error_body,
-    internal_error_body,
     one_line,
+    server_error_body,
     validation_body,
     value_error_body,
 )
 from controller.server.files import MAX_FILE_BYTES, add_file_routes
-from controller.server.middleware import MAX_BODY_BYTES, BodyLimitMiddleware, TokenAuthMiddleware
+from controller.server.input_checks import refuse_unstorable_text
+from controller.server.middleware import (
+    MAX_BODY_BYTES,
+    BodyLimitMiddleware,
+    InternalErrorMiddleware,
+    TokenAuthMiddleware,
+)
 from controller.server.routes_pipelines import add_pipeline_routes
 from controller.server.routes_queues import add_queue_routes, add_worker_routes
 from controller.server.routes_tasks import add_task_routes
@@ -67,9 +79,13 @@ CLAIM_POLL_S = 0.1
 
 
 # ------------------------------------------------------------ error handlers
-def _conveyor_error(_: Request, exc: Exception) -> JSONResponse:
+def _conveyor_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ConveyorError)
-    return JSONResponse(status_code=exc.http_status, content=conveyor_error_body(exc))
+    if exc.http_status >= 500:
+        body = server_error_body(request.method, request.url.path, exc)
+    else:
+        body = conveyor_error_body(exc)
+    return JSONResponse(status_code=exc.http_status, content=body)
 
 
 def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -92,11 +108,6 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         body = {"error": "http_error", "message": one_line(str(exc.detail))}
     return JSONResponse(status_code=exc.status_code, content=body, headers=exc.headers)
-
-
-def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    body = internal_error_body(request.method, request.url.path, exc)
-    return JSONResponse(status_code=500, content=body)
 
 
 # ------------------------------------------------------------------- lifespan
@@ -129,7 +140,9 @@ def create_app(
     """The FastAPI application exposing `backend` under /api/v1.
 
     With `token`, every request (the OpenAPI schema and /docs included) must present it
-    as `Authorization: Bearer <token>`, the cookie `conveyor_token` or `?token=`.
+    as `Authorization: Bearer <token>` or the cookie `conveyor_token`; `?token=` only on
+    the dashboard's entry page `/`, which trades it for the cookie (see
+    `controller.server.middleware.TokenAuthMiddleware`).
     `lease_sweep_s <= 0` disables the background lease sweep.
 
     The files endpoint (`controller.server.files`) stores files under `files_dir`
@@ -178,6 +191,8 @@ def create_app(
         version=controller.__version__,
         description="Task store, queues and workers of Conveyor.",
         lifespan=lifespan,
+        # Text no database can store (NUL, lone surrogates) is 422 on every route, once.
+        dependencies=[Depends(refuse_unstorable_text)],
         **options,
     )
     app.state.backend = backend
@@ -201,9 +216,8 @@ def create_app(
     app.add_exception_handler(ValueError, _value_error)
     app.add_exception_handler(OverflowError, _value_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _internal_error)
 
-    # Middlewares: the last added runs first (auth → body limit → FastAPI).
+    # Middlewares: the last added runs first (bugs → auth → body limit → FastAPI).
     app.add_middleware(
         BodyLimitMiddleware, limit=max_body_bytes, exempt_prefixes=(API_PREFIX + "/files/",)
     )
@@ -214,10 +228,33 @@ def create_app(
             is_page=is_dashboard_path if dashboard else None,
             unauthorized_page=unauthorized_page,
         )
+    app.add_middleware(InternalErrorMiddleware)
     return app
 
 
 # ---------------------------------------------------------------------- serve
+def is_loopback_host(host: str) -> bool:
+    """True if `host` (an address or name to listen on) is reachable only from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name (or "" / "0.0.0.0"-like wildcard): assume it is reachable
+
+
+def open_access_warning(host: str, token: str | None) -> str | None:
+    """The warning `serve` prints when it listens on a non-loopback address without a
+    token (anyone who reaches the port may run code on the agents), else None."""
+    if token or is_loopback_host(host):
+        return None
+    return (
+        f"WARNING: serving on {host or '*'} (not a loopback address) without an API token: "
+        "anyone who can reach this port can read and change every task and run code on "
+        "the agents. Set --token or $CONVEYOR_API_TOKEN, or listen on 127.0.0.1."
+    )
+
+
 def redact_url(url: str) -> str:
     """`url` with any password replaced by ***."""
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
@@ -267,6 +304,9 @@ def serve(
         timeout_graceful_shutdown=10,
         server_header=False,
     )
+    warning = open_access_warning(host, token)
+    if warning:  # printed like the lines below, whatever the log level
+        print(warning, file=sys.stderr, flush=True)
     auth = "token required" if token else "no token"
     print(
         f"Conveyor API on http://{host}:{port} ({auth}; store {redact_url(db_url)}; "

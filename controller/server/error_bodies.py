@@ -7,6 +7,7 @@ so that `controller.errors.error_from_json` turns it back into the exception it 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,8 +74,34 @@ def validation_body(errors: Sequence[Any], prefix: Sequence[str] = ()) -> dict[s
     return body
 
 
+#: What a 5xx ConveyorError's body says, by its code (its own message may name server
+#: paths, hosts or SQL: it goes to the log only).
+_SERVER_ERROR_MESSAGES = {
+    "unavailable": "the server's store is unavailable; try again later",
+}
+
+
+def _error_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def server_error_body(method: str, path: str, exc: ConveyorError) -> dict[str, Any]:
+    """The body of a ConveyorError answered with a 5xx (the store is unavailable): its
+    code (so the client raises the same class), a generic message and an error id; the
+    error's own message and traceback go to the server log under that id."""
+    error_id = _error_id()
+    log.error("error %s on %s %s: %s", error_id, method, path, exc.message, exc_info=exc)
+    generic = _SERVER_ERROR_MESSAGES.get(exc.code, "the server failed")
+    return {
+        "error": exc.code,
+        "message": f"{generic} (error id {error_id}: the server log has the details)",
+        "error_id": error_id,
+    }
+
+
 def conveyor_error_body(exc: ConveyorError) -> dict[str, Any]:
-    """The body of a ConveyorError (its `to_json()`, made JSON-safe)."""
+    """The body of a ConveyorError (its `to_json()`, made JSON-safe); for a 4xx error only
+    (see `server_error_body`)."""
     body = exc.to_json()
     if "detail" in body and not isinstance(body["detail"], (dict, list, str, int, float, bool)):
         body["detail"] = json_safe(body["detail"])
@@ -93,7 +120,13 @@ def value_error_body(exc: ValueError | OverflowError) -> dict[str, Any]:
 
 
 def internal_error_body(method: str, path: str, exc: BaseException) -> dict[str, Any]:
-    """500 body for a bug; the traceback goes to the server log."""
-    log.error("internal error on %s %s", method, path, exc_info=exc)
-    message = one_line(f"internal server error: {type(exc).__name__}: {exc}")
-    return {"error": "internal", "message": message[:1000]}
+    """500 body for a bug: a generic message and an error id; never the exception's text
+    (it may hold server paths or SQL). The id is logged with the traceback, so an operator
+    finds the details of what a user reports."""
+    error_id = _error_id()
+    log.error("internal error %s on %s %s", error_id, method, path, exc_info=exc)
+    return {
+        "error": "internal",
+        "message": f"internal server error (error id {error_id}: the server log has the details)",
+        "error_id": error_id,
+    }

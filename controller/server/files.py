@@ -17,9 +17,11 @@ Decisions:
   answer carries the sha256 and size of what was stored.
 - **Atomic.** The body goes to a temporary file next to the target, renamed into place
   once complete and verified: readers see the old file or the new one, never a part.
-- **Paths.** Relative, at most `MAX_PATH_CHARS` characters, segments non-empty and not
-  "." or "..", no backslashes or NUL; the resolved path (symlinks followed) must stay
-  inside `files_dir`. Anything else is refused with 422 naming the path.
+- **Paths.** Relative, at most `MAX_PATH_CHARS` characters, segments non-empty, not
+  "." or "..", at most `MAX_SEGMENT_BYTES` bytes in UTF-8, no backslashes or NUL; the
+  resolved path (symlinks followed) must stay inside `files_dir`. Anything else is
+  refused with 422 naming the path. Answers never show the server's folder: a file
+  system error is reported about the path the client gave.
 - **Auth.** The token middleware in front of the whole app covers these routes too.
 """
 
@@ -42,6 +44,8 @@ from controller.errors import ConflictError, InvalidInputError, NotFoundError
 #: Largest file the endpoint stores (10 GiB).
 MAX_FILE_BYTES = 10 * 1024**3
 MAX_PATH_CHARS = 1024
+#: Longest path segment (file or folder name) in UTF-8 bytes: the usual file system limit.
+MAX_SEGMENT_BYTES = 255
 SHA256_HEADER = "X-Conveyor-Sha256"
 TAGS: list[str | Enum] = ["files"]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -68,8 +72,18 @@ def resolve_file_path(files_dir: Path, path: str) -> Path:
             f"invalid file path {path!r}: use relative segments without '.', '..', '\\' or empty parts",
             field="path",
         )
+    long_segment = next((s for s in segments if len(s.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES), None)
+    if long_segment is not None:
+        raise InvalidInputError(
+            f"invalid file path {path[:80]!r}: the name {long_segment[:40]!r}... is longer "
+            f"than {MAX_SEGMENT_BYTES} bytes",
+            field="path",
+        )
     root = files_dir.resolve()
-    target = (root / path).resolve()
+    try:
+        target = (root / path).resolve()
+    except OSError as exc:
+        raise _file_system_error(path, exc) from None
     if not target.is_relative_to(root) or target == root:
         raise InvalidInputError(f"invalid file path {path!r}: it leaves the files folder", field="path")
     return target
@@ -88,17 +102,28 @@ def add_file_routes(r: APIRouter, prefix: str, files_dir: Path, max_file_bytes: 
         expected = request.headers.get(SHA256_HEADER, "").strip().lower() or None
         if expected is not None and not _HEX64.match(expected):
             raise InvalidInputError(f"{SHA256_HEADER} must be 64 hex digits", field=SHA256_HEADER)
-        if target.is_dir():
+        try:
+            is_dir = target.is_dir()
+        except OSError as exc:
+            raise _file_system_error(path, exc) from None
+        if is_dir:
             raise ConflictError(f"cannot store {path!r}: it is a folder", field="path")
         try:
             await run_in_threadpool(target.parent.mkdir, parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise ConflictError(f"cannot store {path!r}: a parent of it is a file", field="path") from None
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.part")
+        except OSError as exc:
+            raise _file_system_error(path, exc) from None
+        # Not derived from the name: a 255-byte name plus a suffix would be too long.
+        tmp = target.with_name(f".upload-{uuid.uuid4().hex}.part")
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(tmp, "wb") as out:
+            try:
+                out = open(tmp, "wb")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                raise _file_system_error(path, exc) from None
+            with out:
                 async for chunk in request.stream():
                     if not chunk:
                         continue
@@ -123,9 +148,20 @@ def add_file_routes(r: APIRouter, prefix: str, files_dir: Path, max_file_bytes: 
     @r.api_route(P + "/files/{path:path}", methods=["GET", "HEAD"], tags=TAGS, summary="Get a file")
     async def get_file(path: str) -> FileResponse:
         target = resolve_file_path(files_dir, path)
-        if not target.is_file():
+        try:
+            is_file = target.is_file()
+        except OSError as exc:
+            raise _file_system_error(path, exc) from None
+        if not is_file:
             raise NotFoundError(f"no file {path!r}", field="path")
         return FileResponse(target, media_type="application/octet-stream", filename=target.name)
+
+
+def _file_system_error(path: str, exc: OSError) -> InvalidInputError:
+    """422 about the client's `path` for a file system error, without the server's folder
+    (the OSError's text names the absolute path)."""
+    reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return InvalidInputError(f"cannot use file path {path[:200]!r}: {reason}", field="path")
 
 
 def _too_large(path: str, limit: int) -> str:

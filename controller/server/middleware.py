@@ -1,4 +1,5 @@
-"""Pure-ASGI middlewares of the API server: bearer-token auth and the body size limit."""
+"""Pure-ASGI middlewares of the API server: bearer-token auth, the body size limit, and
+the answer to a bug (500 with an error id)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from controller.server.error_bodies import internal_error_body
 
 #: Largest request body the server reads (64 MiB).
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -41,14 +44,18 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 class TokenAuthMiddleware:
     """Refuse every request without the API token (401).
 
-    The token is accepted as `Authorization: Bearer <token>`, as the cookie
-    `conveyor_token` or as the query parameter `token` (for the web dashboard).
+    The token is accepted as `Authorization: Bearer <token>` or as the cookie
+    `conveyor_token`, compared in constant time (`hmac.compare_digest`). A `?token=` query
+    parameter counts only on the dashboard's entry pages (`entry_paths`, by default `/`),
+    and only to be traded for the cookie: a GET with the right `?token=` is redirected to
+    the same URL without it, setting the cookie (HttpOnly, SameSite=Strict, for this
+    browser session), so the token leaves the address bar and the history after one
+    visit. Anywhere else (the API, its schema, the assets) a token in the URL is ignored:
+    URLs end up in proxy and access logs.
 
     Paths for which `is_page(path)` is true (the dashboard) are for browsers: without the
     token they get an HTML page (`unauthorized_page(wrong_token)`) saying how to pass it
-    instead of the JSON error, and a GET with a right `?token=` is redirected to the same
-    URL without it, setting the cookie (HttpOnly, SameSite=Strict, for this browser
-    session), so the token leaves the address bar and the history after one visit.
+    instead of the JSON error.
     """
 
     def __init__(
@@ -58,14 +65,17 @@ class TokenAuthMiddleware:
         *,
         is_page: Callable[[str], bool] | None = None,
         unauthorized_page: Callable[[bool, str], bytes] | None = None,
+        entry_paths: tuple[str, ...] = ("/",),
     ) -> None:
         self.app = app
         self._token = token.encode()
         self._is_page = is_page
         self._unauthorized_page = unauthorized_page
+        self._entry_paths = entry_paths if is_page is not None else ()
 
     def _presented(self, scope: Scope) -> list[tuple[str, bytes]]:
-        """(where, token) pairs the request carries: header, cookie, query."""
+        """(where, token) pairs the request carries: header, cookie, and (on an entry
+        page only) query."""
         found: list[tuple[str, bytes]] = []
         auth = _header(scope, b"authorization")
         if auth:
@@ -81,7 +91,12 @@ class TokenAuthMiddleware:
             if morsel is not None:
                 found.append(("cookie", morsel.value.encode()))
         query = scope.get("query_string", b"")
-        if query and TOKEN_QUERY_PARAM.encode() + b"=" in query:
+        if (
+            query
+            and scope.get("path", "") in self._entry_paths
+            and scope.get("method") in ("GET", "HEAD")
+            and TOKEN_QUERY_PARAM.encode() + b"=" in query
+        ):
             for key, value in parse_qsl(query.decode("latin-1")):
                 if key == TOKEN_QUERY_PARAM:
                     found.append(("query", value.encode()))
@@ -99,7 +114,7 @@ class TokenAuthMiddleware:
             and self._is_page(scope.get("path", ""))
         )
         if valid:
-            if "query" in valid and is_page and scope.get("method") in ("GET", "HEAD"):
+            if "query" in valid:
                 await self._redirect_setting_cookie(scope, send)
                 return
             await self.app(scope, receive, send)
@@ -123,7 +138,8 @@ class TokenAuthMiddleware:
             401,
             {
                 "error": "unauthorized",
-                "message": "missing or wrong API token: send 'Authorization: Bearer <token>'",
+                "message": "missing or wrong API token: send 'Authorization: Bearer <token>' "
+                "(a ?token= in the URL is not accepted here)",
             },
             [(b"www-authenticate", b'Bearer realm="conveyor"')],
         )
@@ -228,3 +244,36 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class InternalErrorMiddleware:
+    """Answer an exception no handler took (a bug) with 500: a generic message and an
+    error id, logged once with the traceback (`error_bodies.internal_error_body`).
+
+    Outermost of the app's middlewares, so it also covers the others. The exception is
+    not raised on to the server, which would log a second, id-less traceback; if the
+    response had started already, it is (the server then drops the connection).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception as exc:
+            body = internal_error_body(scope.get("method", ""), scope.get("path", ""), exc)
+            if started:
+                raise
+            await send_json(send, 500, body)
