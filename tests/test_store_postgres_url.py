@@ -19,7 +19,6 @@ def test_url_options_with_spaces_apply_to_the_hot_path_connections(postgres_url:
         claimed = store.claim(["default"], "w1", wait_s=0.1)  # waits: LISTEN connection too
         assert claimed is not None and claimed.id == task.id
         with store._direct() as conn:
-            conn.cursor.execute("SHOW synchronous_commit")
-            assert conn.cursor.fetchall() == [("off",)]
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
     finally:
         store.close()

@@ -10,6 +10,7 @@ queues hold anything, so idle claimers polling an empty queue never take the wri
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -38,7 +39,6 @@ from controller.models import (
     check_worker_id,
 )
 from controller.store import schema
-from controller.store.engine import DirectConnection, Prepared, prepared
 from controller.store.records import dumps, row_to_record
 from controller.store.status import set_clause, status_columns
 
@@ -126,10 +126,10 @@ class QueueingMixin:
             raise NotFoundError(f"no queue named {name!r}", field="queue")
         return infos[0]
 
-    def _require_queue(self: SqlBackend, conn: sa.Connection | DirectConnection, name: str) -> None:
+    def _require_queue(self: SqlBackend, conn: sa.Connection, name: str) -> None:
         """NotFoundError unless the queue exists."""
         check_queue_name(name)
-        if _SELECT_QUEUE.run(conn, {"name": name}).first() is None:
+        if conn.execute(_SELECT_QUEUE, {"name": name}).first() is None:
             raise NotFoundError(f"no queue named {name!r}", field="queue")
         self._known_queues[name] = time.monotonic()
 
@@ -172,17 +172,17 @@ class QueueingMixin:
         with self._direct() as conn:  # one connection for the look-up and the update
             if queue is None:  # which is its own queue, and is the task still created?
                 lookup, params = self.task_queue_statement(task_id)
-                current = lookup.run(conn, params).first()
+                current = conn.execute(lookup, params).first()
             fast = self.enqueue_statement(task_id, queue, priority, current=current)
             if fast is not None:
-                row = fast[0].run(conn, fast[1]).first()
+                row = conn.execute(fast[0], fast[1]).first()
         if row is None:
             row = self._enqueue_in_transaction(task_id, queue, priority)
         return self.enqueued(row)
 
     def enqueue_statement(
         self: SqlBackend, task_id: str, queue: str | None, priority: int | None, *, current: Any = None
-    ) -> tuple[Prepared, dict[str, Any]] | None:
+    ) -> tuple[sa.Executable, dict[str, Any]] | None:
         """The one statement that enqueues in the common case (a created task onto an
         existing queue) and its parameters, or None when the common case cannot apply.
 
@@ -204,7 +204,7 @@ class QueueingMixin:
         values = status_columns(TaskStatus.queued, StatusReason.enqueued, f"enqueued on {queue}")
         return _enqueue_update(rerun=False, own=own), _enqueue_params(task_id, queue, priority, values)
 
-    def task_queue_statement(self: SqlBackend, task_id: str) -> tuple[Prepared, dict[str, Any]]:
+    def task_queue_statement(self: SqlBackend, task_id: str) -> tuple[sa.Executable, dict[str, Any]]:
         """The statement reading a task's status and queue (for `enqueue_statement`)."""
         return _SELECT_STATUS_AND_QUEUE, {"id": task_id}
 
@@ -231,7 +231,7 @@ class QueueingMixin:
                 body.setdefault("runtime", {}).pop("exit_code", None)
                 values["body"] = dumps(body)
             params = _enqueue_params(task_id, queue_name, priority, values)
-            row = _enqueue_update(rerun=rerun).run(conn, params).first()
+            row = conn.execute(_enqueue_update(rerun=rerun), params).first()
             if row is None:  # cannot happen while we hold the row; say so if it does
                 raise ConflictError(f"task {task_id} changed while being enqueued; try again")
             return row
@@ -305,18 +305,18 @@ class QueueingMixin:
         with self._direct() as conn:
             if look_first:
                 params = {f"q{i}": q for i, q in enumerate(queues)}
-                if _any_queued(len(queues)).run(conn, params).first() is None:
+                if conn.execute(_any_queued(len(queues)), params).first() is None:
                     return None
             for queue in queues:  # one statement per queue, in the given order
                 claim_head, params = self.claim_statement(queue, worker_id, lease_s)
-                row = claim_head.run(conn, params).first()
+                row = conn.execute(claim_head, params).first()
                 if row is not None:
                     return row_to_record(row)
         return None
 
     def claim_statement(
         self: SqlBackend, queue: str, worker_id: str, lease_s: float
-    ) -> tuple[Prepared, dict[str, Any]]:
+    ) -> tuple[sa.Executable, dict[str, Any]]:
         """The one statement that claims the head of `queue` for `worker_id` and its
         parameters (arguments checked by `check_claim`). It returns the claimed task's
         row, or nothing when the queue is empty."""
@@ -326,7 +326,7 @@ class QueueingMixin:
             worker_id=worker_id, lease_s=lease_s,
         )
         params = {f"v_{k}": v for k, v in values.items()}
-        params["queue"] = queue
+        params["queue_name"] = queue
         return _claim_head(self.dialect == "postgresql"), params
 
     # ----------------------------------------------------------------- leases
@@ -470,48 +470,45 @@ def _queue_params(count: int) -> list[sa.BindParameter]:
     return [sa.bindparam(f"q{i}") for i in range(count)]
 
 
-def _any_queued(count: int) -> Prepared:
+@functools.cache
+def _any_queued(count: int) -> sa.Executable:
     """SELECT one queued task of the queues :q0..:qN (no lock): is there anything to claim?"""
-    return prepared(
-        ("any_queued", count),
-        lambda: sa.select(T.c.id).where(schema.IS_QUEUED, T.c.queue.in_(_queue_params(count))).limit(1),
+    return sa.select(T.c.id).where(schema.IS_QUEUED, T.c.queue.in_(_queue_params(count))).limit(1)
+
+
+@functools.cache
+def _claim_head(skip_locked: bool) -> sa.Executable:
+    """UPDATE the head of queue :queue (highest priority, then oldest) to in_progress."""
+    head = T.alias("head")
+    query = (
+        sa.select(head.c.id)
+        .where(head.c.status == sa.literal_column("'queued'"), head.c.queue == sa.bindparam("queue_name"))
+        .order_by(head.c.priority.desc(), head.c.queue_seq)
+        .limit(1)
+    )
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True)
+    values = set_clause(status_columns(TaskStatus.in_progress, "", "", worker_id="w"))
+    values["attempt"] = T.c.attempt + sa.literal_column("1")
+    return (
+        T.update()
+        .where(T.c.id == query.scalar_subquery(), schema.IS_QUEUED)
+        .values(values)
+        .returning(*schema.RECORD_COLUMNS)
     )
 
-
-def _claim_head(skip_locked: bool) -> Prepared:
-    """UPDATE the head of queue :queue (highest priority, then oldest) to in_progress."""
-
-    def build() -> sa.Executable:
-        head = T.alias("head")
-        query = (
-            sa.select(head.c.id)
-            .where(head.c.status == sa.literal_column("'queued'"), head.c.queue == sa.bindparam("queue"))
-            .order_by(head.c.priority.desc(), head.c.queue_seq)
-            .limit(1)
-        )
-        if skip_locked:
-            query = query.with_for_update(skip_locked=True)
-        values = set_clause(status_columns(TaskStatus.in_progress, "", "", worker_id="w"))
-        values["attempt"] = T.c.attempt + sa.literal_column("1")
-        return (
-            T.update()
-            .where(T.c.id == query.scalar_subquery(), schema.IS_QUEUED)
-            .values(values)
-            .returning(*schema.RECORD_COLUMNS)
-        )
-
-    return prepared(("claim_head", skip_locked), build)
 
 
 def _enqueue_params(
     task_id: str, queue: str, priority: int | None, values: Mapping[str, Any]
 ) -> dict[str, Any]:
     params = {f"v_{k}": v for k, v in values.items()}
-    params.update(_id=task_id, queue=queue, priority=priority)
+    params.update(_id=task_id, queue_name=queue, queue_priority=priority)
     return params
 
 
-def _enqueue_update(*, rerun: bool, own: bool = False) -> Prepared:
+@functools.cache
+def _enqueue_update(*, rerun: bool, own: bool = False) -> sa.Executable:
     """UPDATE a task to queued on :queue, at the end of its priority's line.
 
     `rerun=False`: only from created (and :queue must exist), the hot path; with `own`,
@@ -519,43 +516,41 @@ def _enqueue_update(*, rerun: bool, own: bool = False) -> Prepared:
     status, with a new body. :priority NULL keeps the task's priority.
     """
 
-    def build() -> sa.Executable:
-        priority = sa.func.coalesce(sa.bindparam("priority", type_=sa.Integer), T.c.priority)
-        line = T.alias("line")
-        next_seq = (
-            sa.select(sa.func.coalesce(sa.func.max(line.c.queue_seq), 0) + 1)
-            .where(
-                line.c.status == sa.literal_column("'queued'"),
-                line.c.queue == sa.bindparam("queue"),
-                line.c.priority == priority,
-            )
-            .scalar_subquery()
+    priority = sa.func.coalesce(sa.bindparam("queue_priority", type_=sa.Integer), T.c.priority)
+    line = T.alias("line")
+    next_seq = (
+        sa.select(sa.func.coalesce(sa.func.max(line.c.queue_seq), 0) + 1)
+        .where(
+            line.c.status == sa.literal_column("'queued'"),
+            line.c.queue == sa.bindparam("queue_name"),
+            line.c.priority == priority,
         )
-        keys = list(status_columns(TaskStatus.queued, "", "").keys())
-        if rerun:
-            keys.append("body")
-        values = set_clause(keys)
-        values.update(queue=sa.bindparam("queue"), priority=priority, queue_seq=next_seq)
-        if rerun:
-            allowed = [s.value for s in TaskStatus if s.is_terminal]
-            condition = T.c.status.in_([sa.literal_column(f"'{s}'") for s in allowed])
-        else:
-            queue_exists = sa.exists().where(schema.queues.c.name == sa.bindparam("queue"))
-            condition = sa.and_(T.c.status == sa.literal_column("'created'"), queue_exists)
-            if own:
-                own_queue = sa.func.coalesce(T.c.queue, sa.literal_column(f"'{DEFAULT_QUEUE}'"))
-                condition = sa.and_(condition, own_queue == sa.bindparam("queue"))
-        return (
-            T.update()
-            .where(T.c.id == sa.bindparam("_id"), condition)
-            .values(values)
-            .returning(*schema.RECORD_COLUMNS)
-        )
-
-    return prepared(("enqueue", rerun, own), build)
-
-
-_SELECT_STATUS_AND_QUEUE = Prepared(sa.select(T.c.status, T.c.queue).where(T.c.id == sa.bindparam("id")))
+        .scalar_subquery()
+    )
+    keys = list(status_columns(TaskStatus.queued, "", "").keys())
+    if rerun:
+        keys.append("body")
+    values = set_clause(keys)
+    values.update(queue=sa.bindparam("queue_name"), priority=priority, queue_seq=next_seq)
+    if rerun:
+        allowed = [s.value for s in TaskStatus if s.is_terminal]
+        condition = T.c.status.in_([sa.literal_column(f"'{s}'") for s in allowed])
+    else:
+        queue_exists = sa.exists().where(schema.queues.c.name == sa.bindparam("queue_name"))
+        condition = sa.and_(T.c.status == sa.literal_column("'created'"), queue_exists)
+        if own:
+            own_queue = sa.func.coalesce(T.c.queue, sa.literal_column(f"'{DEFAULT_QUEUE}'"))
+            condition = sa.and_(condition, own_queue == sa.bindparam("queue_name"))
+    return (
+        T.update()
+        .where(T.c.id == sa.bindparam("_id"), condition)
+        .values(values)
+        .returning(*schema.RECORD_COLUMNS)
+    )
 
 
-_SELECT_QUEUE = Prepared(sa.select(schema.queues.c.name).where(schema.queues.c.name == sa.bindparam("name")))
+
+_SELECT_STATUS_AND_QUEUE = sa.select(T.c.status, T.c.queue).where(T.c.id == sa.bindparam("id"))
+
+
+_SELECT_QUEUE = sa.select(schema.queues.c.name).where(schema.queues.c.name == sa.bindparam("name"))

@@ -14,6 +14,7 @@ the store.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import threading
@@ -45,15 +46,12 @@ from controller.models import (
 )
 from controller.store import schema
 from controller.store.engine import (
-    DirectConnection,
-    DirectConnections,
-    EnqueueListener,
-    Prepared,
     create_engines,
     init_schema,
     normalize_url,
-    prepared,
+    unavailable_as_conveyor_error,
 )
+from controller.store.notify import EnqueueListener
 from controller.store.queueing import QueueingMixin
 from controller.store.records import (
     body_of,
@@ -77,51 +75,38 @@ class SqlBackend(QueueingMixin, Backend):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._engine, self._read_engine = create_engines(url)
-        self.sa_dialect = self._engine.dialect
-        self.dialect = self.sa_dialect.name
-        init_schema(self._engine)
         self._listener = EnqueueListener(normalize_url(url))
-        self.own_backend_pids = self._listener.own_backend_pids
-        self._direct_connections = DirectConnections(url, self._engine.dialect, self.own_backend_pids)
-        if self.dialect == "postgresql":
-            sa.event.listen(self._engine, "connect", self._note_backend_pid)
-            sa.event.listen(self._engine, "close", self._forget_backend_pid)
-            sa.event.listen(self._engine, "close_detached", self._forget_backend_pid)
+        self._engines = create_engines(url, self._listener.own_backend_pids)
+        self.dialect = self._engines.transactions.dialect.name
+        init_schema(self._engines.transactions)
         self._work_arrived = threading.Condition()
         self._listener.add(self._wake_waiters, listen=False)  # listens once a claim waits
         self._last_sweep = 0.0
         self._known_queues: dict[str, float] = {}
 
-    def _note_backend_pid(self, dbapi_connection: Any, _record: Any) -> None:
-        """Remember a new PostgreSQL connection's backend PID (see EnqueueListener)."""
-        with contextlib.suppress(Exception):
-            self.own_backend_pids.add(dbapi_connection.info.backend_pid)
-
-    def _forget_backend_pid(self, dbapi_connection: Any, _record: Any = None) -> None:
-        with contextlib.suppress(Exception):
-            self.own_backend_pids.discard(dbapi_connection.info.backend_pid)
-
     # ------------------------------------------------------------ plumbing
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
-        with self._engine.begin() as conn:
+        """A write transaction (BEGIN IMMEDIATE on SQLite); outages raise
+        BackendUnavailableError."""
+        with unavailable_as_conveyor_error(), self._engines.transactions.begin() as conn:
             yield conn
 
-    def _direct(self) -> DirectConnection:
-        """An autocommit connection for one-statement operations (a context manager)."""
-        return self._direct_connections.connection()
+    @contextlib.contextmanager
+    def _direct(self) -> Iterator[sa.Connection]:
+        """An autocommit connection for one-statement operations."""
+        with unavailable_as_conveyor_error(), self._engines.autocommit.connect() as conn:
+            yield conn
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sa.Connection]:
-        # begin() (not connect()): the read transaction must end here, or the pooled
-        # connection would keep an old snapshot open (the pool does not reset it).
-        with self._read_engine.begin() as conn:
+        """A read transaction (one snapshot), ended when the block ends."""
+        with unavailable_as_conveyor_error(), self._engines.reads.begin() as conn:
             yield conn
 
-    def _row(self, conn: sa.Connection | DirectConnection, task_id: str, *, for_update: bool = False) -> sa.Row:
+    def _row(self, conn: sa.Connection, task_id: str, *, for_update: bool = False) -> sa.Row:
         select = _SELECT_TASK_FOR_UPDATE if for_update and self.dialect == "postgresql" else _SELECT_TASK
-        row = select.run(conn, {"id": task_id}).first()
+        row = conn.execute(select, {"id": task_id}).first()
         if row is None:
             raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
         return row
@@ -131,7 +116,7 @@ class SqlBackend(QueueingMixin, Backend):
 
     def _change_status(
         self,
-        conn: sa.Connection | DirectConnection,
+        conn: sa.Connection,
         task_id: str,
         status: TaskStatus,
         reason: str,
@@ -151,16 +136,16 @@ class SqlBackend(QueueingMixin, Backend):
         update, params = _status_statement(
             task_id, status, reason, message, body=body, worker_id=worker_id, lease_s=lease_s, extra=extra
         )
-        row = update.run(conn, params).first()
+        row = conn.execute(update, params).first()
         if row is None:
             self._explain_refusal(conn, task_id, status, worker_id)
         return row
 
     def _explain_refusal(
-        self, conn: sa.Connection | DirectConnection, task_id: str, status: TaskStatus, worker_id: str | None
+        self, conn: sa.Connection, task_id: str, status: TaskStatus, worker_id: str | None
     ) -> None:
         """Raise why a status change to `status` matched no row."""
-        current = _SELECT_STATUS.run(conn, {"id": task_id}).first()
+        current = conn.execute(_SELECT_STATUS, {"id": task_id}).first()
         if current is None:
             raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
         if worker_id and current.status in _ACTIVE and current.worker != worker_id:
@@ -173,9 +158,7 @@ class SqlBackend(QueueingMixin, Backend):
     def close(self) -> None:
         """Release connections and stop the LISTEN thread."""
         self._listener.close()
-        self._direct_connections.close()
-        self._engine.dispose()
-        self._read_engine.dispose()
+        self._engines.dispose()
 
     # --------------------------------------------------------------- tasks
     def create_task(self, spec: TaskSpec | Mapping[str, Any]) -> TaskRecord:
@@ -220,7 +203,7 @@ class SqlBackend(QueueingMixin, Backend):
     def get_task(self, task_id: str) -> TaskRecord:
         """Return one task with its status history; NotFoundError if there is none."""
         with self._direct() as conn:
-            row = _SELECT_TASK_WITH_HISTORY.run(conn, {"id": task_id}).first()
+            row = conn.execute(_SELECT_TASK_WITH_HISTORY, {"id": task_id}).first()
         if row is None:
             raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
         record = row_to_record(row)
@@ -381,7 +364,7 @@ class SqlBackend(QueueingMixin, Backend):
     def status_statement(
         self, task_id: str, status: TaskStatus | str, *, reason: str = "", message: str = "",
         worker_id: str | None = None,
-    ) -> tuple[Prepared, dict[str, Any]] | None:
+    ) -> tuple[sa.Executable, dict[str, Any]] | None:
         """The one statement that makes `set_status` change the status in the common case,
         and its parameters; None for the statuses that need more (queued, created).
 
@@ -593,7 +576,7 @@ def _status_statement(
     worker_id: str | None = None,
     lease_s: float | None = None,
     extra: Mapping[str, Any] | None = None,
-) -> tuple[Prepared, dict[str, Any]]:
+) -> tuple[sa.Executable, dict[str, Any]]:
     """The UPDATE of one status change (see `SqlBackend._change_status`) and its parameters."""
     values = status_columns(status, reason, message, worker_id=worker_id, lease_s=lease_s)
     if extra:
@@ -602,13 +585,10 @@ def _status_statement(
         values["body"] = dumps(body)
     params = {f"v_{k}": v for k, v in values.items()}
     params.update(_id=task_id, _worker=worker_id)
-    update = prepared(
-        ("status", status, tuple(values), bool(worker_id)),
-        lambda: _status_update(status, tuple(values), bool(worker_id)),
-    )
-    return update, params
+    return _status_update(status, tuple(values), bool(worker_id)), params
 
 
+@functools.cache
 def _status_update(status: TaskStatus, keys: tuple[str, ...], check_worker: bool) -> sa.Executable:
     """UPDATE tasks SET <keys> WHERE id = :_id AND status IN (legal predecessors)."""
     values = set_clause(keys)
@@ -625,12 +605,10 @@ def _status_update(status: TaskStatus, keys: tuple[str, ...], check_worker: bool
     return T.update().where(condition).values(values).returning(*schema.RECORD_COLUMNS)
 
 
-_SELECT_TASK = Prepared(sa.select(*schema.RECORD_COLUMNS).where(T.c.id == sa.bindparam("id")))
-_SELECT_TASK_FOR_UPDATE = Prepared(
-    sa.select(*schema.RECORD_COLUMNS).where(T.c.id == sa.bindparam("id")).with_for_update()
-)
-_SELECT_TASK_WITH_HISTORY = Prepared(sa.select(T).where(T.c.id == sa.bindparam("id")))
-_SELECT_STATUS = Prepared(sa.select(T.c.status, T.c.worker).where(T.c.id == sa.bindparam("id")))
+_SELECT_TASK = sa.select(*schema.RECORD_COLUMNS).where(T.c.id == sa.bindparam("id"))
+_SELECT_TASK_FOR_UPDATE = _SELECT_TASK.with_for_update()
+_SELECT_TASK_WITH_HISTORY = sa.select(T).where(T.c.id == sa.bindparam("id"))
+_SELECT_STATUS = sa.select(T.c.status, T.c.worker).where(T.c.id == sa.bindparam("id"))
 
 
 def _merge_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
