@@ -102,9 +102,12 @@ class Backend(abc.ABC):
         message: str = "",
         worker_id: str | None = None,
     ) -> TaskRecord:
-        """Move a task to `status` if the status rules allow it.
+        """Move a task to `status` if the status rules (`controller.transitions`) allow it.
 
-        IllegalTransitionError (HTTP 409) names the current and requested status. With
+        `queued` enqueues the task; `created` only takes a queued task off its queue and
+        is refused for a finished task (that is `reset_task`, which deletes outputs: a
+        status report never does). IllegalTransitionError (HTTP 409) names the current
+        and requested status. With
         `worker_id`, the change is refused unless that worker holds the task, so a worker
         whose lease expired cannot overwrite what happened since.
         """

@@ -1,4 +1,4 @@
-"""Records of the control plane and the status rules every component asks.
+"""Records of the control plane (the status rules are in `controller.transitions`).
 
 The task record follows DESIGN.md: identity, project, type, tags, parent, status with a
 machine-readable reason and a human-readable message, script, packages, container,
@@ -17,8 +17,6 @@ import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
-
-from controller.errors import IllegalTransitionError
 
 # Limits on free-form fields. Oversized input is refused, never truncated.
 MAX_NAME_CHARS = 256
@@ -54,7 +52,8 @@ class TaskStatus(str, enum.Enum):
     """Where a task is in its life.
 
     created → queued → in_progress → completed | failed | stopped; an abort of an
-    in_progress task goes through stopping; a finished task may be queued again (re-run).
+    in_progress task goes through stopping; a finished task may be queued again (re-run)
+    or reset. The legal changes and what each does: `controller.transitions`.
     """
 
     created = "created"
@@ -78,6 +77,7 @@ class TaskStatus(str, enum.Enum):
 
 TERMINAL_STATUSES = frozenset({TaskStatus.completed, TaskStatus.failed, TaskStatus.stopped})
 
+
 #: Each status's display group: the colour the dashboard gives it (`GET /statuses`). The
 #: group names are those of pipeline steps (a step's task shows the colour of its step).
 STATUS_GROUPS: dict[TaskStatus, str] = {
@@ -89,31 +89,6 @@ STATUS_GROUPS: dict[TaskStatus, str] = {
     TaskStatus.failed: "failed",
     TaskStatus.stopped: "aborted",
 }
-
-_S = TaskStatus
-#: The one table of legal status transitions. Every component asks `check_transition`.
-LEGAL_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    # created → in_progress: a task started by a local script (Task.init) runs at once.
-    _S.created: frozenset({_S.queued, _S.in_progress, _S.stopped, _S.failed}),
-    _S.queued: frozenset({_S.created, _S.in_progress, _S.stopped, _S.failed}),
-    _S.in_progress: frozenset({_S.completed, _S.failed, _S.stopping, _S.stopped}),
-    # A step may finish on its own while its abort is on the way.
-    _S.stopping: frozenset({_S.stopped, _S.failed, _S.completed}),
-    _S.completed: frozenset({_S.queued, _S.created}),
-    _S.failed: frozenset({_S.queued, _S.created}),
-    _S.stopped: frozenset({_S.queued, _S.created}),
-}
-
-
-def check_transition(current: TaskStatus | str, requested: TaskStatus | str) -> None:
-    """Raise IllegalTransitionError unless `current → requested` is allowed.
-
-    Setting a status to itself is refused too (except for the idempotent re-report of a
-    terminal status, which callers treat as a no-op before asking).
-    """
-    current, requested = TaskStatus(current), TaskStatus(requested)
-    if requested not in LEGAL_TRANSITIONS[current]:
-        raise IllegalTransitionError(current.value, requested.value)
 
 
 class StatusReason:
@@ -133,6 +108,7 @@ class StatusReason:
     abort_requested = "abort_requested"
     agent_shutdown = "agent_shutdown"
     lease_expired = "lease_expired"
+    worker_restarted = "worker_restarted"
     reset = "reset"
     setup_failed = "setup_failed"
     exception = "exception"

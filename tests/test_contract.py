@@ -211,6 +211,26 @@ def test_reset_clears_outputs(backend: Backend) -> None:
         backend.reset_task(_running(backend))
 
 
+def test_status_created_never_resets_a_finished_task(backend: Backend) -> None:
+    task_id = _running(backend)
+    backend.append_log(task_id, ["kept"])
+    backend.report_scalars(task_id, [{"title": "loss", "series": "train", "value": 0.5}])
+    backend.set_status(task_id, "completed")
+    with pytest.raises(IllegalTransitionError) as info:
+        backend.set_status(task_id, "created")
+    assert info.value.current == "completed" and info.value.requested == "created"
+    assert backend.get_task(task_id).status == TaskStatus.completed
+    assert [line.line for line in backend.get_log(task_id)] == ["kept"]
+    assert len(backend.get_scalars(task_id)) == 1
+
+
+def test_status_created_takes_a_queued_task_off_its_queue(backend: Backend) -> None:
+    task = backend.create_task({"name": "t"})
+    backend.enqueue(task.id)
+    assert backend.set_status(task.id, "created").status == TaskStatus.created
+    assert backend.queue_length("default") == 0
+
+
 # ------------------------------------------------------------------- logs, scalars
 def test_log_lines_append_in_batches_and_read_by_offset_or_tail(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})

@@ -28,7 +28,6 @@ from controller.errors import (
 )
 from controller.models import (
     DEFAULT_LEASE_S,
-    LEGAL_TRANSITIONS,
     QUEUE_NAME_PATTERN,
     HeartbeatReply,
     QueueInfo,
@@ -40,7 +39,8 @@ from controller.models import (
 )
 from controller.store import schema
 from controller.store.records import dumps, row_to_record
-from controller.store.status import set_clause, status_columns
+from controller.store.status import guard, set_clause, status_columns
+from controller.transitions import Operation, transition
 
 if TYPE_CHECKING:  # pragma: no cover
     from controller.store.sql import SqlBackend
@@ -158,9 +158,7 @@ class QueueingMixin:
                     field="name",
                 )
             for task_id in waiting:
-                self._change_status(
-                    conn, task_id, TaskStatus.created, StatusReason.dequeued, f"queue {name} was deleted"
-                )
+                self._change_status(conn, task_id, _DEQUEUE, StatusReason.dequeued, f"queue {name} was deleted")
             conn.execute(schema.queues.delete().where(schema.queues.c.name == name))
         self._known_queues.pop(name, None)
 
@@ -201,7 +199,7 @@ class QueueingMixin:
                 return None  # a re-run, or an error to explain: the general path
             queue = current.queue or DEFAULT_QUEUE
         check_queue_name(queue)
-        values = status_columns(TaskStatus.queued, StatusReason.enqueued, f"enqueued on {queue}")
+        values = status_columns(_ENQUEUE, StatusReason.enqueued, f"enqueued on {queue}")
         return _enqueue_update(rerun=False, own=own), _enqueue_params(task_id, queue, priority, values)
 
     def task_queue_statement(self: SqlBackend, task_id: str) -> tuple[sa.Executable, dict[str, Any]]:
@@ -222,11 +220,12 @@ class QueueingMixin:
             queue_name = queue or row.queue or DEFAULT_QUEUE
             self._require_queue(conn, queue_name)
             current = TaskStatus(row.status)
-            if TaskStatus.queued not in LEGAL_TRANSITIONS[current]:
+            step = _RERUN if current in _RERUN.sources else _ENQUEUE
+            if current not in step.sources:
                 raise IllegalTransitionError(current.value, TaskStatus.queued.value, task_id)
-            values = status_columns(TaskStatus.queued, StatusReason.enqueued, f"enqueued on {queue_name}")
-            rerun = current.is_terminal
-            if rerun:  # a re-run starts without the previous run's exit code
+            values = status_columns(step, StatusReason.enqueued, f"enqueued on {queue_name}")
+            rerun = step is _RERUN
+            if step.effects.clears_exit_code:  # a re-run starts without the previous run's exit code
                 body = json.loads(row.body)
                 body.setdefault("runtime", {}).pop("exit_code", None)
                 values["body"] = dumps(body)
@@ -242,7 +241,7 @@ class QueueingMixin:
             row = self._row(conn, task_id, for_update=True)
             if row.status != TaskStatus.queued.value:
                 raise ConflictError(f"task {task_id} is {row.status}, not queued", field="status")
-            row = self._change_status(conn, task_id, TaskStatus.created, StatusReason.dequeued, "dequeued")
+            row = self._change_status(conn, task_id, _DEQUEUE, StatusReason.dequeued, "dequeued")
             return row_to_record(row)
 
     def queue_tasks(self: SqlBackend, name: str) -> list[TaskRecord]:
@@ -321,7 +320,7 @@ class QueueingMixin:
         parameters (arguments checked by `check_claim`). It returns the claimed task's
         row, or nothing when the queue is empty."""
         values = status_columns(
-            TaskStatus.in_progress, StatusReason.claimed,
+            _CLAIM, StatusReason.claimed,
             f"claimed by worker {worker_id} from queue {queue}",
             worker_id=worker_id, lease_s=lease_s,
         )
@@ -356,7 +355,7 @@ class QueueingMixin:
             for row in conn.execute(query).all():
                 target = TaskStatus.failed if row.status == TaskStatus.in_progress.value else TaskStatus.stopped
                 self._change_status(
-                    conn, row.id, target, StatusReason.lease_expired,
+                    conn, row.id, transition(Operation.expire, target), StatusReason.lease_expired,
                     f"worker {row.worker} was lost: no heartbeat for "
                     f"{now - row.lease_expires_at:.1f} s after its lease expired",
                 )
@@ -488,11 +487,10 @@ def _claim_head(skip_locked: bool) -> sa.Executable:
     )
     if skip_locked:
         query = query.with_for_update(skip_locked=True)
-    values = set_clause(status_columns(TaskStatus.in_progress, "", "", worker_id="w"))
-    values["attempt"] = T.c.attempt + sa.literal_column("1")
+    values = set_clause(_CLAIM, status_columns(_CLAIM, "", "", worker_id="w"))
     return (
         T.update()
-        .where(T.c.id == query.scalar_subquery(), schema.IS_QUEUED)
+        .where(T.c.id == query.scalar_subquery(), guard(_CLAIM))
         .values(values)
         .returning(*schema.RECORD_COLUMNS)
     )
@@ -527,17 +525,18 @@ def _enqueue_update(*, rerun: bool, own: bool = False) -> sa.Executable:
         )
         .scalar_subquery()
     )
-    keys = list(status_columns(TaskStatus.queued, "", "").keys())
+    step = _RERUN if rerun else _ENQUEUE
+    keys = list(status_columns(step, "", "").keys())
     if rerun:
         keys.append("body")
-    values = set_clause(keys)
+    values = set_clause(step, keys)
+    # The effect `joins_queue`: the end of the line of its queue and priority.
     values.update(queue=sa.bindparam("queue_name"), priority=priority, queue_seq=next_seq)
     if rerun:
-        allowed = [s.value for s in TaskStatus if s.is_terminal]
-        condition = T.c.status.in_([sa.literal_column(f"'{s}'") for s in allowed])
+        condition = guard(step)
     else:
         queue_exists = sa.exists().where(schema.queues.c.name == sa.bindparam("queue_name"))
-        condition = sa.and_(T.c.status == sa.literal_column("'created'"), queue_exists)
+        condition = sa.and_(guard(step), queue_exists)
         if own:
             own_queue = sa.func.coalesce(T.c.queue, sa.literal_column(f"'{DEFAULT_QUEUE}'"))
             condition = sa.and_(condition, own_queue == sa.bindparam("queue_name"))
@@ -549,6 +548,11 @@ def _enqueue_update(*, rerun: bool, own: bool = False) -> sa.Executable:
     )
 
 
+
+_ENQUEUE = transition(Operation.enqueue, TaskStatus.queued)
+_RERUN = transition(Operation.rerun, TaskStatus.queued)
+_DEQUEUE = transition(Operation.dequeue, TaskStatus.created)
+_CLAIM = transition(Operation.claim, TaskStatus.in_progress)
 
 _SELECT_STATUS_AND_QUEUE = sa.select(T.c.status, T.c.queue).where(T.c.id == sa.bindparam("id"))
 

@@ -59,7 +59,8 @@ from controller.store.records import (
     row_to_record,
     validate,
 )
-from controller.store.status import PREDECESSORS, set_clause, status_columns
+from controller.store.status import guard, set_clause, status_columns, status_in
+from controller.transitions import Operation, Transition, report_transition, transition
 
 T = schema.tasks
 MAX_QUERY_LIMIT = 10_000
@@ -118,27 +119,27 @@ class SqlBackend(QueueingMixin, Backend):
         self,
         conn: sa.Connection,
         task_id: str,
-        status: TaskStatus,
+        step: Transition,
         reason: str,
         message: str,
         *,
         body: dict[str, Any] | None = None,
         worker_id: str | None = None,
         lease_s: float | None = None,
-        extra: Mapping[str, Any] | None = None,
     ) -> sa.Row:
-        """Apply one legal status change (the one place that does) and return the new row.
+        """Apply one transition of the state machine (the one place that does) and
+        return the task's new row.
 
-        The rule is checked in the UPDATE itself (`status IN (legal predecessors)`), so
-        the change is atomic on both databases, in a transaction or alone; when it matches
+        The status rule is checked in the UPDATE itself (`status IN (sources)`), so the
+        change is atomic on both databases, in a transaction or alone; when it matches
         nothing the current row is read to raise the precise error.
         """
         update, params = _status_statement(
-            task_id, status, reason, message, body=body, worker_id=worker_id, lease_s=lease_s, extra=extra
+            task_id, step, reason, message, body=body, worker_id=worker_id, lease_s=lease_s
         )
         row = conn.execute(update, params).first()
         if row is None:
-            self._explain_refusal(conn, task_id, status, worker_id)
+            self._explain_refusal(conn, task_id, step.target, worker_id)
         return row
 
     def _explain_refusal(
@@ -344,36 +345,20 @@ class SqlBackend(QueueingMixin, Backend):
         message: str = "",
         worker_id: str | None = None,
     ) -> TaskRecord:
-        """Move a task to `status` if the status rules allow it."""
+        """Move a task to `status` if the status rules allow it (`controller.transitions`).
+
+        `queued` enqueues; `created` takes a queued task off its queue and is refused
+        for a finished task (resetting one is `reset_task`, never a status report)."""
         status = check_status(status)
         if status == TaskStatus.queued:
             return self.enqueue(task_id)
-        if status == TaskStatus.created:  # from a finished status it is a reset
-            with self._write() as conn:
-                row = self._row(conn, task_id, for_update=True)
-                if TaskStatus(row.status).is_terminal:
-                    return row_to_record(self._reset(conn, row))
-                row = self._change_status(conn, task_id, status, reason or status.value, message)
-                return row_to_record(row)
+        step = report_transition(status)
+        assert step is not None  # every status but queued has one
         with self._direct() as conn:
             row = self._change_status(
-                conn, task_id, status, reason or status.value, message, worker_id=worker_id
+                conn, task_id, step, reason or status.value, message, worker_id=worker_id
             )
         return row_to_record(row)
-
-    def status_statement(
-        self, task_id: str, status: TaskStatus | str, *, reason: str = "", message: str = "",
-        worker_id: str | None = None,
-    ) -> tuple[sa.Executable, dict[str, Any]] | None:
-        """The one statement that makes `set_status` change the status in the common case,
-        and its parameters; None for the statuses that need more (queued, created).
-
-        The statement returns the task's new row, or nothing when the status rules refuse
-        the change (or there is no such task): `set_status` then says why."""
-        status = check_status(status)
-        if status in (TaskStatus.queued, TaskStatus.created):
-            return None
-        return _status_statement(task_id, status, reason or status.value, message, worker_id=worker_id)
 
     def abort_task(self, task_id: str, *, message: str = "") -> TaskRecord:
         """Abort: created/queued → stopped; in_progress → stopping; stopping stays."""
@@ -382,38 +367,30 @@ class SqlBackend(QueueingMixin, Backend):
             if current == TaskStatus.stopping:
                 return self._fetch(conn, task_id)
             if current == TaskStatus.in_progress:
+                step = transition(Operation.abort, TaskStatus.stopping)
                 row = self._change_status(
-                    conn, task_id, TaskStatus.stopping, StatusReason.abort_requested,
-                    message or "abort requested",
+                    conn, task_id, step, StatusReason.abort_requested, message or "abort requested"
                 )
             else:
-                row = self._change_status(
-                    conn, task_id, TaskStatus.stopped, StatusReason.aborted, message or "aborted"
-                )
+                step = transition(Operation.abort, TaskStatus.stopped)
+                row = self._change_status(conn, task_id, step, StatusReason.aborted, message or "aborted")
             return row_to_record(row)
 
     def reset_task(self, task_id: str) -> TaskRecord:
         """Back to created, clearing log, scalars, artifacts, output models and runtime."""
+        step = transition(Operation.reset, TaskStatus.created)
         with self._write() as conn:
             row = self._row(conn, task_id, for_update=True)
-            if TaskStatus(row.status).is_active:
+            if TaskStatus(row.status) not in step.sources:
                 raise IllegalTransitionError(row.status, TaskStatus.created.value, task_id)
-            if row.status == TaskStatus.created.value:
-                raise IllegalTransitionError(row.status, TaskStatus.created.value, task_id)
-            return row_to_record(self._reset(conn, row))
-
-    def _reset(self, conn: sa.Connection, row: sa.Row) -> sa.Row:
-        body = json.loads(row.body)
-        body["runtime"] = {}
-        body["artifacts"] = {}
-        body.setdefault("models", {})["output"] = []
-        for table in (schema.log_lines, schema.scalars):
-            conn.execute(table.delete().where(table.c.task_id == row.id))
-        return self._change_status(
-            conn, row.id, TaskStatus.created, StatusReason.reset, "reset", body=body,
-            extra=dict(log_lines=0, worker=None, started_at=None, finished_at=None,
-                       queued_at=None, attempt=0),
-        )
+            body = json.loads(row.body)
+            body["runtime"] = {}
+            body["artifacts"] = {}
+            body.setdefault("models", {})["output"] = []
+            for table in (schema.log_lines, schema.scalars):
+                conn.execute(table.delete().where(table.c.task_id == row.id))
+            row = self._change_status(conn, row.id, step, StatusReason.reset, "reset", body=body)
+            return row_to_record(row)
 
     def wait_for_status_change(
         self, known: Mapping[str, TaskStatus | str], *, wait_s: float = 0.0
@@ -549,12 +526,6 @@ def _check_known(known: Any) -> dict[str, str]:
         raise InvalidInputError(f"known: {exc}", field="known") from None
 
 
-def _literal(value: str) -> sa.ColumnElement:
-    # Only for our own status constants: rendered into the SQL so it stays prepared.
-    assert value.isidentifier()
-    return sa.literal_column(f"'{value}'")
-
-
 def check_status(status: TaskStatus | str) -> TaskStatus:
     """`status` as a TaskStatus; InvalidInputError naming the known ones if it is not one."""
     try:
@@ -568,41 +539,32 @@ def check_status(status: TaskStatus | str) -> TaskStatus:
 
 def _status_statement(
     task_id: str,
-    status: TaskStatus,
+    step: Transition,
     reason: str,
     message: str,
     *,
     body: dict[str, Any] | None = None,
     worker_id: str | None = None,
     lease_s: float | None = None,
-    extra: Mapping[str, Any] | None = None,
 ) -> tuple[sa.Executable, dict[str, Any]]:
-    """The UPDATE of one status change (see `SqlBackend._change_status`) and its parameters."""
-    values = status_columns(status, reason, message, worker_id=worker_id, lease_s=lease_s)
-    if extra:
-        values.update(extra)
+    """The UPDATE of one transition (see `SqlBackend._change_status`) and its parameters."""
+    values = status_columns(step, reason, message, worker_id=worker_id, lease_s=lease_s)
     if body is not None:
         values["body"] = dumps(body)
     params = {f"v_{k}": v for k, v in values.items()}
     params.update(_id=task_id, _worker=worker_id)
-    return _status_update(status, tuple(values), bool(worker_id)), params
+    return _status_update(step, tuple(values), bool(worker_id)), params
 
 
 @functools.cache
-def _status_update(status: TaskStatus, keys: tuple[str, ...], check_worker: bool) -> sa.Executable:
-    """UPDATE tasks SET <keys> WHERE id = :_id AND status IN (legal predecessors)."""
-    values = set_clause(keys)
-    if status == TaskStatus.in_progress and "attempt" not in keys:
-        values["attempt"] = T.c.attempt + sa.literal_column("1")
-    condition = sa.and_(
-        T.c.id == sa.bindparam("_id"), T.c.status.in_([_literal(s) for s in PREDECESSORS[status]])
-    )
+def _status_update(step: Transition, keys: tuple[str, ...], check_worker: bool) -> sa.Executable:
+    """UPDATE tasks SET <keys> WHERE id = :_id AND status IN (the step's sources)."""
+    condition = sa.and_(T.c.id == sa.bindparam("_id"), guard(step))
     if check_worker:  # a worker may only change a task it holds (or a task nobody holds)
         condition = sa.and_(
-            condition,
-            sa.or_(T.c.worker == sa.bindparam("_worker"), T.c.status.notin_([_literal(s) for s in _ACTIVE])),
+            condition, sa.or_(T.c.worker == sa.bindparam("_worker"), sa.not_(status_in(_ACTIVE)))
         )
-    return T.update().where(condition).values(values).returning(*schema.RECORD_COLUMNS)
+    return T.update().where(condition).values(set_clause(step, keys)).returning(*schema.RECORD_COLUMNS)
 
 
 _SELECT_TASK = sa.select(*schema.RECORD_COLUMNS).where(T.c.id == sa.bindparam("id"))
