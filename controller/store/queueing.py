@@ -14,7 +14,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -38,6 +38,7 @@ from controller.models import (
     check_worker_id,
 )
 from controller.store import schema
+from controller.store.notify import queue_key
 from controller.store.records import dumps, row_to_record
 from controller.store.status import guard, set_clause, status_columns
 from controller.transitions import Operation, transition
@@ -48,8 +49,6 @@ if TYPE_CHECKING:  # pragma: no cover
 T = schema.tasks
 W = schema.workers
 
-#: How often a waiting claimer re-checks the queues (covers enqueues by other processes).
-CLAIM_POLL_INTERVAL_S = 0.01
 #: Expired leases are swept at most this often by one client.
 LEASE_SWEEP_INTERVAL_S = 1.0
 MAX_LEASE_S = 86_400.0
@@ -174,9 +173,11 @@ class QueueingMixin:
             fast = self.enqueue_statement(task_id, queue, priority, current=current)
             if fast is not None:
                 row = conn.execute(fast[0], fast[1]).first()
+                if row is not None:
+                    self._changed(conn, row)
         if row is None:
             row = self._enqueue_in_transaction(task_id, queue, priority)
-        return self.enqueued(row)
+        return row_to_record(row)
 
     def enqueue_statement(
         self: SqlBackend, task_id: str, queue: str | None, priority: int | None, *, current: Any = None
@@ -206,11 +207,6 @@ class QueueingMixin:
         """The statement reading a task's status and queue (for `enqueue_statement`)."""
         return _SELECT_STATUS_AND_QUEUE, {"id": task_id}
 
-    def enqueued(self: SqlBackend, row: Any) -> TaskRecord:
-        """The record of a task row just enqueued; wakes this process's waiting claimers."""
-        self._listener.fire(row.queue)
-        return row_to_record(row)
-
     def _enqueue_in_transaction(
         self: SqlBackend, task_id: str, queue: str | None, priority: int | None
     ) -> sa.Row:
@@ -233,7 +229,7 @@ class QueueingMixin:
             row = conn.execute(_enqueue_update(rerun=rerun), params).first()
             if row is None:  # cannot happen while we hold the row; say so if it does
                 raise ConflictError(f"task {task_id} changed while being enqueued; try again")
-            return row
+            return self._changed(conn, row)
 
     def dequeue(self: SqlBackend, task_id: str) -> TaskRecord:
         """Take a queued task off its queue, back to created."""
@@ -269,32 +265,28 @@ class QueueingMixin:
         if not isinstance(wait_s, int | float) or not 0 <= wait_s <= MAX_CLAIM_WAIT_S:
             raise InvalidInputError(f"wait_s must be in [0, {MAX_CLAIM_WAIT_S:.0f}], got {wait_s!r}", field="wait_s")
         self._require_queues(queues)
-        if wait_s > 0:
-            self._listener.listen()  # wake up on enqueues by other processes too
         deadline = time.monotonic() + wait_s
-        polling = False
-        while True:
-            generation = self._work_generation
+        if wait_s <= 0:
             self.sweep_expired_leases_if_due()
-            record = self._try_claim(queues, worker_id, lease_s, look_first=polling)
-            polling = True
-            remaining = deadline - time.monotonic()
-            if record is not None or remaining <= 0:
-                return record
-            with self._work_arrived:
-                if self._work_generation == generation:
-                    self._work_arrived.wait(min(remaining, CLAIM_POLL_INTERVAL_S))
+            return self._try_claim(queues, worker_id, lease_s, look_first=False)
+        with self._notifier.watch(queue_key(q) for q in queues) as watch:
+            polling = False
+            while True:
+                self.sweep_expired_leases_if_due()
+                record = self._try_claim(queues, worker_id, lease_s, look_first=polling)
+                polling = True
+                remaining = deadline - time.monotonic()
+                if record is not None or remaining <= 0:
+                    return record
+                watch.wait(min(remaining, self._notifier.poll_interval_s))
 
-    _work_generation = 0
-
-    def _wake_waiters(self: SqlBackend, _queue: str) -> None:
-        with self._work_arrived:
-            self._work_generation += 1
-            self._work_arrived.notify_all()
-
-    def add_enqueue_listener(self: SqlBackend, callback: Any) -> None:
+    def add_enqueue_listener(self: SqlBackend, callback: Callable[[str], None]) -> None:
         """Call `callback(queue_name)` after each enqueue (other processes too on PostgreSQL)."""
-        self._listener.add(callback)
+        self._notifier.add_enqueue_listener(callback)
+
+    def remove_enqueue_listener(self: SqlBackend, callback: Callable[[str], None]) -> None:
+        """Stop calling a callback given to `add_enqueue_listener`."""
+        self._notifier.remove_enqueue_listener(callback)
 
     def _try_claim(
         self: SqlBackend, queues: list[str], worker_id: str, lease_s: float, *, look_first: bool
@@ -310,7 +302,7 @@ class QueueingMixin:
                 claim_head, params = self.claim_statement(queue, worker_id, lease_s)
                 row = conn.execute(claim_head, params).first()
                 if row is not None:
-                    return row_to_record(row)
+                    return row_to_record(self._changed(conn, row))
         return None
 
     def claim_statement(

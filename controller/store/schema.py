@@ -14,8 +14,8 @@ Built so that each hot state change is ONE statement touching few pages:
   there is no index over every status, so finishing a task does not move index entries;
 - the status history is a column of `tasks` (`history`: one JSON line per change, each
   change appends its line in the same UPDATE), so a status change writes no other table;
-  on PostgreSQL a trigger on the change to `queued` sends the NOTIFY that wakes claimers
-  in other processes.
+  on PostgreSQL a trigger sends a NOTIFY for every status change (task id, status,
+  queue), which wakes claimers and status waiters in other processes (`notify`).
 
 The schema version is recorded in `meta`; `SCHEMA_VERSION` and `MIGRATIONS` upgrade an
 older database in place.
@@ -31,10 +31,10 @@ import sqlalchemy as sa
 from controller.store.records import dumps
 
 #: Version of the schema this code writes. Bump it and add a migration on change.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-#: PostgreSQL channel carrying the names of queues that got a task.
-NOTIFY_CHANNEL = "conveyor_enqueue"
+#: PostgreSQL channel carrying every status change: {"id", "status", "queue"} as JSON.
+NOTIFY_CHANNEL = "conveyor_task_status"
 QUEUED = "queued"
 #: Statuses in which a worker owns a task (it holds a lease).
 ACTIVE_STATUSES = ("in_progress", "stopping")
@@ -180,19 +180,20 @@ def parse_history(text: str) -> list[dict[str, object]]:
 
 # ------------------------------------------------------------------ triggers
 #: dialect → DDL statements creating the triggers of `tasks`: on PostgreSQL, the NOTIFY
-#: of each enqueue (SQLite has no cross-process notification; waiters poll).
+#: of each status change (SQLite has no cross-process notification; waiters poll).
 TRIGGER_DDL: dict[str, tuple[str, ...]] = {
     "postgresql": (
-        f"""CREATE OR REPLACE FUNCTION conveyor_task_enqueued() RETURNS trigger
+        f"""CREATE OR REPLACE FUNCTION conveyor_task_status_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.queue);
+    PERFORM pg_notify('{NOTIFY_CHANNEL}',
+        json_build_object('id', NEW.id, 'status', NEW.status, 'queue', NEW.queue)::text);
     RETURN NULL;
 END
 $$""",
-        "DROP TRIGGER IF EXISTS tasks_enqueued ON tasks",
-        f"CREATE TRIGGER tasks_enqueued AFTER UPDATE OF status ON tasks FOR EACH ROW "
-        f"WHEN (NEW.status = '{QUEUED}') EXECUTE FUNCTION conveyor_task_enqueued()",
+        "DROP TRIGGER IF EXISTS tasks_status_changed ON tasks",
+        "CREATE TRIGGER tasks_status_changed AFTER UPDATE OF status ON tasks FOR EACH ROW "
+        "WHEN (NEW.status IS DISTINCT FROM OLD.status) EXECUTE FUNCTION conveyor_task_status_changed()",
     ),
 }
 
@@ -251,5 +252,14 @@ def _migrate_1_to_2(conn: sa.Connection) -> None:
     create_triggers(conn)
 
 
+def _migrate_2_to_3(conn: sa.Connection) -> None:
+    """Version 2 notified only enqueues (the queue name on `conveyor_enqueue`); version 3
+    notifies every status change. Swap the trigger (PostgreSQL only)."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS tasks_enqueued ON tasks")
+        conn.exec_driver_sql("DROP FUNCTION IF EXISTS conveyor_task_enqueued()")
+    create_triggers(conn)
+
+
 #: from-version → function upgrading a connection in a transaction to from-version + 1.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}

@@ -17,7 +17,6 @@ import contextlib
 import functools
 import json
 import math
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,7 +50,7 @@ from controller.store.engine import (
     normalize_url,
     unavailable_as_conveyor_error,
 )
-from controller.store.notify import EnqueueListener
+from controller.store.notify import Notifier, StatusEvent, task_key
 from controller.store.queueing import QueueingMixin
 from controller.store.records import (
     body_of,
@@ -65,8 +64,8 @@ from controller.transitions import Operation, Transition, report_transition, tra
 T = schema.tasks
 MAX_QUERY_LIMIT = 10_000
 _ACTIVE = schema.ACTIVE_STATUSES
-#: How often `wait_for_status_change` re-reads the statuses it follows (one indexed query).
-STATUS_POLL_INTERVAL_S = 0.01
+#: `conn.info` key of the status events of a connection's uncommitted changes.
+_EVENTS = "conveyor_status_events"
 # Definition parts merged key by key on edit (the rest is replaced whole).
 _MERGED_FIELDS = ("script", "container", "execution", "runtime", "configuration", "artifacts")
 
@@ -76,12 +75,10 @@ class SqlBackend(QueueingMixin, Backend):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._listener = EnqueueListener(normalize_url(url))
-        self._engines = create_engines(url, self._listener.own_backend_pids)
+        self._notifier = Notifier(normalize_url(url))
+        self._engines = create_engines(url, self._notifier.own_backend_pids)
         self.dialect = self._engines.transactions.dialect.name
         init_schema(self._engines.transactions)
-        self._work_arrived = threading.Condition()
-        self._listener.add(self._wake_waiters, listen=False)  # listens once a claim waits
         self._last_sweep = 0.0
         self._known_queues: dict[str, float] = {}
 
@@ -89,15 +86,34 @@ class SqlBackend(QueueingMixin, Backend):
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
         """A write transaction (BEGIN IMMEDIATE on SQLite); outages raise
-        BackendUnavailableError."""
-        with unavailable_as_conveyor_error(), self._engines.transactions.begin() as conn:
-            yield conn
+        BackendUnavailableError. Status changes are published once it committed."""
+        with unavailable_as_conveyor_error(), self._engines.transactions.connect() as conn:
+            conn.info[_EVENTS] = []
+            with conn.begin():
+                yield conn
+            events = conn.info.pop(_EVENTS)
+        self._publish(events)
 
     @contextlib.contextmanager
     def _direct(self) -> Iterator[sa.Connection]:
-        """An autocommit connection for one-statement operations."""
+        """An autocommit connection for one-statement operations (each change is
+        published: it committed with its statement)."""
         with unavailable_as_conveyor_error(), self._engines.autocommit.connect() as conn:
-            yield conn
+            conn.info[_EVENTS] = []
+            try:
+                yield conn
+            finally:
+                events = conn.info.pop(_EVENTS)
+                self._publish(events)
+
+    def _changed(self, conn: sa.Connection, row: sa.Row) -> sa.Row:
+        """Note that the task of `row` changed status (published after the commit)."""
+        conn.info[_EVENTS].append(StatusEvent(row.id, row.status, row.queue))
+        return row
+
+    def _publish(self, events: list[StatusEvent]) -> None:
+        for event in events:
+            self._notifier.publish(event)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sa.Connection]:
@@ -140,7 +156,7 @@ class SqlBackend(QueueingMixin, Backend):
         row = conn.execute(update, params).first()
         if row is None:
             self._explain_refusal(conn, task_id, step.target, worker_id)
-        return row
+        return self._changed(conn, row)
 
     def _explain_refusal(
         self, conn: sa.Connection, task_id: str, status: TaskStatus, worker_id: str | None
@@ -158,7 +174,7 @@ class SqlBackend(QueueingMixin, Backend):
 
     def close(self) -> None:
         """Release connections and stop the LISTEN thread."""
-        self._listener.close()
+        self._notifier.close()
         self._engines.dispose()
 
     # --------------------------------------------------------------- tasks
@@ -400,20 +416,27 @@ class SqlBackend(QueueingMixin, Backend):
         if not isinstance(wait_s, int | float) or not 0 <= wait_s <= MAX_CLAIM_WAIT_S:
             raise InvalidInputError(f"wait_s must be in [0, {MAX_CLAIM_WAIT_S:.0f}], got {wait_s!r}", field="wait_s")
         deadline = time.monotonic() + wait_s
-        while True:
-            with self._read() as conn:
-                current = {r.id: r.status for r in conn.execute(
-                    sa.select(T.c.id, T.c.status).where(T.c.id.in_(list(wanted))))}
-                missing = sorted(set(wanted) - set(current))
-                if missing:
-                    raise NotFoundError(f"no task with id {missing[0]!r}", field="known")
-                changed = [task_id for task_id, status in current.items() if status != wanted[task_id]]
-                if changed:
-                    return [row_to_record(r) for r in conn.execute(sa.select(*schema.RECORD_COLUMNS).where(T.c.id.in_(changed)))]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        with self._notifier.watch(task_key(task_id) for task_id in wanted) as watch:
+            while True:
+                changed = self._changed_statuses(wanted)
+                remaining = deadline - time.monotonic()
+                if changed or remaining <= 0:
+                    return changed
+                watch.wait(min(remaining, self._notifier.poll_interval_s))
+
+    def _changed_statuses(self, wanted: Mapping[str, str]) -> list[TaskRecord]:
+        """The tasks of `wanted` whose status differs from the one given."""
+        with self._read() as conn:
+            current = {r.id: r.status for r in conn.execute(
+                sa.select(T.c.id, T.c.status).where(T.c.id.in_(list(wanted))))}
+            missing = sorted(set(wanted) - set(current))
+            if missing:
+                raise NotFoundError(f"no task with id {missing[0]!r}", field="known")
+            changed = [task_id for task_id, status in current.items() if status != wanted[task_id]]
+            if not changed:
                 return []
-            time.sleep(min(remaining, STATUS_POLL_INTERVAL_S))
+            query = sa.select(*schema.RECORD_COLUMNS).where(T.c.id.in_(changed))
+            return [row_to_record(r) for r in conn.execute(query)]
 
     # ------------------------------------------------------- logs, scalars
     def append_log(self, task_id: str, lines: Sequence[LogLine | Mapping[str, Any] | str]) -> int:

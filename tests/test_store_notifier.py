@@ -1,0 +1,96 @@
+"""One notifier: every status change wakes waiters, in this process and (PostgreSQL,
+through the NOTIFY of every status change) in others."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from controller.store import SqlBackend
+from controller.store.engine import normalize_url
+from controller.store.schema import SCHEMA_VERSION
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+def _later(delay_s: float, action) -> threading.Timer:  # noqa: ANN001
+    timer = threading.Timer(delay_s, action)
+    timer.start()
+    return timer
+
+
+def test_a_status_wait_wakes_on_a_finish_reported_by_another_client(store_url: str) -> None:
+    here, elsewhere = SqlBackend(store_url), SqlBackend(store_url)
+    try:
+        task = here.create_task({"name": "t"})
+        here.enqueue(task.id)
+        assert here.claim(["default"], "w1") is not None
+        here.wait_for_status_change({task.id: "created"}, wait_s=0)  # warm up (LISTEN on PG)
+        time.sleep(0.3)
+        timer = _later(0.2, lambda: elsewhere.set_status(task.id, "completed", worker_id="w1"))
+        started = time.monotonic()
+        changed = here.wait_for_status_change({task.id: "in_progress"}, wait_s=10)
+        waited_s = time.monotonic() - started
+        timer.join()
+        assert [t.status.value for t in changed] == ["completed"]
+        assert waited_s < 0.2 + 0.3, f"woken {waited_s - 0.2:.3f} s after the change"
+    finally:
+        here.close()
+        elsewhere.close()
+
+
+def test_a_claim_in_this_process_wakes_at_once_on_an_enqueue_here(store_url: str) -> None:
+    store = SqlBackend(store_url)
+    try:
+        task = store.create_task({"name": "t"})
+        timer = _later(0.2, lambda: store.enqueue(task.id))
+        started = time.monotonic()
+        claimed = store.claim(["default"], "w1", wait_s=10)
+        waited_s = time.monotonic() - started
+        timer.join()
+        assert claimed is not None and claimed.id == task.id
+        assert waited_s < 0.2 + 0.1
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_a_version_2_store_gets_the_trigger_of_every_status_change(postgres_url: str) -> None:
+    SqlBackend(postgres_url).close()
+    engine = sa.create_engine(normalize_url(postgres_url))
+    with engine.begin() as conn:  # back to what version 2 had: a NOTIFY for enqueues only
+        conn.exec_driver_sql("DROP TRIGGER tasks_status_changed ON tasks")
+        conn.exec_driver_sql(
+            "CREATE FUNCTION conveyor_task_enqueued() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN PERFORM pg_notify('conveyor_enqueue', NEW.queue); RETURN NULL; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER tasks_enqueued AFTER UPDATE OF status ON tasks FOR EACH ROW "
+            "WHEN (NEW.status = 'queued') EXECUTE FUNCTION conveyor_task_enqueued()"
+        )
+        conn.exec_driver_sql("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    SqlBackend(postgres_url).close()
+    with engine.connect() as conn:
+        triggers = {r[0] for r in conn.exec_driver_sql(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'tasks'::regclass AND NOT tgisinternal")}
+        version = conn.exec_driver_sql("SELECT value FROM meta WHERE key = 'schema_version'").scalar()
+    engine.dispose()
+    assert triggers == {"tasks_status_changed"} and version == str(SCHEMA_VERSION)
+
+    store = SqlBackend(postgres_url)
+    try:
+        task = store.create_task({"name": "t"})
+        with psycopg.connect(postgres_url, autocommit=True) as listener:
+            listener.execute("LISTEN conveyor_task_status")
+            store.set_status(task.id, "failed", message="gave up")
+            notes = [n.payload for n in listener.notifies(timeout=2.0, stop_after=1)]
+        assert notes and f'"{task.id}"' in notes[0] and '"failed"' in notes[0]
+    finally:
+        store.close()
