@@ -1,4 +1,4 @@
-"""Queues, the atomic claim, workers, heartbeats and lease expiry for SqlBackend.
+"""Queues and claims.
 
 A task is in a queue exactly while it is `queued` (see `schema`). A claim is one UPDATE
 that picks the head of a queue in a subquery (highest priority, then lowest `queue_seq`)
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -28,66 +27,32 @@ from controller.errors import (
 )
 from controller.models import (
     DEFAULT_LEASE_S,
-    QUEUE_NAME_PATTERN,
-    HeartbeatReply,
     QueueInfo,
     StatusReason,
     TaskRecord,
     TaskStatus,
-    WorkerInfo,
-    check_worker_id,
 )
 from controller.store import schema
+from controller.store.core import StoreCore, check_lease, check_queue_name, check_worker
 from controller.store.notify import queue_key
 from controller.store.records import dumps, row_to_record
 from controller.store.status import guard, set_clause, status_columns
 from controller.transitions import Operation, transition
 
-if TYPE_CHECKING:  # pragma: no cover
-    from controller.store.sql import SqlBackend
-
 T = schema.tasks
-W = schema.workers
-
-#: Expired leases are swept at most this often by one client.
-LEASE_SWEEP_INTERVAL_S = 1.0
-MAX_LEASE_S = 86_400.0
 #: How long a client trusts that a queue it saw still exists (claims skip the look-up).
 KNOWN_QUEUE_TTL_S = 5.0
 #: The queue of a task enqueued without one that has none of its own.
 DEFAULT_QUEUE = "default"
-
-_queue_name_re = re.compile(QUEUE_NAME_PATTERN)
-
-
-def check_queue_name(name: Any) -> str:
-    """Return `name` if it is a valid queue name, else raise InvalidInputError."""
-    if not isinstance(name, str) or not _queue_name_re.match(name):
-        raise InvalidInputError(
-            f"invalid queue name {name!r}: 1-128 letters, digits, '_', '.', ':' or '-'",
-            field="queue",
-        )
-    return name
+#: Expired leases are swept at most this often by one client (before claims).
+LEASE_SWEEP_INTERVAL_S = 1.0
 
 
-def _check_lease(lease_s: Any) -> float:
-    if not isinstance(lease_s, int | float) or not 0 < lease_s <= MAX_LEASE_S:
-        raise InvalidInputError(f"lease_s must be in (0, {MAX_LEASE_S:.0f}], got {lease_s!r}", field="lease_s")
-    return float(lease_s)
 
+class QueueOperations(StoreCore):
+    """Queues, enqueue/dequeue and the atomic claim."""
 
-def _check_worker(worker_id: Any) -> str:
-    try:
-        return check_worker_id(worker_id)
-    except ValueError as exc:
-        raise InvalidInputError(str(exc), field="worker_id") from None
-
-
-class QueueingMixin:
-    """Queue, claim and worker operations of SqlBackend."""
-
-    # ---------------------------------------------------------------- queues
-    def create_queue(self: SqlBackend, name: str) -> QueueInfo:
+    def create_queue(self, name: str) -> QueueInfo:
         """Create a queue (ConflictError if it exists)."""
         check_queue_name(name)
         with self._write() as conn:
@@ -96,7 +61,7 @@ class QueueingMixin:
             conn.execute(schema.queues.insert().values(name=name, created_at=time.time()))
         return self.get_queue(name)
 
-    def _queue_infos(self: SqlBackend, conn: sa.Connection, name: str | None = None) -> list[QueueInfo]:
+    def _queue_infos(self, conn: sa.Connection, name: str | None = None) -> list[QueueInfo]:
         Q = schema.queues
         waiting = sa.and_(schema.IS_QUEUED, T.c.queue == Q.c.name)
         query = (
@@ -112,12 +77,12 @@ class QueueingMixin:
             for r in conn.execute(query)
         ]
 
-    def list_queues(self: SqlBackend) -> list[QueueInfo]:
+    def list_queues(self) -> list[QueueInfo]:
         """Every queue with its length, by name."""
         with self._read() as conn:
             return self._queue_infos(conn)
 
-    def get_queue(self: SqlBackend, name: str) -> QueueInfo:
+    def get_queue(self, name: str) -> QueueInfo:
         """One queue; NotFoundError if unknown."""
         with self._read() as conn:
             infos = self._queue_infos(conn, name)
@@ -125,28 +90,28 @@ class QueueingMixin:
             raise NotFoundError(f"no queue named {name!r}", field="queue")
         return infos[0]
 
-    def _require_queue(self: SqlBackend, conn: sa.Connection, name: str) -> None:
+    def _require_queue(self, conn: sa.Connection, name: str) -> None:
         """NotFoundError unless the queue exists."""
         check_queue_name(name)
         if conn.execute(_SELECT_QUEUE, {"name": name}).first() is None:
             raise NotFoundError(f"no queue named {name!r}", field="queue")
         self._known_queues[name] = time.monotonic()
 
-    def _require_queues(self: SqlBackend, names: Sequence[str]) -> None:
+    def _require_queues(self, names: Sequence[str]) -> None:
         """NotFoundError unless every queue exists; trusts a recent positive answer."""
-        unsure = self.unverified_queues(names)
+        unsure = self._unverified_queues(names)
         if unsure:
             with self._direct() as conn:
                 for name in unsure:
                     self._require_queue(conn, name)
 
-    def unverified_queues(self: SqlBackend, names: Sequence[str]) -> list[str]:
+    def _unverified_queues(self, names: Sequence[str]) -> list[str]:
         """The queues of `names` not seen to exist in the last `KNOWN_QUEUE_TTL_S` seconds
         (claims check those with the database)."""
         now = time.monotonic()
         return [n for n in names if now - self._known_queues.get(n, -1e9) >= KNOWN_QUEUE_TTL_S]
 
-    def delete_queue(self: SqlBackend, name: str, *, force: bool = False) -> None:
+    def delete_queue(self, name: str, *, force: bool = False) -> None:
         """Delete a queue; a non-empty queue needs `force` (its tasks go back to created)."""
         with self._write() as conn:
             self._require_queue(conn, name)
@@ -162,15 +127,15 @@ class QueueingMixin:
         self._known_queues.pop(name, None)
 
     def enqueue(
-        self: SqlBackend, task_id: str, queue: str | None = None, *, priority: int | None = None
+        self, task_id: str, queue: str | None = None, *, priority: int | None = None
     ) -> TaskRecord:
         """Put a created (or finished: a re-run) task on a queue (its own by default)."""
         current = row = None
         with self._direct() as conn:  # one connection for the look-up and the update
             if queue is None:  # which is its own queue, and is the task still created?
-                lookup, params = self.task_queue_statement(task_id)
+                lookup, params = self._task_queue_statement(task_id)
                 current = conn.execute(lookup, params).first()
-            fast = self.enqueue_statement(task_id, queue, priority, current=current)
+            fast = self._enqueue_statement(task_id, queue, priority, current=current)
             if fast is not None:
                 row = conn.execute(fast[0], fast[1]).first()
                 if row is not None:
@@ -179,14 +144,14 @@ class QueueingMixin:
             row = self._enqueue_in_transaction(task_id, queue, priority)
         return row_to_record(row)
 
-    def enqueue_statement(
-        self: SqlBackend, task_id: str, queue: str | None, priority: int | None, *, current: Any = None
+    def _enqueue_statement(
+        self, task_id: str, queue: str | None, priority: int | None, *, current: Any = None
     ) -> tuple[sa.Executable, dict[str, Any]] | None:
         """The one statement that enqueues in the common case (a created task onto an
         existing queue) and its parameters, or None when the common case cannot apply.
 
         With no `queue` named, the task goes on its own queue: `current` is then the
-        task's status and queue as `task_queue_statement` read them (None: no such task),
+        task's status and queue as `_task_queue_statement` read them (None: no such task),
         and the statement also checks that the task's queue is still that one.
 
         The statement returns the task's new row, or nothing when the common case does
@@ -203,12 +168,12 @@ class QueueingMixin:
         values = status_columns(_ENQUEUE, StatusReason.enqueued, f"enqueued on {queue}")
         return _enqueue_update(rerun=False, own=own), _enqueue_params(task_id, queue, priority, values)
 
-    def task_queue_statement(self: SqlBackend, task_id: str) -> tuple[sa.Executable, dict[str, Any]]:
-        """The statement reading a task's status and queue (for `enqueue_statement`)."""
+    def _task_queue_statement(self, task_id: str) -> tuple[sa.Executable, dict[str, Any]]:
+        """The statement reading a task's status and queue (for `_enqueue_statement`)."""
         return _SELECT_STATUS_AND_QUEUE, {"id": task_id}
 
     def _enqueue_in_transaction(
-        self: SqlBackend, task_id: str, queue: str | None, priority: int | None
+        self, task_id: str, queue: str | None, priority: int | None
     ) -> sa.Row:
         """Enqueue in general: the task's own queue, a re-run, or the precise refusal."""
         with self._write() as conn:
@@ -231,7 +196,7 @@ class QueueingMixin:
                 raise ConflictError(f"task {task_id} changed while being enqueued; try again")
             return self._changed(conn, row)
 
-    def dequeue(self: SqlBackend, task_id: str) -> TaskRecord:
+    def dequeue(self, task_id: str) -> TaskRecord:
         """Take a queued task off its queue, back to created."""
         with self._write() as conn:
             row = self._row(conn, task_id, for_update=True)
@@ -240,7 +205,7 @@ class QueueingMixin:
             row = self._change_status(conn, task_id, _DEQUEUE, StatusReason.dequeued, "dequeued")
             return row_to_record(row)
 
-    def queue_tasks(self: SqlBackend, name: str) -> list[TaskRecord]:
+    def queue_tasks(self, name: str) -> list[TaskRecord]:
         """The tasks waiting in a queue, in the order they will be claimed."""
         with self._read() as conn:
             self._require_queue(conn, name)
@@ -253,7 +218,7 @@ class QueueingMixin:
 
     # ----------------------------------------------------------------- claim
     def claim(
-        self: SqlBackend,
+        self,
         queues: Sequence[str],
         worker_id: str,
         *,
@@ -280,16 +245,27 @@ class QueueingMixin:
                     return record
                 watch.wait(min(remaining, self._notifier.poll_interval_s))
 
-    def add_enqueue_listener(self: SqlBackend, callback: Callable[[str], None]) -> None:
+    def sweep_expired_leases_if_due(self) -> None:
+        """Run `expire_leases` if it has not run in this client for a while."""
+        if not self._lease_sweep_due():
+            return
+        self._last_sweep = time.monotonic()
+        self.expire_leases()
+
+    def _lease_sweep_due(self) -> bool:
+        """True if `claim` would sweep expired leases first (see LEASE_SWEEP_INTERVAL_S)."""
+        return time.monotonic() - self._last_sweep >= LEASE_SWEEP_INTERVAL_S
+
+    def add_enqueue_listener(self, callback: Callable[[str], None]) -> None:
         """Call `callback(queue_name)` after each enqueue (other processes too on PostgreSQL)."""
         self._notifier.add_enqueue_listener(callback)
 
-    def remove_enqueue_listener(self: SqlBackend, callback: Callable[[str], None]) -> None:
+    def remove_enqueue_listener(self, callback: Callable[[str], None]) -> None:
         """Stop calling a callback given to `add_enqueue_listener`."""
         self._notifier.remove_enqueue_listener(callback)
 
     def _try_claim(
-        self: SqlBackend, queues: list[str], worker_id: str, lease_s: float, *, look_first: bool
+        self, queues: list[str], worker_id: str, lease_s: float, *, look_first: bool
     ) -> TaskRecord | None:
         """One claim attempt. `look_first`: check without locks that there is anything to
         take before writing (for repeated polls of likely-empty queues)."""
@@ -299,14 +275,14 @@ class QueueingMixin:
                 if conn.execute(_any_queued(len(queues)), params).first() is None:
                     return None
             for queue in queues:  # one statement per queue, in the given order
-                claim_head, params = self.claim_statement(queue, worker_id, lease_s)
+                claim_head, params = self._claim_statement(queue, worker_id, lease_s)
                 row = conn.execute(claim_head, params).first()
                 if row is not None:
                     return row_to_record(self._changed(conn, row))
         return None
 
-    def claim_statement(
-        self: SqlBackend, queue: str, worker_id: str, lease_s: float
+    def _claim_statement(
+        self, queue: str, worker_id: str, lease_s: float
     ) -> tuple[sa.Executable, dict[str, Any]]:
         """The one statement that claims the head of `queue` for `worker_id` and its
         parameters (arguments checked by `check_claim`). It returns the claimed task's
@@ -320,132 +296,6 @@ class QueueingMixin:
         params["queue_name"] = queue
         return _claim_head(self.dialect == "postgresql"), params
 
-    # ----------------------------------------------------------------- leases
-    def sweep_expired_leases_if_due(self: SqlBackend) -> None:
-        """Run `expire_leases` if it has not run in this client for a while."""
-        if not self.lease_sweep_due():
-            return
-        self._last_sweep = time.monotonic()
-        self.expire_leases()
-
-    def lease_sweep_due(self: SqlBackend) -> bool:
-        """True if `claim` would sweep expired leases first (see LEASE_SWEEP_INTERVAL_S)."""
-        return time.monotonic() - self._last_sweep >= LEASE_SWEEP_INTERVAL_S
-
-    def expire_leases(self: SqlBackend) -> list[str]:
-        """Fail every active task whose lease expired; returns their ids."""
-        now = time.time()
-        expired = sa.and_(schema.IS_ACTIVE, T.c.lease_expires_at < now)
-        with self._read() as conn:
-            if conn.execute(sa.select(T.c.id).where(expired).limit(1)).first() is None:
-                return []
-        done: list[str] = []
-        with self._write() as conn:
-            query = sa.select(T).where(expired)
-            if self.dialect == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            for row in conn.execute(query).all():
-                target = TaskStatus.failed if row.status == TaskStatus.in_progress.value else TaskStatus.stopped
-                self._change_status(
-                    conn, row.id, transition(Operation.expire, target), StatusReason.lease_expired,
-                    f"worker {row.worker} was lost: no heartbeat for "
-                    f"{now - row.lease_expires_at:.1f} s after its lease expired",
-                )
-                done.append(row.id)
-        return done
-
-    # ---------------------------------------------------------------- workers
-    def register_worker(
-        self: SqlBackend, worker_id: str, *, hostname: str = "", queues: Sequence[str] = (), slots: int = 1
-    ) -> WorkerInfo:
-        """Register (or re-register) a worker."""
-        _check_worker(worker_id)
-        if isinstance(queues, str):
-            raise InvalidInputError("queues must be a list of queue names", field="queues")
-        queue_names = [check_queue_name(q) for q in queues]
-        if not isinstance(slots, int) or not 1 <= slots <= 10_000:
-            raise InvalidInputError(f"slots must be an integer in 1..10000, got {slots!r}", field="slots")
-        if not isinstance(hostname, str) or len(hostname) > 256:
-            raise InvalidInputError("hostname must be a string of at most 256 characters", field="hostname")
-        now = time.time()
-        values = dict(hostname=hostname, queues=dumps(queue_names), slots=slots, last_seen=now)
-        with self._write() as conn:
-            if conn.execute(sa.select(W.c.id).where(W.c.id == worker_id)).first():
-                conn.execute(W.update().where(W.c.id == worker_id).values(registered_at=now, **values))
-            else:
-                conn.execute(W.insert().values(id=worker_id, registered_at=now, resources="{}", **values))
-        return self._worker_info(worker_id)
-
-    def heartbeat(
-        self: SqlBackend,
-        worker_id: str,
-        *,
-        resources: Mapping[str, Any] | None = None,
-        current_tasks: Sequence[str] | None = None,
-        lease_s: float = DEFAULT_LEASE_S,
-    ) -> HeartbeatReply:
-        """Mark a worker alive, extend the leases of its tasks, return tasks to abort.
-
-        Tasks to abort: those of this worker in status stopping, and any task the worker
-        says it runs that it no longer holds (lease expired, reset, deleted).
-        """
-        _check_worker(worker_id)
-        lease_s = _check_lease(lease_s)
-        if resources is not None and not isinstance(resources, Mapping):
-            raise InvalidInputError("resources must be an object", field="resources")
-        if current_tasks is not None and (isinstance(current_tasks, str) or not isinstance(current_tasks, Sequence)):
-            raise InvalidInputError("current_tasks must be a list of task ids", field="current_tasks")
-        now = time.time()
-        with self._write() as conn:
-            if conn.execute(sa.select(W.c.id).where(W.c.id == worker_id)).first() is None:
-                raise NotFoundError(f"no worker {worker_id!r} is registered", field="worker_id")
-            values: dict[str, Any] = {"last_seen": now}
-            if resources is not None:
-                values["resources"] = dumps(dict(resources))
-            conn.execute(W.update().where(W.c.id == worker_id).values(**values))
-            mine = sa.and_(T.c.worker == worker_id, schema.IS_ACTIVE)
-            conn.execute(T.update().where(mine).values(lease_expires_at=now + lease_s))
-            abort = {r.id for r in conn.execute(sa.select(T.c.id).where(mine, T.c.status == TaskStatus.stopping.value))}
-            if current_tasks:
-                held = {r.id for r in conn.execute(sa.select(T.c.id).where(mine, T.c.id.in_(list(current_tasks))))}
-                abort |= set(current_tasks) - held
-        return HeartbeatReply(abort=sorted(abort), lease_s=lease_s)
-
-    def unregister_worker(self: SqlBackend, worker_id: str) -> None:
-        """Forget a worker (its tasks keep their leases until they expire)."""
-        with self._write() as conn:
-            if conn.execute(W.delete().where(W.c.id == worker_id)).rowcount == 0:
-                raise NotFoundError(f"no worker {worker_id!r} is registered", field="worker_id")
-
-    def _worker_info(self: SqlBackend, worker_id: str) -> WorkerInfo:
-        infos = self._worker_infos(worker_id)
-        if not infos:
-            raise NotFoundError(f"no worker {worker_id!r} is registered", field="worker_id")
-        return infos[0]
-
-    def _worker_infos(self: SqlBackend, worker_id: str | None = None) -> list[WorkerInfo]:
-        with self._read() as conn:
-            query = sa.select(W).order_by(W.c.id)
-            if worker_id is not None:
-                query = query.where(W.c.id == worker_id)
-            rows = conn.execute(query).all()
-            running: dict[str, list[str]] = {}
-            active = sa.select(T.c.worker, T.c.id).where(schema.IS_ACTIVE, T.c.worker.isnot(None))
-            for r in conn.execute(active.order_by(T.c.started_at)):
-                running.setdefault(r.worker, []).append(r.id)
-        return [
-            WorkerInfo(
-                id=r.id, hostname=r.hostname, queues=json.loads(r.queues), slots=r.slots,
-                registered_at=r.registered_at, last_seen=r.last_seen,
-                resources=json.loads(r.resources), current_tasks=running.get(r.id, []),
-            )
-            for r in rows
-        ]
-
-    def list_workers(self: SqlBackend) -> list[WorkerInfo]:
-        """Registered workers with last-seen time and current tasks."""
-        return self._worker_infos()
-
 
 def check_claim(queues: Any, worker_id: Any, lease_s: Any) -> tuple[list[str], float]:
     """The claim's queue names (without repeats, in order) and lease, checked.
@@ -453,8 +303,8 @@ def check_claim(queues: Any, worker_id: Any, lease_s: Any) -> tuple[list[str], f
     if isinstance(queues, str) or not isinstance(queues, Sequence) or not queues:
         raise InvalidInputError("queues must be a non-empty list of queue names", field="queues")
     names = list(dict.fromkeys(check_queue_name(q) for q in queues))
-    _check_worker(worker_id)
-    return names, _check_lease(lease_s)
+    check_worker(worker_id)
+    return names, check_lease(lease_s)
 
 
 def _queue_params(count: int) -> list[sa.BindParameter]:

@@ -1,0 +1,127 @@
+"""Logs and scalars of tasks."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from controller.errors import (
+    InvalidInputError,
+    NotFoundError,
+)
+from controller.models import (
+    MAX_INT64,
+    MAX_LOG_LINES_PER_CALL,
+    LogLine,
+    Scalar,
+)
+from controller.store import schema
+from controller.store.core import StoreCore
+from controller.store.records import validate
+
+T = schema.tasks
+
+
+class LogOperations(StoreCore):
+    """A task's log lines and reported scalars."""
+
+    def append_log(self, task_id: str, lines: Sequence[LogLine | Mapping[str, Any] | str]) -> int:
+        """Append lines to a task's log; returns the log's new length in lines."""
+        if isinstance(lines, str | bytes) or not isinstance(lines, Sequence):
+            raise InvalidInputError("lines must be a list", field="lines")
+        if len(lines) > MAX_LOG_LINES_PER_CALL:
+            raise InvalidInputError(
+                f"at most {MAX_LOG_LINES_PER_CALL} log lines per call, got {len(lines)}",
+                field="lines",
+            )
+        now = time.time()
+        parsed = [
+            validate(LogLine, {"line": item} if isinstance(item, str) else item, what=f"lines.{i}")
+            for i, item in enumerate(lines)
+        ]
+        with self._write() as conn:
+            total = conn.execute(
+                T.update()
+                .where(T.c.id == task_id)
+                .values(log_lines=T.c.log_lines + len(parsed))
+                .returning(T.c.log_lines)
+            ).scalar()
+            if total is None:
+                raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+            if parsed:
+                first = total - len(parsed)
+                conn.execute(
+                    schema.log_lines.insert(),
+                    [
+                        dict(
+                            task_id=task_id,
+                            n=first + i,
+                            timestamp=item.timestamp or now,
+                            stream=item.stream[:16],
+                            line=item.line,
+                        )
+                        for i, item in enumerate(parsed)
+                    ],
+                )
+            return int(total)
+
+    def get_log(
+        self, task_id: str, *, offset: int = 0, limit: int | None = None, tail: int | None = None
+    ) -> list[LogLine]:
+        """Lines from line number `offset` on (at most `limit`), or the last `tail` lines."""
+        L = schema.log_lines
+        for name, value in (("offset", offset), ("limit", limit), ("tail", tail)):
+            if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_INT64):
+                raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}", field=name)
+        with self._read() as conn:
+            total = conn.execute(sa.select(T.c.log_lines).where(T.c.id == task_id)).scalar()
+            if total is None:
+                raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+            if tail is not None:
+                offset = max(offset, total - tail)
+            query = sa.select(L).where(L.c.task_id == task_id, L.c.n >= offset).order_by(L.c.n)
+            if limit is not None:
+                query = query.limit(limit)
+            return [
+                LogLine(line=r.line, stream=r.stream, timestamp=r.timestamp, n=r.n)
+                for r in conn.execute(query)
+            ]
+
+    def report_scalars(self, task_id: str, scalars: Sequence[Scalar | Mapping[str, Any]]) -> None:
+        """Record scalar values (title, series, iteration, value)."""
+        if not isinstance(scalars, Sequence):
+            raise InvalidInputError("scalars must be a list", field="scalars")
+        now = time.time()
+        parsed = [validate(Scalar, s, what=f"scalars.{i}") for i, s in enumerate(scalars)]
+        with self._write() as conn:
+            self._row(conn, task_id)
+            if parsed:
+                conn.execute(
+                    schema.scalars.insert(),
+                    [dict(task_id=task_id, title=s.title, series=s.series, iteration=s.iteration,
+                          value=None if math.isnan(s.value) else s.value,  # SQL stores NaN as NULL
+                          timestamp=s.timestamp or now) for s in parsed],
+                )
+
+    def get_scalars(
+        self, task_id: str, *, title: str | None = None, series: str | None = None
+    ) -> list[Scalar]:
+        """Scalars of a task, ordered by title, series, iteration."""
+        S = schema.scalars
+        query = sa.select(S).where(S.c.task_id == task_id)
+        if title is not None:
+            query = query.where(S.c.title == title)
+        if series is not None:
+            query = query.where(S.c.series == series)
+        query = query.order_by(S.c.title, S.c.series, S.c.iteration, S.c.id)
+        with self._read() as conn:
+            self._row(conn, task_id)
+            return [
+                Scalar(title=r.title, series=r.series, iteration=r.iteration,
+                       value=math.nan if r.value is None else r.value, timestamp=r.timestamp)
+                for r in conn.execute(query)
+            ]

@@ -1,0 +1,345 @@
+"""Task operations of the store: create, read, query, edit, clone, delete, status
+reports, abort, reset and waiting for status changes."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from controller.backend import _UNSET, MAX_CLAIM_WAIT_S, MAX_WATCHED_TASKS
+from controller.errors import (
+    ConflictError,
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+)
+from controller.models import (
+    EDITABLE_FIELDS,
+    MAX_INT64,
+    StatusChange,
+    StatusReason,
+    TaskRecord,
+    TaskSpec,
+    TaskStatus,
+)
+from controller.store import schema
+from controller.store.core import _SELECT_TASK_WITH_HISTORY, StoreCore, check_status
+from controller.store.notify import task_key
+from controller.store.records import body_of, dumps, row_to_record, validate
+from controller.transitions import Operation, report_transition, transition
+
+T = schema.tasks
+MAX_QUERY_LIMIT = 10_000
+# Definition parts merged key by key on edit (the rest is replaced whole).
+_MERGED_FIELDS = ("script", "container", "execution", "runtime", "configuration", "artifacts")
+
+
+class TaskOperations(StoreCore):
+    """Tasks and their status changes."""
+
+    def create_task(self, spec: TaskSpec | Mapping[str, Any]) -> TaskRecord:
+        """Create a task in status created and return it."""
+        spec = validate(TaskSpec, spec)
+        task_id = uuid.uuid4().hex
+        now = time.time()
+        data = spec.model_dump(mode="json")
+        body = body_of(data)
+        body["runtime"] = {}
+        with self._write() as conn:
+            if spec.parent:
+                self._row(conn, spec.parent)  # the parent must exist
+            conn.execute(
+                T.insert().values(
+                    id=task_id,
+                    name=spec.name,
+                    project=spec.project,
+                    type=spec.type.value,
+                    parent=spec.parent,
+                    status=TaskStatus.created.value,
+                    status_reason=StatusReason.created,
+                    status_message="",
+                    attempt=0,
+                    log_lines=0,
+                    created_at=now,
+                    updated_at=now,
+                    queue=spec.execution.queue or None,
+                    priority=spec.execution.priority,
+                    body=dumps(body),
+                    history=schema.history_line(TaskStatus.created.value, StatusReason.created, "", now),
+                )
+            )
+            self._write_tags(conn, task_id, spec.tags)
+            return self._fetch(conn, task_id)
+
+    def _write_tags(self, conn: sa.Connection, task_id: str, tags: Sequence[str]) -> None:
+        conn.execute(schema.task_tags.delete().where(schema.task_tags.c.task_id == task_id))
+        if tags:
+            conn.execute(schema.task_tags.insert(), [{"task_id": task_id, "tag": t} for t in tags])
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        """Return one task with its status history; NotFoundError if there is none."""
+        with self._direct() as conn:
+            row = conn.execute(_SELECT_TASK_WITH_HISTORY, {"id": task_id}).first()
+        if row is None:
+            raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+        record = row_to_record(row)
+        record.status_history = [StatusChange.model_validate(h) for h in schema.parse_history(row.history)]
+        return record
+
+    def query_tasks(
+        self,
+        *,
+        project: str | None = None,
+        name: str | None = None,
+        status: Sequence[TaskStatus | str] | TaskStatus | str | None = None,
+        tags: Sequence[str] | None = None,
+        parent: str | None = None,
+        type: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRecord]:
+        """Tasks matching every given filter (all `tags` present), newest first."""
+        if not isinstance(limit, int) or not 0 < limit <= MAX_QUERY_LIMIT:
+            raise InvalidInputError(f"limit must be 1..{MAX_QUERY_LIMIT}, got {limit!r}", field="limit")
+        if not isinstance(offset, int) or not 0 <= offset <= MAX_INT64:
+            raise InvalidInputError(f"offset must be an integer >= 0, got {offset!r}", field="offset")
+        if isinstance(tags, str):
+            tags = [tags]
+        query = sa.select(*schema.RECORD_COLUMNS)
+        if project is not None:
+            query = query.where(T.c.project == project)
+        if name is not None:
+            query = query.where(T.c.name == name)
+        if status:
+            statuses = [status] if isinstance(status, str | TaskStatus) else list(status)
+            try:
+                values = [TaskStatus(s).value for s in statuses]
+            except ValueError as exc:
+                raise InvalidInputError(f"unknown status: {exc}", field="status") from None
+            query = query.where(T.c.status.in_(values))
+        for tag in tags or ():
+            query = query.where(
+                T.c.id.in_(sa.select(schema.task_tags.c.task_id).where(schema.task_tags.c.tag == tag))
+            )
+        if parent is not None:
+            query = query.where(T.c.parent == parent)
+        if type is not None:
+            query = query.where(T.c.type == type)
+        query = query.order_by(T.c.created_at.desc(), T.c.id).limit(limit).offset(offset)
+        with self._read() as conn:
+            return [row_to_record(row) for row in conn.execute(query)]
+
+    def edit_task(
+        self, task_id: str, changes: Mapping[str, Any], *, force: bool = False
+    ) -> TaskRecord:
+        """Change definition fields of a created task (any status with `force`)."""
+        if not isinstance(changes, Mapping):
+            raise InvalidInputError("changes must be an object of field: value", field="changes")
+        unknown = sorted(set(changes) - EDITABLE_FIELDS)
+        if unknown:
+            raise InvalidInputError(
+                f"cannot edit field(s) {', '.join(unknown)}: editable fields are "
+                f"{', '.join(sorted(EDITABLE_FIELDS))}",
+                field=unknown[0],
+            )
+        with self._write() as conn:
+            row = self._row(conn, task_id, for_update=True)
+            if row.status != TaskStatus.created.value and not force:
+                raise ConflictError(
+                    f"task {task_id} is {row.status}: only a task in status created can be "
+                    "edited (reset it first)",
+                    field="status",
+                )
+            current = row_to_record(row).model_dump(mode="json")
+            merged = _merge_changes(current, changes)
+            spec = validate(TaskSpec, {k: merged[k] for k in TaskSpec.model_fields})
+            record = validate(TaskRecord, {**merged, **spec.model_dump(mode="json")})
+            if spec.parent and spec.parent != row.parent:
+                self._row(conn, spec.parent)
+            data = record.model_dump(mode="json")
+            conn.execute(
+                T.update()
+                .where(T.c.id == task_id)
+                .values(
+                    name=spec.name,
+                    project=spec.project,
+                    type=spec.type.value,
+                    parent=spec.parent,
+                    updated_at=time.time(),
+                    body=dumps(body_of(data)),
+                    # A queued task (forced edit) keeps its place; others take the new queue.
+                    **(
+                        {}
+                        if row.status == TaskStatus.queued.value
+                        else dict(queue=spec.execution.queue or None, priority=spec.execution.priority)
+                    ),
+                )
+            )
+            if "tags" in changes:
+                self._write_tags(conn, task_id, spec.tags)
+            return self._fetch(conn, task_id)
+
+    def clone_task(
+        self,
+        task_id: str,
+        *,
+        name: str | None = None,
+        project: str | None = None,
+        parent: str | None = _UNSET,
+    ) -> TaskRecord:
+        """A copy of the task's definition with a new id, in status created."""
+        source = self.get_task(task_id)
+        data = source.model_dump(mode="json", include=set(TaskSpec.model_fields))
+        if name is not None:
+            data["name"] = name
+        if project is not None:
+            data["project"] = project
+        if parent is not _UNSET:
+            data["parent"] = parent
+        return self.create_task(data)
+
+    def delete_task(self, task_id: str, *, force: bool = False) -> None:
+        """Delete a task with its log, scalars and queue entry."""
+        with self._write() as conn:
+            row = self._row(conn, task_id, for_update=True)
+            if TaskStatus(row.status).is_active and not force:
+                raise ConflictError(
+                    f"task {task_id} is {row.status}: abort it first, or delete with force",
+                    field="status",
+                )
+            for table in (schema.task_tags, schema.log_lines, schema.scalars):
+                conn.execute(table.delete().where(table.c.task_id == task_id))
+            conn.execute(T.delete().where(T.c.id == task_id))
+
+    def set_status(
+        self,
+        task_id: str,
+        status: TaskStatus | str,
+        *,
+        reason: str = "",
+        message: str = "",
+        worker_id: str | None = None,
+    ) -> TaskRecord:
+        """Move a task to `status` if the status rules allow it (`controller.transitions`).
+
+        `queued` enqueues; `created` takes a queued task off its queue and is refused
+        for a finished task (resetting one is `reset_task`, never a status report)."""
+        status = check_status(status)
+        if status == TaskStatus.queued:
+            return self.enqueue(task_id)
+        step = report_transition(status)
+        assert step is not None  # every status but queued has one
+        with self._direct() as conn:
+            row = self._change_status(
+                conn, task_id, step, reason or status.value, message, worker_id=worker_id
+            )
+        return row_to_record(row)
+
+    def abort_task(self, task_id: str, *, message: str = "") -> TaskRecord:
+        """Abort: created/queued → stopped; in_progress → stopping; stopping stays."""
+        with self._write() as conn:
+            current = TaskStatus(self._row(conn, task_id, for_update=True).status)
+            if current == TaskStatus.stopping:
+                return self._fetch(conn, task_id)
+            if current == TaskStatus.in_progress:
+                step = transition(Operation.abort, TaskStatus.stopping)
+                row = self._change_status(
+                    conn, task_id, step, StatusReason.abort_requested, message or "abort requested"
+                )
+            else:
+                step = transition(Operation.abort, TaskStatus.stopped)
+                row = self._change_status(conn, task_id, step, StatusReason.aborted, message or "aborted")
+            return row_to_record(row)
+
+    def reset_task(self, task_id: str) -> TaskRecord:
+        """Back to created, clearing log, scalars, artifacts, output models and runtime."""
+        step = transition(Operation.reset, TaskStatus.created)
+        with self._write() as conn:
+            row = self._row(conn, task_id, for_update=True)
+            if TaskStatus(row.status) not in step.sources:
+                raise IllegalTransitionError(row.status, TaskStatus.created.value, task_id)
+            body = json.loads(row.body)
+            body["runtime"] = {}
+            body["artifacts"] = {}
+            body.setdefault("models", {})["output"] = []
+            for table in (schema.log_lines, schema.scalars):
+                conn.execute(table.delete().where(table.c.task_id == row.id))
+            row = self._change_status(conn, row.id, step, StatusReason.reset, "reset", body=body)
+            return row_to_record(row)
+
+    def wait_for_status_change(
+        self, known: Mapping[str, TaskStatus | str], *, wait_s: float = 0.0
+    ) -> list[TaskRecord]:
+        """Tasks of `known` whose status differs from the one given; waits up to `wait_s`."""
+        wanted = _check_known(known)
+        if not isinstance(wait_s, int | float) or not 0 <= wait_s <= MAX_CLAIM_WAIT_S:
+            raise InvalidInputError(f"wait_s must be in [0, {MAX_CLAIM_WAIT_S:.0f}], got {wait_s!r}", field="wait_s")
+        deadline = time.monotonic() + wait_s
+        with self._notifier.watch(task_key(task_id) for task_id in wanted) as watch:
+            while True:
+                changed = self._changed_statuses(wanted)
+                remaining = deadline - time.monotonic()
+                if changed or remaining <= 0:
+                    return changed
+                watch.wait(min(remaining, self._notifier.poll_interval_s))
+
+    def _changed_statuses(self, wanted: Mapping[str, str]) -> list[TaskRecord]:
+        """The tasks of `wanted` whose status differs from the one given."""
+        with self._read() as conn:
+            current = {r.id: r.status for r in conn.execute(
+                sa.select(T.c.id, T.c.status).where(T.c.id.in_(list(wanted))))}
+            missing = sorted(set(wanted) - set(current))
+            if missing:
+                raise NotFoundError(f"no task with id {missing[0]!r}", field="known")
+            changed = [task_id for task_id, status in current.items() if status != wanted[task_id]]
+            if not changed:
+                return []
+            query = sa.select(*schema.RECORD_COLUMNS).where(T.c.id.in_(changed))
+            return [row_to_record(r) for r in conn.execute(query)]
+
+
+def _check_known(known: Any) -> dict[str, str]:
+    """Validate the `known` argument of wait_for_status_change: {task id: status}."""
+    if not isinstance(known, Mapping) or not known:
+        raise InvalidInputError("known must be a non-empty object of task id: status", field="known")
+    if len(known) > MAX_WATCHED_TASKS:
+        raise InvalidInputError(f"at most {MAX_WATCHED_TASKS} tasks can be followed at once", field="known")
+    try:
+        return {str(task_id): TaskStatus(status).value for task_id, status in known.items()}
+    except ValueError as exc:
+        raise InvalidInputError(f"known: {exc}", field="known") from None
+
+
+def _merge_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply edit changes to a json-mode record: nested parts merged, others replaced.
+
+    A key set to None inside a merged part (e.g. an artifact) removes it.
+    """
+    merged = dict(current)
+    for key, value in changes.items():
+        if key in _MERGED_FIELDS and isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            part = dict(merged[key])
+            for k, v in value.items():
+                if v is None and key in ("artifacts", "configuration"):
+                    part.pop(k, None)
+                else:
+                    part[k] = v
+            merged[key] = part
+        elif key == "hyperparams" and isinstance(value, Mapping):
+            sections = {s: dict(p) for s, p in merged.get("hyperparams", {}).items()}
+            for section, params in value.items():
+                if params is None:
+                    sections.pop(section, None)
+                elif isinstance(params, Mapping):
+                    sections.setdefault(section, {}).update(params)
+                else:
+                    sections[section] = params  # let validation name the bad section
+            merged["hyperparams"] = sections
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,152 @@
+"""Workers, heartbeats and leases.
+
+A claim gives the claiming worker a lease on the task; heartbeats extend it; a task
+whose lease ran out is failed (`expire_leases`), so a lost worker never holds a task
+forever.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from controller.errors import (
+    InvalidInputError,
+    NotFoundError,
+)
+from controller.models import (
+    DEFAULT_LEASE_S,
+    HeartbeatReply,
+    StatusReason,
+    TaskStatus,
+    WorkerInfo,
+)
+from controller.store import schema
+from controller.store.core import StoreCore, check_lease, check_queue_name, check_worker
+from controller.store.records import dumps
+from controller.transitions import Operation, transition
+
+T = schema.tasks
+W = schema.workers
+
+
+class WorkerOperations(StoreCore):
+    """Workers, heartbeats and lease expiry."""
+
+    def expire_leases(self) -> list[str]:
+        """Fail every active task whose lease expired; returns their ids."""
+        now = time.time()
+        expired = sa.and_(schema.IS_ACTIVE, T.c.lease_expires_at < now)
+        with self._read() as conn:
+            if conn.execute(sa.select(T.c.id).where(expired).limit(1)).first() is None:
+                return []
+        done: list[str] = []
+        with self._write() as conn:
+            query = sa.select(T).where(expired)
+            if self.dialect == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            for row in conn.execute(query).all():
+                target = TaskStatus.failed if row.status == TaskStatus.in_progress.value else TaskStatus.stopped
+                self._change_status(
+                    conn, row.id, transition(Operation.expire, target), StatusReason.lease_expired,
+                    f"worker {row.worker} was lost: no heartbeat for "
+                    f"{now - row.lease_expires_at:.1f} s after its lease expired",
+                )
+                done.append(row.id)
+        return done
+
+    # ---------------------------------------------------------------- workers
+    def register_worker(
+        self, worker_id: str, *, hostname: str = "", queues: Sequence[str] = (), slots: int = 1
+    ) -> WorkerInfo:
+        """Register (or re-register) a worker."""
+        check_worker(worker_id)
+        if isinstance(queues, str):
+            raise InvalidInputError("queues must be a list of queue names", field="queues")
+        queue_names = [check_queue_name(q) for q in queues]
+        if not isinstance(slots, int) or not 1 <= slots <= 10_000:
+            raise InvalidInputError(f"slots must be an integer in 1..10000, got {slots!r}", field="slots")
+        if not isinstance(hostname, str) or len(hostname) > 256:
+            raise InvalidInputError("hostname must be a string of at most 256 characters", field="hostname")
+        now = time.time()
+        values = dict(hostname=hostname, queues=dumps(queue_names), slots=slots, last_seen=now)
+        with self._write() as conn:
+            if conn.execute(sa.select(W.c.id).where(W.c.id == worker_id)).first():
+                conn.execute(W.update().where(W.c.id == worker_id).values(registered_at=now, **values))
+            else:
+                conn.execute(W.insert().values(id=worker_id, registered_at=now, resources="{}", **values))
+        return self._worker_info(worker_id)
+
+    def heartbeat(
+        self,
+        worker_id: str,
+        *,
+        resources: Mapping[str, Any] | None = None,
+        current_tasks: Sequence[str] | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> HeartbeatReply:
+        """Mark a worker alive, extend the leases of its tasks, return tasks to abort.
+
+        Tasks to abort: those of this worker in status stopping, and any task the worker
+        says it runs that it no longer holds (lease expired, reset, deleted).
+        """
+        check_worker(worker_id)
+        lease_s = check_lease(lease_s)
+        if resources is not None and not isinstance(resources, Mapping):
+            raise InvalidInputError("resources must be an object", field="resources")
+        if current_tasks is not None and (isinstance(current_tasks, str) or not isinstance(current_tasks, Sequence)):
+            raise InvalidInputError("current_tasks must be a list of task ids", field="current_tasks")
+        now = time.time()
+        with self._write() as conn:
+            if conn.execute(sa.select(W.c.id).where(W.c.id == worker_id)).first() is None:
+                raise NotFoundError(f"no worker {worker_id!r} is registered", field="worker_id")
+            values: dict[str, Any] = {"last_seen": now}
+            if resources is not None:
+                values["resources"] = dumps(dict(resources))
+            conn.execute(W.update().where(W.c.id == worker_id).values(**values))
+            mine = sa.and_(T.c.worker == worker_id, schema.IS_ACTIVE)
+            conn.execute(T.update().where(mine).values(lease_expires_at=now + lease_s))
+            abort = {r.id for r in conn.execute(sa.select(T.c.id).where(mine, T.c.status == TaskStatus.stopping.value))}
+            if current_tasks:
+                held = {r.id for r in conn.execute(sa.select(T.c.id).where(mine, T.c.id.in_(list(current_tasks))))}
+                abort |= set(current_tasks) - held
+        return HeartbeatReply(abort=sorted(abort), lease_s=lease_s)
+
+    def unregister_worker(self, worker_id: str) -> None:
+        """Forget a worker (its tasks keep their leases until they expire)."""
+        with self._write() as conn:
+            if conn.execute(W.delete().where(W.c.id == worker_id)).rowcount == 0:
+                raise NotFoundError(f"no worker {worker_id!r} is registered", field="worker_id")
+
+    def _worker_info(self, worker_id: str) -> WorkerInfo:
+        infos = self._worker_infos(worker_id)
+        if not infos:
+            raise NotFoundError(f"no worker {worker_id!r} is registered", field="worker_id")
+        return infos[0]
+
+    def _worker_infos(self, worker_id: str | None = None) -> list[WorkerInfo]:
+        with self._read() as conn:
+            query = sa.select(W).order_by(W.c.id)
+            if worker_id is not None:
+                query = query.where(W.c.id == worker_id)
+            rows = conn.execute(query).all()
+            running: dict[str, list[str]] = {}
+            active = sa.select(T.c.worker, T.c.id).where(schema.IS_ACTIVE, T.c.worker.isnot(None))
+            for r in conn.execute(active.order_by(T.c.started_at)):
+                running.setdefault(r.worker, []).append(r.id)
+        return [
+            WorkerInfo(
+                id=r.id, hostname=r.hostname, queues=json.loads(r.queues), slots=r.slots,
+                registered_at=r.registered_at, last_seen=r.last_seen,
+                resources=json.loads(r.resources), current_tasks=running.get(r.id, []),
+            )
+            for r in rows
+        ]
+
+    def list_workers(self) -> list[WorkerInfo]:
+        """Registered workers with last-seen time and current tasks."""
+        return self._worker_infos()
