@@ -71,6 +71,7 @@ class Operation(str, enum.Enum):
     report = "report"  # set_status: a task's own report of where it is
     abort = "abort"  # abort_task
     expire = "expire"  # expire_leases: the worker was lost
+    reconcile = "reconcile"  # heartbeat / register_worker: the worker no longer runs it
     reset = "reset"  # reset_task: back to created, outputs cleared
 
 
@@ -119,6 +120,8 @@ TRANSITIONS: tuple[Transition, ...] = (
     _t(Operation.abort, [_S.in_progress], _S.stopping, Effects()),
     _t(Operation.expire, [_S.in_progress], _S.failed, _FINISHED),
     _t(Operation.expire, [_S.stopping], _S.stopped, _FINISHED),
+    _t(Operation.reconcile, [_S.in_progress], _S.failed, _FINISHED),
+    _t(Operation.reconcile, [_S.stopping], _S.stopped, _FINISHED),
     _t(Operation.reset, _TERMINAL, _S.created, _RESET),
 )
 

@@ -487,6 +487,51 @@ def test_heartbeat_tells_a_worker_to_drop_tasks_it_no_longer_holds(backend: Back
     assert backend.heartbeat("w1", current_tasks=[task_id]).abort == [task_id]
 
 
+def test_a_heartbeat_ends_held_tasks_the_worker_no_longer_runs(backend: Backend) -> None:
+    backend.register_worker("w1")
+    kept, dropped = _running(backend, worker="w1"), _running(backend, worker="w1")
+    # Claimed after the previous heartbeat: this one may have been taken before the
+    # claims returned, so unlisted tasks are kept for now...
+    assert backend.heartbeat("w1", current_tasks=[]).abort == []
+    assert backend.get_task(dropped).status == TaskStatus.in_progress
+    before = backend.get_task(kept).lease_expires_at
+    time.sleep(0.05)
+    # ... and ended at the next heartbeat that does not list them.
+    assert backend.heartbeat("w1", current_tasks=[kept], lease_s=60).abort == []
+    ended = backend.get_task(dropped)
+    assert ended.status == TaskStatus.failed and ended.status_reason == "worker_restarted"
+    assert "w1" in ended.status_message and "no longer runs" in ended.status_message
+    running = backend.get_task(kept)
+    assert running.status == TaskStatus.in_progress and running.lease_expires_at > before
+
+
+def test_registering_again_ends_the_previous_runs_tasks(backend: Backend) -> None:
+    backend.register_worker("host:0")
+    running = _running(backend, worker="host:0")
+    stopping = _running(backend, worker="host:0")
+    backend.abort_task(stopping)
+    other = _running(backend, worker="host:1")
+    backend.register_worker("host:0")  # the agent restarted with the same id
+    failed, stopped = backend.get_task(running), backend.get_task(stopping)
+    assert (failed.status, failed.status_reason) == (TaskStatus.failed, "worker_restarted")
+    assert (stopped.status, stopped.status_reason) == (TaskStatus.stopped, "worker_restarted")
+    assert "registered again" in failed.status_message
+    assert backend.get_task(other).status == TaskStatus.in_progress
+
+
+def test_a_lost_worker_is_reported_with_how_long_it_was_silent(backend: Backend) -> None:
+    backend.register_worker("lost")
+    task = backend.create_task({"name": "t"})
+    backend.enqueue(task.id)
+    backend.claim(["default"], "lost", lease_s=0.5)
+    backend.heartbeat("lost", current_tasks=[task.id], lease_s=0.5)
+    time.sleep(1.2)
+    assert backend.expire_leases() == [task.id]
+    message = backend.get_task(task.id).status_message
+    silent_s = float(message.split("not heard from for ")[1].split(" s")[0])
+    assert 1.0 <= silent_s < 5.0, message
+
+
 def test_abort_of_a_queued_task_stops_it_at_once(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})
     backend.enqueue(task.id)

@@ -7,7 +7,8 @@ SQLAlchemy's own pooling (`QueuePool`) and compiled-statement cache:
   `BEGIN IMMEDIATE` (SQLAlchemy's documented pysqlite recipe: the driver's own BEGIN
   is switched off and the `begin` event emits ours), so the write lock is taken up
   front and two processes never both read and then fight over upgrading to a write
-  lock; other writers wait up to `SQLITE_BUSY_TIMEOUT_S`.
+  lock; other writers wait up to `SQLITE_BUSY_TIMEOUT_S` (or the URL's `?timeout=`
+  seconds), then the call fails with BackendUnavailableError.
 - `autocommit`: `isolation_level="AUTOCOMMIT"` for the hot one-statement state changes
   (enqueue, claim, status reports, heartbeats): no BEGIN/COMMIT round trips.
 - `reads`: on SQLite a pool with ordinary deferred transactions (WAL: readers never
@@ -133,10 +134,15 @@ def _sqlite_engines(url: str) -> Engines:
             field="url",
         )
 
+    try:
+        busy_timeout_s = float(parsed.query.get("timeout", SQLITE_BUSY_TIMEOUT_S))
+    except ValueError:
+        raise InvalidInputError(f"invalid timeout in {url!r}: seconds expected", field="url") from None
+
     def make(begin_sql: str | None) -> sa.Engine:
         engine = sa.create_engine(
             url,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
             poolclass=sa.pool.QueuePool,
             pool_size=POOL_SIZE,
             max_overflow=POOL_MAX_OVERFLOW,
@@ -146,7 +152,7 @@ def _sqlite_engines(url: str) -> Engines:
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # no BEGIN by the driver: ours, or none
-            _sqlite_pragmas(dbapi_conn)
+            _sqlite_pragmas(dbapi_conn, busy_timeout_s)
 
         if begin_sql is not None:
 
@@ -159,12 +165,12 @@ def _sqlite_engines(url: str) -> Engines:
     return Engines(transactions=make("BEGIN IMMEDIATE"), autocommit=make(None), reads=make("BEGIN"))
 
 
-def _sqlite_pragmas(dbapi_conn: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, busy_timeout_s: float) -> None:
     """WAL (readers never wait for the writer), no fsync per commit, the busy timeout."""
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     cur.close()
 
 

@@ -38,7 +38,10 @@ class WorkerOperations(StoreCore):
     """Workers, heartbeats and lease expiry."""
 
     def expire_leases(self) -> list[str]:
-        """Fail every active task whose lease expired; returns their ids."""
+        """Fail every active task whose lease expired; returns their ids.
+
+        The message says how long the worker has been silent (since its last heartbeat,
+        or since it claimed the task if it never sent one)."""
         now = time.time()
         expired = sa.and_(schema.IS_ACTIVE, T.c.lease_expires_at < now)
         with self._read() as conn:
@@ -46,24 +49,38 @@ class WorkerOperations(StoreCore):
                 return []
         done: list[str] = []
         with self._write() as conn:
-            query = sa.select(T).where(expired)
+            query = (
+                sa.select(T.c.id, T.c.status, T.c.worker, T.c.started_at, W.c.last_seen)
+                .select_from(T.outerjoin(W, W.c.id == T.c.worker))
+                .where(expired)
+            )
             if self.dialect == "postgresql":
-                query = query.with_for_update(skip_locked=True)
+                query = query.with_for_update(of=T, skip_locked=True)
             for row in conn.execute(query).all():
-                target = TaskStatus.failed if row.status == TaskStatus.in_progress.value else TaskStatus.stopped
-                self._change_status(
-                    conn, row.id, transition(Operation.expire, target), StatusReason.lease_expired,
-                    f"worker {row.worker} was lost: no heartbeat for "
-                    f"{now - row.lease_expires_at:.1f} s after its lease expired",
+                heard_at = max(t for t in (row.last_seen, row.started_at, 0.0) if t is not None)
+                self._end_for_worker(
+                    conn, row, Operation.expire, StatusReason.lease_expired,
+                    f"worker {row.worker} was lost: not heard from for {now - heard_at:.1f} s "
+                    "(since its last heartbeat or its claim), longer than its lease",
                 )
                 done.append(row.id)
         return done
+
+    def _end_for_worker(self, conn: sa.Connection, row: Any, operation: Operation, reason: str, message: str) -> None:
+        """End an active task its worker no longer runs: in_progress → failed,
+        stopping → stopped (by `operation`: expire or reconcile)."""
+        target = TaskStatus.failed if row.status == TaskStatus.in_progress.value else TaskStatus.stopped
+        self._change_status(conn, row.id, transition(operation, target), reason, message)
 
     # ---------------------------------------------------------------- workers
     def register_worker(
         self, worker_id: str, *, hostname: str = "", queues: Sequence[str] = (), slots: int = 1
     ) -> WorkerInfo:
-        """Register (or re-register) a worker."""
+        """Register (or re-register) a worker.
+
+        A worker registers when it starts, so tasks still held under its id belong to a
+        previous run that is gone (a restart with the same id): they end at once, failed
+        (stopped if an abort was on the way) with reason `worker_restarted`."""
         check_worker(worker_id)
         if isinstance(queues, str):
             raise InvalidInputError("queues must be a list of queue names", field="queues")
@@ -75,6 +92,13 @@ class WorkerOperations(StoreCore):
         now = time.time()
         values = dict(hostname=hostname, queues=dumps(queue_names), slots=slots, last_seen=now)
         with self._write() as conn:
+            held = sa.select(T.c.id, T.c.status).where(T.c.worker == worker_id, schema.IS_ACTIVE)
+            for row in conn.execute(held).all():
+                self._end_for_worker(
+                    conn, row, Operation.reconcile, StatusReason.worker_restarted,
+                    f"worker {worker_id} registered again (a new run of it started), so the "
+                    "run that held this task is gone",
+                )
             if conn.execute(sa.select(W.c.id).where(W.c.id == worker_id)).first():
                 conn.execute(W.update().where(W.c.id == worker_id).values(registered_at=now, **values))
             else:
@@ -91,6 +115,13 @@ class WorkerOperations(StoreCore):
     ) -> HeartbeatReply:
         """Mark a worker alive, extend the leases of its tasks, return tasks to abort.
 
+        With `current_tasks` (the tasks the worker runs), only those leases are
+        extended; a task the store holds for the worker that it does not list ends at
+        once, failed with reason `worker_restarted` -- unless it was claimed after the
+        worker's previous heartbeat arrived: this heartbeat's list may have been taken
+        before the claim returned. Without `current_tasks`, every lease of the worker is
+        extended.
+
         Tasks to abort: those of this worker in status stopping, and any task the worker
         says it runs that it no longer holds (lease expired, reset, deleted).
         """
@@ -100,20 +131,30 @@ class WorkerOperations(StoreCore):
             raise InvalidInputError("resources must be an object", field="resources")
         if current_tasks is not None and (isinstance(current_tasks, str) or not isinstance(current_tasks, Sequence)):
             raise InvalidInputError("current_tasks must be a list of task ids", field="current_tasks")
+        listed = None if current_tasks is None else [str(t) for t in current_tasks]
         now = time.time()
         with self._write() as conn:
-            if conn.execute(sa.select(W.c.id).where(W.c.id == worker_id)).first() is None:
+            previous = conn.execute(sa.select(W.c.last_seen).where(W.c.id == worker_id)).first()
+            if previous is None:
                 raise NotFoundError(f"no worker {worker_id!r} is registered", field="worker_id")
             values: dict[str, Any] = {"last_seen": now}
             if resources is not None:
                 values["resources"] = dumps(dict(resources))
             conn.execute(W.update().where(W.c.id == worker_id).values(**values))
             mine = sa.and_(T.c.worker == worker_id, schema.IS_ACTIVE)
+            if listed is not None:
+                unlisted = sa.and_(mine, T.c.id.notin_(listed), T.c.started_at < previous.last_seen)
+                for row in conn.execute(sa.select(T.c.id, T.c.status).where(unlisted)).all():
+                    self._end_for_worker(
+                        conn, row, Operation.reconcile, StatusReason.worker_restarted,
+                        f"worker {worker_id} no longer runs this task (its heartbeat does not "
+                        "list it: the worker restarted or lost it)",
+                    )
             conn.execute(T.update().where(mine).values(lease_expires_at=now + lease_s))
             abort = {r.id for r in conn.execute(sa.select(T.c.id).where(mine, T.c.status == TaskStatus.stopping.value))}
-            if current_tasks:
-                held = {r.id for r in conn.execute(sa.select(T.c.id).where(mine, T.c.id.in_(list(current_tasks))))}
-                abort |= set(current_tasks) - held
+            if listed:
+                held = {r.id for r in conn.execute(sa.select(T.c.id).where(mine, T.c.id.in_(listed)))}
+                abort |= set(listed) - held
         return HeartbeatReply(abort=sorted(abort), lease_s=lease_s)
 
     def unregister_worker(self, worker_id: str) -> None:
