@@ -94,3 +94,19 @@ def test_a_version_2_store_gets_the_trigger_of_every_status_change(postgres_url:
         assert notes and f'"{task.id}"' in notes[0] and '"failed"' in notes[0]
     finally:
         store.close()
+
+
+def test_a_status_wait_on_a_task_deleted_meanwhile_says_it_is_gone(store_url: str) -> None:
+    from controller.errors import NotFoundError
+
+    store = SqlBackend(store_url)
+    try:
+        task = store.create_task({"name": "t"})
+        timer = _later(0.2, lambda: store.delete_task(task.id))
+        started = time.monotonic()
+        with pytest.raises(NotFoundError, match=task.id):
+            store.wait_for_status_change({task.id: "created"}, wait_s=10)
+        timer.join()
+        assert time.monotonic() - started < 0.2 + 0.3
+    finally:
+        store.close()

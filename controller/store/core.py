@@ -121,6 +121,10 @@ class StoreCore(Backend):
         conn.info[_EVENTS].append(StatusEvent(row.id, row.status, row.queue))
         return row
 
+    def _deleted(self, conn: sa.Connection, task_id: str) -> None:
+        """Note that a task was deleted (its waiters re-check and find it gone)."""
+        conn.info[_EVENTS].append(StatusEvent(task_id, "deleted", None))
+
     def _publish(self, events: list[StatusEvent]) -> None:
         for event in events:
             self._notifier.publish(event)
@@ -231,5 +235,4 @@ def _status_update(step: Transition, keys: tuple[str, ...], check_worker: bool) 
 
 _SELECT_TASK = sa.select(*schema.RECORD_COLUMNS).where(T.c.id == sa.bindparam("id"))
 _SELECT_TASK_FOR_UPDATE = _SELECT_TASK.with_for_update()
-_SELECT_TASK_WITH_HISTORY = sa.select(T).where(T.c.id == sa.bindparam("id"))
 _SELECT_STATUS = sa.select(T.c.status, T.c.worker).where(T.c.id == sa.bindparam("id"))

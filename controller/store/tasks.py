@@ -28,7 +28,7 @@ from controller.models import (
     TaskStatus,
 )
 from controller.store import schema
-from controller.store.core import _SELECT_TASK_WITH_HISTORY, StoreCore, check_status
+from controller.store.core import StoreCore, check_status
 from controller.store.notify import task_key
 from controller.store.records import body_of, dumps, row_to_record, validate
 from controller.transitions import Operation, report_transition, transition
@@ -215,6 +215,7 @@ class TaskOperations(StoreCore):
             for table in (schema.task_tags, schema.log_lines, schema.scalars):
                 conn.execute(table.delete().where(table.c.task_id == task_id))
             conn.execute(T.delete().where(T.c.id == task_id))
+            self._deleted(conn, task_id)
 
     def set_status(
         self,
@@ -343,3 +344,6 @@ def _merge_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[
         else:
             merged[key] = value
     return merged
+
+
+_SELECT_TASK_WITH_HISTORY = sa.select(T).where(T.c.id == sa.bindparam("id"))
