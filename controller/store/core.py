@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,10 +28,11 @@ from controller.errors import (
     NotFoundError,
 )
 from controller.models import (
-    QUEUE_NAME_PATTERN,
+    QUEUE_NAME_RULE,
     TaskRecord,
     TaskStatus,
     check_worker_id,
+    is_queue_name,
 )
 from controller.store import schema
 from controller.store.engine import (
@@ -51,16 +51,12 @@ _ACTIVE = schema.ACTIVE_STATUSES
 #: `conn.info` key of the status events of a connection's uncommitted changes.
 _EVENTS = "conveyor_status_events"
 MAX_LEASE_S = 86_400.0
-_queue_name_re = re.compile(QUEUE_NAME_PATTERN)
 
 
 def check_queue_name(name: Any) -> str:
     """Return `name` if it is a valid queue name, else raise InvalidInputError."""
-    if not isinstance(name, str) or not _queue_name_re.match(name):
-        raise InvalidInputError(
-            f"invalid queue name {name!r}: 1-128 letters, digits, '_', '.', ':' or '-'",
-            field="queue",
-        )
+    if not is_queue_name(name):
+        raise InvalidInputError(f"invalid queue name {name!r}: {QUEUE_NAME_RULE}", field="queue")
     return name
 
 
