@@ -3,6 +3,7 @@ through the NOTIFY of every status change) in others."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -90,8 +91,11 @@ def test_a_version_2_store_gets_the_trigger_of_every_status_change(postgres_url:
         with psycopg.connect(postgres_url, autocommit=True) as listener:
             listener.execute("LISTEN conveyor_task_status")
             store.set_status(task.id, "failed", message="gave up")
-            notes = [n.payload for n in listener.notifies(timeout=2.0, stop_after=1)]
-        assert notes and f'"{task.id}"' in notes[0] and '"failed"' in notes[0]
+            notes = [
+                json.loads(n.payload) for n in listener.notifies(timeout=2.0)
+                if task.id in n.payload  # other stores of the database notify on it too
+            ]
+        assert [(n["id"], n["status"]) for n in notes] == [(task.id, "failed")]
     finally:
         store.close()
 
@@ -110,3 +114,39 @@ def test_a_status_wait_on_a_task_deleted_meanwhile_says_it_is_gone(store_url: st
         assert time.monotonic() - started < 0.2 + 0.3
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_stores_in_other_schemas_of_the_database_are_not_heard(postgres_url: str) -> None:
+    import uuid
+
+    from tests.conftest import POSTGRES_URL
+
+    other_schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {other_schema}")
+    other_url = postgres_url.rsplit("search_path%3D", 1)[0] + f"search_path%3D{other_schema}"
+    here, neighbour = SqlBackend(postgres_url), SqlBackend(other_url)
+    heard: list[str] = []
+    try:
+        here.add_enqueue_listener(heard.append)
+        elsewhere = SqlBackend(postgres_url)  # same store, another client: heard
+        try:
+            deadline = time.monotonic() + 10
+            while not heard and time.monotonic() < deadline:
+                probe = elsewhere.create_task({"name": "probe"})
+                elsewhere.enqueue(probe.id, "services")
+                time.sleep(0.2)
+        finally:
+            elsewhere.close()
+        assert heard and set(heard) == {"services"}
+        heard.clear()
+        for _ in range(3):
+            neighbour.enqueue(neighbour.create_task({"name": "n"}).id, "default")
+        time.sleep(0.5)
+        assert heard == []
+    finally:
+        here.close()
+        neighbour.close()
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {other_schema} CASCADE")

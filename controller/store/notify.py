@@ -177,12 +177,15 @@ class Notifier:
             try:
                 with psycopg.connect(*cargs, **cparams, autocommit=True) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    own_schema = conn.execute("SELECT current_schema()").fetchone()[0]
                     self.wake_all()  # changes before the LISTEN took effect were not heard
                     while not self._stopping.is_set():
                         for notify in conn.notifies(timeout=1.0):
                             if notify.pid in self.own_backend_pids:
                                 continue
-                            event = _parse(notify.payload)
+                            event = _parse(notify.payload, own_schema)
+                            if event is _ELSEWHERE:
+                                continue
                             if event is None:
                                 log.warning("unreadable status notification %r", notify.payload)
                                 self.wake_all()
@@ -195,10 +198,16 @@ class Notifier:
                 time.sleep(LISTEN_RECONNECT_S)
 
 
-def _parse(payload: str) -> StatusEvent | None:
-    """The event a NOTIFY payload names (JSON: id, status, queue); None if unreadable."""
+_ELSEWHERE = StatusEvent("", "", None)
+
+
+def _parse(payload: str, own_schema: str) -> StatusEvent | None:
+    """The event a NOTIFY payload names (JSON: schema, id, status, queue): `_ELSEWHERE`
+    for a change in another store of the database (another schema), None if unreadable."""
     try:
         data = json.loads(payload)
+        if data.get("schema") != own_schema:
+            return _ELSEWHERE
         return StatusEvent(task_id=str(data["id"]), status=str(data["status"]), queue=data.get("queue"))
     except (ValueError, KeyError, TypeError):
         return None

@@ -33,7 +33,8 @@ from controller.store.records import dumps
 #: Version of the schema this code writes. Bump it and add a migration on change.
 SCHEMA_VERSION = 3
 
-#: PostgreSQL channel carrying every status change: {"id", "status", "queue"} as JSON.
+#: PostgreSQL channel carrying every status change: {"schema", "id", "status", "queue"} as
+#: JSON (channels are per database: the schema tells stores in one database apart).
 NOTIFY_CHANNEL = "conveyor_task_status"
 QUEUED = "queued"
 #: Statuses in which a worker owns a task (it holds a lease).
@@ -187,7 +188,8 @@ TRIGGER_DDL: dict[str, tuple[str, ...]] = {
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('{NOTIFY_CHANNEL}',
-        json_build_object('id', NEW.id, 'status', NEW.status, 'queue', NEW.queue)::text);
+        json_build_object('schema', TG_TABLE_SCHEMA, 'id', NEW.id, 'status', NEW.status,
+                          'queue', NEW.queue)::text);
     RETURN NULL;
 END
 $$""",
