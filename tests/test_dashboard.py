@@ -19,11 +19,12 @@ with warnings.catch_warnings():  # starlette nudges towards httpx2; httpx works 
     from fastapi.testclient import TestClient
 
 from controller.backend import Backend
-from controller.models import LEGAL_TRANSITIONS, STATUS_GROUPS, TaskStatus
+from controller.models import STATUS_GROUPS, TaskStatus
 from controller.server import create_app
 from controller.server.dashboard import STATIC_DIR
 from controller.server.routes_pipelines import run_numbers, split_run_name
 from controller.store import SqlBackend
+from controller.transitions import LEGAL_TRANSITIONS
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -14,7 +14,6 @@ from starlette.responses import Response
 
 from controller.backend import _UNSET, Backend
 from controller.models import (
-    LEGAL_TRANSITIONS,
     STATUS_GROUPS,
     LogLine,
     Scalar,
@@ -37,6 +36,7 @@ from controller.server.schemas import (
     WaitRequest,
 )
 from controller.server.waker import ClaimWaker
+from controller.transitions import LEGAL_TRANSITIONS
 
 #: Longest one `wait_for_status_change` call of a /tasks/wait request blocks its thread:
 #: between calls the request notices a client that went away and a server shutdown.
