@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 with warnings.catch_warnings():  # starlette nudges towards httpx2; httpx works the same here
     warnings.filterwarnings("ignore", message="Using `httpx`")
@@ -25,6 +26,7 @@ from controller.server.dashboard import STATIC_DIR
 from controller.server.routes_pipelines import run_numbers, split_run_name
 from controller.store import SqlBackend
 from controller.transitions import LEGAL_TRANSITIONS
+from tests.helpers_server import start_server, stop_server
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -264,3 +266,32 @@ def test_every_static_file_is_package_data() -> None:
     covered = {p for pattern in patterns for p in package_dir.glob(pattern) if p.is_file()}
     shipped = {p for p in STATIC_DIR.iterdir() if p.is_file()}
     assert shipped and shipped <= covered
+
+
+# ------------------------------------------------------------------ API docs
+def test_opening_the_api_docs_logs_no_warning_and_every_operation_id_is_unique(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The dashboard's "API docs" link: the real server, its log read back after /docs and
+    /openapi.json (FastAPI warns there about duplicate operation ids)."""
+    server, url = start_server(sqlite_url, TOKEN, extra_args=["--files-dir", str(tmp_path / "files")])
+    try:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert requests.get(f"{url}/docs", headers=auth, timeout=10).status_code == 200
+        spec = requests.get(f"{url}/openapi.json", headers=auth, timeout=10)
+        assert spec.status_code == 200
+        # files: GET and HEAD are separate operations, and HEAD still answers headers only
+        put = requests.put(f"{url}/api/v1/files/docs/a.txt", data=b"hello", headers=auth, timeout=10)
+        assert put.status_code == 201
+        head = requests.head(f"{url}/api/v1/files/docs/a.txt", headers=auth, timeout=10)
+        assert head.status_code == 200 and head.headers["content-length"] == "5" and not head.content
+        assert requests.head(f"{url}/api/v1/files/docs/nope.txt", headers=auth, timeout=10).status_code == 404
+    finally:
+        log = stop_server(server)
+    assert "Warning" not in log and "Duplicate Operation ID" not in log, log
+    operations = [(path, method, op["operationId"])
+                  for path, item in spec.json()["paths"].items() for method, op in item.items()]
+    ids = [op_id for _, _, op_id in operations]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    files = {method for path, method, _ in operations if path == "/api/v1/files/{path}"}
+    assert files == {"get", "head", "put"}
