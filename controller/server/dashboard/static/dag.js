@@ -11,6 +11,10 @@ export const NODE_W = 176;
 export const NODE_H = 46;
 const GAP_X = 64;
 const GAP_Y = 14;
+/** Height of the slot an edge that skips a layer takes in that layer. */
+const LANE_H = 8;
+/** The edge ends this far before the child (the arrow head fills it). */
+const ARROW_GAP = 6;
 const PAD = 16;
 const ORDER_PASSES = 4;
 const NAME_CHARS = 24;
@@ -20,7 +24,11 @@ const MIN_FIT_SCALE = 0.55;
 /**
  * Place the nodes in layers: a node's layer is one more than its deepest parent's.
  * `nodes` is [{name, parents: [names]}] in definition order. Returns
- * {pos: Map(name → {x, y, layer}), width, height, edges: [[parent, child]]}.
+ * {pos: Map(name → {x, y, layer}), width, height, edges: [[parent, child]],
+ *  lanes: Map("parent\0child" → [{x, y}])}.
+ *
+ * An edge that skips layers gets a lane (a slot of LANE_H) in every layer it crosses,
+ * ordered with the nodes, so it is drawn through that free slot and never behind a node.
  */
 export function layout(nodes) {
   const names = new Set(nodes.map((n) => n.name));
@@ -59,22 +67,62 @@ export function layout(nodes) {
     (layers[l] ||= []).push(n.name);
   }
   for (let l = 0; l < layers.length; l++) layers[l] ||= [];
-  orderLayers(layers, parents, children);
 
-  const tallest = Math.max(1, ...layers.map((l) => l.length));
-  const pos = new Map();
-  layers.forEach((names, l) => {
-    const offset = ((tallest - names.length) * (NODE_H + GAP_Y)) / 2;
-    names.forEach((name, i) => {
-      pos.set(name, { x: PAD + l * (NODE_W + GAP_X), y: PAD + offset + i * (NODE_H + GAP_Y), layer: l });
+  // Lanes: one placeholder per crossed layer, chained parent → lane → ... → child, so
+  // the ordering passes place them like nodes. (Edges into an earlier layer, only
+  // possible in a cycle, are drawn directly.)
+  const laneNames = new Map(); // edge key → [lane names]
+  const isLane = new Set();
+  const ordParents = new Map([...parents].map(([name, ps]) => [name, [...ps]]));
+  const ordChildren = new Map([...children].map(([name, cs]) => [name, [...cs]]));
+  const replace = (list, old, by) => list.splice(list.indexOf(old), 1, by);
+  edges.forEach(([p, c], k) => {
+    const from = layer.get(p), to = layer.get(c);
+    if (to - from < 2) return;
+    const chain = [];
+    for (let l = from + 1; l < to; l++) {
+      const lane = `\u0000lane${k}:${l}`;
+      chain.push(lane);
+      isLane.add(lane);
+      layers[l].push(lane);
+    }
+    laneNames.set(edgeKey(p, c), chain);
+    replace(ordChildren.get(p), c, chain[0]);
+    replace(ordParents.get(c), p, chain[chain.length - 1]);
+    chain.forEach((lane, i) => {
+      ordParents.set(lane, [i ? chain[i - 1] : p]);
+      ordChildren.set(lane, [i < chain.length - 1 ? chain[i + 1] : c]);
     });
   });
+  orderLayers(layers, ordParents, ordChildren);
+
+  const slot = (name) => (isLane.has(name) ? LANE_H : NODE_H);
+  const columnHeight = (names) => names.reduce((sum, name) => sum + slot(name), 0) + Math.max(0, names.length - 1) * GAP_Y;
+  const tallest = Math.max(NODE_H, ...layers.map(columnHeight));
+  const pos = new Map();
+  const lanePos = new Map();
+  layers.forEach((names, l) => {
+    let y = PAD + (tallest - columnHeight(names)) / 2;
+    const x = PAD + l * (NODE_W + GAP_X);
+    for (const name of names) {
+      if (isLane.has(name)) lanePos.set(name, { x, y: y + LANE_H / 2 });
+      else pos.set(name, { x, y, layer: l });
+      y += slot(name) + GAP_Y;
+    }
+  });
+  const lanes = new Map();
+  for (const [key, chain] of laneNames) lanes.set(key, chain.map((lane) => lanePos.get(lane)));
   return {
     pos,
     edges,
+    lanes,
     width: PAD * 2 + layers.length * NODE_W + Math.max(0, layers.length - 1) * GAP_X,
-    height: PAD * 2 + tallest * NODE_H + (tallest - 1) * GAP_Y,
+    height: PAD * 2 + tallest,
   };
+}
+
+function edgeKey(from, to) {
+  return `${from}\u0000${to}`;
 }
 
 /** Reorder each layer by the mean position of its neighbours (down, then up), in place. */
@@ -86,7 +134,7 @@ function orderLayers(layers, parents, children) {
     const names = layers[l];
     const key = new Map();
     names.forEach((name, i) => {
-      const ns = neighbours.get(name);
+      const ns = neighbours.get(name) || [];
       if (!ns.length) key.set(name, rank.get(name) + i * 1e-9);
       else {
         let sum = 0;
@@ -103,11 +151,29 @@ function orderLayers(layers, parents, children) {
   }
 }
 
-function edgePath(from, to) {
-  const x1 = from.x + NODE_W, y1 = from.y + NODE_H / 2;
-  const x2 = to.x, y2 = to.y + NODE_H / 2;
-  const dx = Math.max(24, (x2 - x1) / 2);
-  return `M${x1},${y1} C${x1 + dx},${y1} ${x2 - dx},${y2} ${x2 - 6},${y2}`;
+/** A curve between two points with horizontal ends; it stays between their x's (a gap). */
+function curve(x1, y1, x2, y2) {
+  const dx = (x2 - x1) / 2;
+  return ` C${x1 + dx},${y1} ${x2 - dx},${y2} ${x2},${y2}`;
+}
+
+/**
+ * The edge's SVG path: from the parent's right side to the child's left side, through
+ * its lanes (a straight run across each crossed layer, curves only in the gaps).
+ */
+export function edgePath(from, to, lanes = []) {
+  let x = from.x + NODE_W, y = from.y + NODE_H / 2;
+  let d = `M${x},${y}`;
+  for (const lane of lanes) {
+    d += curve(x, y, lane.x, lane.y) + ` L${lane.x + NODE_W},${lane.y}`;
+    x = lane.x + NODE_W;
+    y = lane.y;
+  }
+  const x2 = to.x - ARROW_GAP, y2 = to.y + NODE_H / 2;
+  if (x2 > x) return d + curve(x, y, x2, y2);
+  // a back edge (only in a cycle): a plain curve
+  const dx = 24;
+  return d + ` C${x + dx},${y} ${x2 - dx},${y2} ${x2},${y2}`;
 }
 
 function shortName(name) {
@@ -146,6 +212,7 @@ export class DagView {
     this.size = { width: 0, height: 0 };
     this.selected = null;
     this.structure = "";
+    this.order = [];
     this._listen();
   }
 
@@ -182,14 +249,16 @@ export class DagView {
   draw(nodes, now) {
     this.structure = structureKey(nodes);
     const list = Object.values(nodes).map((n) => ({ name: n.name, parents: n.parents || [] }));
-    const { pos, edges, width, height } = layout(list);
+    const { pos, edges, lanes, width, height } = layout(list);
     this.size = { width, height };
+    // the steps top to bottom, layer by layer (the timeline's rows)
+    this.order = [...pos.entries()].sort(([, a], [, b]) => a.layer - b.layer || a.y - b.y).map(([name]) => name);
     this.els.clear();
     this.edgeEls.clear();
     const edgeLayer = s("g", { class: "edges" });
     const nodeLayer = s("g", { class: "nodes" });
     for (const [from, to] of edges) {
-      const path = s("path", { class: "edge", d: edgePath(pos.get(from), pos.get(to)),
+      const path = s("path", { class: "edge", d: edgePath(pos.get(from), pos.get(to), lanes.get(edgeKey(from, to))),
         "marker-end": "url(#dag-arrow)", dataset: { from, to } });
       edgeLayer.append(path);
       for (const name of [from, to]) {
