@@ -147,6 +147,11 @@ def synthetic_pipeline(backend: Backend, project: str, steps: int = 200, seed: i
             "ended": started + 20 if started and status not in ("running",) else None,
             "worker": "synthetic:0" if started else "", "kind": "task", "cache": False,
         }
+    return pipeline_with_nodes(backend, project, nodes)
+
+
+def pipeline_with_nodes(backend: Backend, project: str, nodes: dict[str, dict[str, Any]]) -> TaskRecord:
+    """A running pipeline task (controller task "synthetic") whose DAG state is `nodes`."""
     task = backend.create_task({
         "name": "synthetic", "project": project, "type": "controller", "tags": ["pipeline"],
         "configuration": {"Pipeline": {"name": "synthetic", "version": "2.0.0", "steps": {}}},
@@ -155,6 +160,16 @@ def synthetic_pipeline(backend: Backend, project: str, steps: int = 200, seed: i
     backend.set_status(task.id, TaskStatus.in_progress, reason="started", message="synthetic")
     set_nodes(backend, task.id, nodes)
     return backend.get_task(task.id)
+
+
+def node_state(name: str, parents: list[str], status: str, started: float | None = None,
+               ended: float | None = None) -> dict[str, Any]:
+    """One step's recorded state (as `Node.state()` writes it) without a task."""
+    return {
+        "name": name, "status": status, "status_message": "", "task_id": None, "base_task_id": None,
+        "parents": parents, "queue": "default", "parameters": {}, "resolved_parameters": {}, "overrides": {},
+        "retries": 0, "started": started, "ended": ended, "worker": "", "kind": "task", "cache": False,
+    }
 
 
 def set_nodes(backend: Backend, task_id: str, nodes: dict[str, dict[str, Any]]) -> None:

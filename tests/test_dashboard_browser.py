@@ -23,6 +23,8 @@ from controller.models import TaskRecord, TaskStatus
 from tests.conftest import _need
 from tests.helpers_dashboard import (
     Stack,
+    node_state,
+    pipeline_with_nodes,
     set_nodes,
     start_live_pipeline,
     start_stack,
@@ -122,6 +124,46 @@ def recorded_nodes(stack: Stack, task_id: str) -> dict[str, str]:
     return {name: node["status"] for name, node in state.get("nodes", {}).items()}
 
 
+#: For each edge, the nodes (other than its two ends) its drawn path passes through:
+#: points every pixel along the path, tested against every node's box.
+EDGES_THROUGH_NODES_JS = """() => {
+  const boxes = [...document.querySelectorAll('svg.dag g.node')].map((g) => {
+    const [x, y] = g.getAttribute('transform').match(/-?[\\d.]+/g).map(Number);
+    const r = g.querySelector('rect');
+    return {name: g.dataset.step, x, y, w: Number(r.getAttribute('width')), h: Number(r.getAttribute('height'))};
+  });
+  const hits = [];
+  for (const path of document.querySelectorAll('svg.dag path.edge')) {
+    const {from, to} = path.dataset;
+    const length = path.getTotalLength();
+    for (let at = 0; at <= length; at += 1) {
+      const p = path.getPointAtLength(at);
+      for (const b of boxes) {
+        if (b.name === from || b.name === to) continue;
+        if (p.x > b.x && p.x < b.x + b.w && p.y > b.y && p.y < b.y + b.h) {
+          hits.push(`${from}>${to} behind ${b.name} at (${p.x.toFixed(0)}, ${p.y.toFixed(0)})`);
+          break;
+        }
+      }
+    }
+  }
+  return [...new Set(hits.map((h) => h.split(' at ')[0]))];
+}"""
+
+#: The timeline's bars: step → [{phase, start, end, left, right}] (times in s, pixels).
+TIMELINE_JS = """() => Object.fromEntries([...document.querySelectorAll('#timeline g.tl-row')].map((g) => [
+  g.dataset.step, [...g.querySelectorAll('rect.tl-bar')].map((r) => {
+    const box = r.getBoundingClientRect();
+    return {phase: r.dataset.phase, start: Number(r.dataset.start), end: Number(r.dataset.end),
+            left: box.left, right: box.right};
+  })]))"""
+
+
+def timeline(tab: Page) -> dict[str, list[dict[str, Any]]]:
+    """What the run's timeline shows, per step."""
+    return tab.page.evaluate(TIMELINE_JS)
+
+
 # ----------------------------------------------------------- a live pipeline
 def test_the_dag_shows_every_step_and_follows_the_run_live(tab: Page, stack: Stack, live: TaskRecord) -> None:
     tab.open(f"/pipelines/{live.id}")
@@ -153,6 +195,38 @@ def test_the_dag_shows_every_step_and_follows_the_run_live(tab: Page, stack: Sta
     assert "vm" in details.inner_text() or "Worker" in details.inner_text()
     assert "Queue" in details.inner_text() and "Started" in details.inner_text()
     tab.screenshot("dashboard-pipeline.png")
+
+
+def test_the_timeline_shows_each_step_queued_then_running_and_grows_live(
+    tab: Page, stack: Stack, live: TaskRecord
+) -> None:
+    tab.open(f"/pipelines/{live.id}")
+    tab.wait_until("train running on the page", lambda: tab.step_statuses().get("train") == "running", 60)
+    tab.wait_until("train's running bar", lambda: any(b["phase"] == "running" for b in timeline(tab).get("train", [])))
+    bars = timeline(tab)
+    assert set(bars) == {"prepare", "features", "train", "evaluate", "report"}
+    assert list(bars)[0] == "prepare" and list(bars)[-2:] == ["evaluate", "report"]  # the DAG's layer order
+    # the times are the step tasks' own: queued_at, started_at, finished_at
+    tasks = {t.name: t for t in stack.backend.query_tasks(parent=live.id)}
+    prepare = {b["phase"]: b for b in bars["prepare"]}
+    assert set(prepare) == {"queued", "running"}
+    assert prepare["queued"]["start"] == pytest.approx(tasks["prepare"].queued_at, abs=0.01)
+    assert prepare["running"]["start"] == pytest.approx(tasks["prepare"].started_at, abs=0.01)
+    assert prepare["running"]["end"] == pytest.approx(tasks["prepare"].finished_at, abs=0.01)
+    assert prepare["queued"]["end"] == prepare["running"]["start"]
+    train = {b["phase"]: b for b in bars["train"]}
+    assert train["queued"]["start"] == pytest.approx(tasks["train"].queued_at, abs=0.01)
+    assert train["running"]["start"] == pytest.approx(tasks["train"].started_at, abs=0.01)
+    # drawn in time order: prepare ran before train was queued, left of it
+    assert prepare["running"]["end"] <= train["queued"]["start"]
+    assert prepare["running"]["right"] <= train["queued"]["left"] + 1
+    assert train["queued"]["right"] <= train["running"]["left"] + 1
+    assert bars["evaluate"] == [] and bars["report"] == []  # not queued yet: no bar
+    # the running bar grows without a reload (its end is "now")
+    end = train["running"]["end"]
+    tab.wait_until("train's bar grows", lambda: {b["phase"]: b for b in timeline(tab)["train"]}["running"]["end"] > end + 1.5)
+    assert tab.page.get_attribute("#timeline g.tl-row[data-step='train']", "data-status") == "running"
+    tab.page.locator("#timeline-section").screenshot(path=str(ARTIFACTS / "dashboard-timeline.png"))
 
 
 def test_the_log_of_a_running_step_shows_new_lines(tab: Page, stack: Stack, live: TaskRecord) -> None:
@@ -237,6 +311,51 @@ def test_a_200_step_pipeline_renders_fast_and_updates_only_what_changed(tab: Pag
     row = tab.page.locator(f'#pipeline-runs tr[data-id="{task.id}"]')
     row.wait_for()
     assert "/200 done" in row.inner_text() and "2.0.0" in row.inner_text()
+
+
+# ------------------------------------------------------- layer-skipping edges
+def test_an_edge_that_skips_a_layer_goes_around_the_step_in_between_and_cached_steps_show_a_mark(
+    tab: Page, stack: Stack
+) -> None:
+    now = time.time()
+    nodes = {
+        "a": node_state("a", [], "completed", now - 100, now - 80),
+        "b": node_state("b", ["a"], "cached", None, now - 79),
+        "c": node_state("c", ["a", "b"], "completed", now - 78, now - 50),
+        "d": node_state("d", ["a", "c"], "skipped", None, now - 49),
+        "e": node_state("e", ["a", "b", "c", "d"], "running", now - 40, None),
+    }
+    task = pipeline_with_nodes(stack.backend, f"skip-{uuid.uuid4().hex[:6]}", nodes)
+    tab.open(f"/pipelines/{task.id}")
+    tab.page.wait_for_function("() => document.querySelectorAll('svg.dag g.node').length === 5")
+    edges = tab.page.eval_on_selector_all("svg.dag path.edge", "els => els.map(e => e.dataset.from + '>' + e.dataset.to)")
+    assert sorted(edges) == sorted(["a>b", "a>c", "b>c", "a>d", "c>d", "a>e", "b>e", "c>e", "d>e"])
+    # one step per layer: a straight line a → c would run right through b
+    columns = tab.page.eval_on_selector_all("svg.dag g.node", "els => els.map(e => e.getAttribute('transform'))")
+    assert len({c.split(",")[0] for c in columns}) == 5
+    assert tab.page.evaluate(EDGES_THROUGH_NODES_JS) == []
+    tab.screenshot("dashboard-skipping-edges.png")
+    # the timeline: bars from the recorded times, marks for cached and skipped steps
+    bars = timeline(tab)
+    assert [b["phase"] for b in bars["a"]] == ["running"] and bars["a"][0]["start"] == pytest.approx(now - 100, abs=0.01)
+    assert [b["phase"] for b in bars["b"]] == ["cached"] and bars["b"][0]["start"] == pytest.approx(now - 79, abs=0.01)
+    assert [b["phase"] for b in bars["d"]] == ["skipped"]
+    assert bars["a"][0]["right"] <= bars["b"][0]["left"] + 4 <= bars["c"][0]["left"] + 4
+    assert bars["e"][0]["phase"] == "running" and bars["e"][0]["end"] >= now
+
+
+def test_the_200_step_dag_draws_no_edge_behind_a_step(tab: Page, stack: Stack) -> None:
+    rng_nodes = synthetic_pipeline(stack.backend, f"lanes-{uuid.uuid4().hex[:6]}", steps=60, seed=3)
+    nodes = rng_nodes.runtime.pipeline["nodes"]
+    # make some edges skip layers: later steps also depend on the first one
+    for name in list(nodes)[-12:]:
+        nodes[name] = {**nodes[name], "parents": sorted({*nodes[name]["parents"], "step_000", "step_010"})}
+    set_nodes(stack.backend, rng_nodes.id, nodes)
+    tab.open(f"/pipelines/{rng_nodes.id}")
+    tab.page.wait_for_function("() => document.querySelectorAll('svg.dag g.node').length === 60")
+    tab.wait_until("the skipping edges", lambda: tab.page.locator('svg.dag path.edge[data-from="step_000"]').count() >= 12)
+    assert tab.page.evaluate(EDGES_THROUGH_NODES_JS) == []
+    assert tab.page.locator("#timeline g.tl-row").count() == 60
 
 
 # ------------------------------------------------------- queues and workers

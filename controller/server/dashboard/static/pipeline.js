@@ -1,4 +1,5 @@
-// One pipeline run: header, actions, why-pending hints, the live DAG and step details.
+// One pipeline run: header, actions, why-pending hints, the live DAG, step details and
+// the run's timeline (its step tasks are read again whenever a step changes state).
 
 import { api, poll, serverNow } from "./api.js";
 import { DagView, nodeDuration } from "./dag.js";
@@ -9,10 +10,14 @@ import {
 import { actionButton } from "./actions.js";
 import { idleQueueProblems } from "./queues.js";
 import { isTerminal } from "./statuses.js";
+import { TimelineView } from "./timeline.js";
 
 const POLL_ACTIVE_MS = 1000;
 const POLL_DONE_MS = 5000;
 const QUEUES_POLL_MS = 3000;
+/** Most step tasks read for the timeline (the store's largest page). */
+const MAX_STEP_TASKS = 10000;
+const ACTIVE_NODE = new Set(["launching", "queued", "running"]);
 const NODE_STATUSES = ["pending", "launching", "queued", "running", "completed", "failed",
   "aborted", "cached", "skipped"];
 
@@ -33,10 +38,13 @@ class PipelinePage {
     this.hovered = null;
     this.baseTasks = new Map(); // base task id → Promise of its record
     this.queueProblems = [];
+    this.stepTasks = new Map(); // step task id → its record (for the timeline's times)
+    this.stepTasksKey = null; // the node states the step tasks were last read for
   }
 
   async start() {
     this.run = await api.get(`pipelines/${encodeURIComponent(this.id)}`, null, this.signal);
+    await this.loadStepTasks(this.run).catch(() => {}); // the timeline falls back to the DAG's times
     this.build();
     this.apply(this.run, true);
     poll(() => this.refresh(), POLL_ACTIVE_MS, this.signal, (err) => this.showError(err));
@@ -64,6 +72,7 @@ class PipelinePage {
       h("button", { type: "button", on: { click: zoom(1.25) }, "aria-label": "Zoom in", text: "+" }),
       this.zoomLabel, legend());
     this.dagBox = h("div", { class: "dag-box", id: "dag" });
+    this.timelineBox = h("div", { class: "timeline-box", id: "timeline" });
     this.details = h("aside", { class: "step-details card", id: "step-details", "aria-live": "polite",
       "aria-label": "Step details" });
     this.stepsTable = h("tbody", {});
@@ -76,6 +85,10 @@ class PipelinePage {
       h("div", { class: "dag-layout" },
         section("Steps", "dag-section", toolbar, this.dagBox),
         this.details),
+      section("Timeline", "timeline-section",
+        h("p", { class: "muted small", text: "Each step over time: queued (dashed), running (its status colour), " +
+          "served from the cache or skipped (a mark). Hover over a row for its times." }),
+        this.timelineBox),
       section("Pipeline parameters", "pipeline-params", this.params),
       h("details", { class: "card steps-list" },
         h("summary", {}, "All steps as a table (", this.stepsCount, ")"),
@@ -91,8 +104,14 @@ class PipelinePage {
       },
       onSelect: (name) => this.select(name),
     });
-    this.resizeObserver = new ResizeObserver(() => { this.dag.applyScale(); this.showZoom(); });
+    this.timeline = new TimelineView(this.timelineBox);
+    this.resizeObserver = new ResizeObserver(() => {
+      this.dag.applyScale();
+      this.showZoom();
+      if (this.run) this.timeline.place(this.run.nodes, this.stepTasks, serverNow());
+    });
     this.resizeObserver.observe(this.dagBox);
+    this.resizeObserver.observe(this.timelineBox);
     this.signal.addEventListener("abort", () => this.resizeObserver.disconnect());
   }
 
@@ -102,9 +121,27 @@ class PipelinePage {
 
   async refresh() {
     const run = await api.get(`pipelines/${encodeURIComponent(this.id)}`, null, this.signal);
+    const tasksChanged = await this.loadStepTasks(run);
     this.error.replaceChildren();
-    this.apply(run, false);
+    this.apply(run, false, tasksChanged);
     return isTerminal(run.status) ? POLL_DONE_MS : POLL_ACTIVE_MS;
+  }
+
+  /**
+   * Read the run's step tasks (queued_at, started_at, finished_at) when a step's task or
+   * state changed since the last read; true when they were read.
+   */
+  async loadStepTasks(run) {
+    const launched = Object.values(run.nodes).filter((n) => n.task_id);
+    const key = JSON.stringify(launched.map((n) => [n.name, n.task_id, n.status, n.retries]));
+    if (key === this.stepTasksKey) return false;
+    let records = [];
+    if (launched.length) {
+      records = await api.get("tasks", { parent: this.id, limit: MAX_STEP_TASKS }, this.signal);
+    }
+    this.stepTasks = new Map(records.map((r) => [r.id, r]));
+    this.stepTasksKey = key;
+    return true;
   }
 
   showError(err) {
@@ -112,7 +149,7 @@ class PipelinePage {
   }
 
   /** Bring the page up to `run`; only the steps whose state changed are touched. */
-  apply(run, first) {
+  apply(run, first, tasksChanged = false) {
     const previous = this.run;
     this.run = run;
     const t0 = performance.now();
@@ -129,6 +166,7 @@ class PipelinePage {
     let changed = 0;
     if (first || this.dag.structureChanged(run.nodes)) {
       this.dag.draw(run.nodes, now);
+      this.timeline.draw(this.dag.order);
       this.renderStepsTable();
       this.nodeSig.clear();
       for (const node of Object.values(run.nodes)) this.nodeSig.set(node.name, JSON.stringify(node));
@@ -150,6 +188,7 @@ class PipelinePage {
       if (this.selected && run.nodes[this.selected]) this.select(this.selected, false);
       else this.renderDetails();
     }
+    if (changed || tasksChanged) this.timeline.place(run.nodes, this.stepTasks, now);
     this.renderDurations();
     this.renderHints();
     const ms = performance.now() - t0;
@@ -207,9 +246,12 @@ class PipelinePage {
   tick() {
     const now = serverNow();
     this.renderDurations();
+    let active = false;
     for (const node of Object.values(this.run.nodes)) {
       if (node.status === "running") this.dag.update(node, now);
+      if (ACTIVE_NODE.has(node.status)) active = true;
     }
+    if (active) this.timeline.place(this.run.nodes, this.stepTasks, now); // running bars grow
   }
 
   // ------------------------------------------------------------ steps table
