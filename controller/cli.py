@@ -295,6 +295,15 @@ def cli(ctx: click.Context, api: str | None, token: str | None, debug: bool) -> 
     help="Folder of the files endpoint, where steps store artifacts and models. "
     "[env: CONVEYOR_FILES_DIR; default: $CONVEYOR_HOME/files]",
 )
+@click.option(
+    "--public-url",
+    envvar="CONVEYOR_PUBLIC_URL",
+    metavar="URL",
+    help="Address people and code outside Conveyor reach this server by (e.g. "
+    "http://conveyor.example:8008): the dashboard's download links and "
+    "Artifact.public_url use it. [env: CONVEYOR_PUBLIC_URL; default: the address the "
+    "client used]",
+)
 @pass_state
 def serve(
     state: State,
@@ -304,8 +313,16 @@ def serve(
     serve_token: str | None,
     log_level: str,
     files_dir: str | None,
+    public_url: str | None,
 ) -> None:
     """Run the HTTP API server over a database."""
+    if public_url:
+        from controller.http_session import check_api_url
+
+        try:
+            check_api_url(public_url)
+        except ConveyorError as err:
+            raise CliError(f"--public-url: {_one_line(err.message)}") from None
     if not db_url:
         api = state.api or default_api_url()
         db_url = api if not api.startswith(("http://", "https://")) else embedded_db_url()
@@ -318,7 +335,7 @@ def serve(
     # store is open, with the password of the URL hidden.
     run_server(
         host=host, port=port, db_url=db_url, token=token, log_level=log_level.lower(),
-        files_dir=files_dir,
+        files_dir=files_dir, public_url=public_url,
     )
 
 
@@ -575,6 +592,70 @@ def tasks_reset(state: State, task_id: str, as_json: bool) -> None:
         echo_json(task)
     else:
         click.echo(f"Task {task.id} reset to {task.status.value}.")
+
+
+@tasks.command("delete")
+@click.argument("task_id", metavar="ID")
+@click.option("--force", is_flag=True, help="Delete even if it (or a step of it) is active.")
+@pass_state
+def tasks_delete(state: State, task_id: str, force: bool) -> None:
+    """Delete task ID with its log and files; a pipeline with its steps."""
+    backend = state.backend
+    task = backend.get_task(task_id)
+    steps = backend.query_tasks(parent=task.id, limit=1000)
+    local = not state.url.startswith(("http://", "https://"))
+    for record in [*steps, task]:
+        backend.delete_task(record.id, force=force)  # the server removes a task's files
+        if local:  # embedded or database store: the files area is this machine's
+            from controller.sdk.storage import files_dir
+            from controller.server.files import remove_task_files
+
+            remove_task_files(files_dir(), record)
+    extra = f" and its {len(steps)} step(s)" if steps else ""
+    click.echo(f"Deleted task {task.id}{extra}.")
+
+
+# -------------------------------------------------------------------------- files
+
+
+@cli.group(context_settings=CONTEXT_SETTINGS)
+def files() -> None:
+    """The files area of a server (artifacts and models stored by steps)."""
+
+
+@files.command("gc")
+@click.option(
+    "--files-dir",
+    "files_dir_option",
+    envvar="CONVEYOR_FILES_DIR",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="The files area (that of 'controller serve'; run this on its machine). "
+    "[env: CONVEYOR_FILES_DIR; default: $CONVEYOR_HOME/files]",
+)
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@pass_state
+def files_gc(state: State, files_dir_option: str | None, dry_run: bool) -> None:
+    """Remove the files of tasks that no longer exist (folders <project>/<task id>/)."""
+    from controller.errors import NotFoundError
+    from controller.sdk.storage import files_dir
+    from controller.server.files import collect_garbage
+
+    backend = state.backend
+
+    def task_exists(task_id: str) -> bool:
+        try:
+            backend.get_task(task_id)
+        except NotFoundError:
+            return False
+        return True
+
+    root = Path(files_dir_option).expanduser() if files_dir_option else files_dir()
+    removed = collect_garbage(root, task_exists, dry_run=dry_run)
+    verb = "Would remove" if dry_run else "Removed"
+    for folder in removed:
+        click.echo(f"{verb} {folder}")
+    click.echo(f"{verb} {len(removed)} folder(s) of deleted tasks from {root}.")
 
 
 # ------------------------------------------------------------------------- workers

@@ -61,12 +61,13 @@ def test_an_artifact_records_url_size_sha256_type_and_metadata(task: Task, api_u
     assert artifact.hash == hashlib.sha256(local.read_bytes()).hexdigest()
     assert artifact.metadata == {"source": "unit"}
     assert artifact.get() == {"rows": 3, "names": ["a", "b"]}
-    expected_start = (
-        f"{api_url}/api/v1/files/proj/{task.id}/artifacts/stats/"
+    # The record names the files area, not the address this process used (any host reads it).
+    assert artifact.url == f"conveyor://files/proj/{task.id}/artifacts/stats/stats.json"
+    assert artifact.public_url == (
+        f"{api_url}/api/v1/files/proj/{task.id}/artifacts/stats/stats.json"
         if api_url.startswith("http")
-        else (tmp_path / "home" / "files" / "proj" / task.id / "artifacts" / "stats").as_uri()
+        else (tmp_path / "home" / "files" / "proj" / task.id / "artifacts" / "stats" / "stats.json").as_uri()
     )
-    assert artifact.url.startswith(expected_start)
 
 
 def test_an_artifact_uploaded_again_under_its_name_is_fetched_again(task: Task) -> None:
@@ -185,3 +186,114 @@ def test_the_files_endpoint_is_read_with_the_api_token(
     monkeypatch.delenv("CONVEYOR_API_TOKEN")
     with pytest.raises(StorageError, match="HTTP 401, .* set CONVEYOR_API_TOKEN"):
         StorageManager.get_local_copy(stored, force_download=True)
+
+
+# ------------------------------------------------- location-independent references
+def test_records_of_older_versions_are_read_by_their_path(
+    server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An artifact recorded as http://<another address>/api/v1/files/... (what versions
+    before conveyor:// references stored) is read from this process's CONVEYOR_API."""
+    url, files_dir = server
+    monkeypatch.setenv("CONVEYOR_API", url)
+    monkeypatch.setenv("CONVEYOR_API_TOKEN", TOKEN)
+    script = tmp_path / "step.py"
+    script.write_text("print('hi')\n")
+    task = Task.create(project_name="proj", task_name="old", script=str(script))
+    task.upload_artifact("data", {"old": True})
+    path = f"proj/{task.id}/artifacts/data/data.json"
+    old_url = f"http://10.255.255.1:1/api/v1/files/{path}"  # nobody listens there
+    record = task.artifacts["data"]
+    task._backend.edit_task(task.id, {"artifacts": {"data": {
+        "uri": old_url, "type": "dict", "size": record.size, "sha256": record.hash,
+    }}}, force=True)
+    again = Task.get_task(task_id=task.id).artifacts["data"]
+    assert again.url == old_url
+    assert again.get() == {"old": True}
+    assert again.public_url == f"{url}/api/v1/files/{path}"
+    assert Path(StorageManager.get_local_copy(f"conveyor://files/{path}")).read_text() == (
+        files_dir / path
+    ).read_text()
+
+
+def test_storage_manager_stores_to_the_files_area_by_reference(
+    api_url: str, tmp_path: Path
+) -> None:
+    source = tmp_path / "notes.txt"
+    source.write_text("shared notes")
+    ref = StorageManager.upload_file(str(source), f"conveyor://files/shared/{tmp_path.name}.txt")
+    assert ref == f"conveyor://files/shared/{tmp_path.name}.txt"
+    assert Path(StorageManager.get_local_copy(ref)).read_text() == "shared notes"
+    with pytest.raises(StorageError, match="invalid files-area path"):
+        StorageManager.get_local_copy("conveyor://files/shared/../../etc/passwd")
+
+
+def test_the_public_url_is_what_the_server_was_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc, url = start_server(
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        extra_args=["--files-dir", str(tmp_path / "files"), "--public-url", "http://conveyor.example:8008/"],
+    )
+    try:
+        monkeypatch.setenv("CONVEYOR_API", url)
+        script = tmp_path / "step.py"
+        script.write_text("print('hi')\n")
+        task = Task.create(project_name="proj", task_name="public", script=str(script))
+        task.upload_artifact("note", "hello")
+        artifact = task.artifacts["note"]
+        path = f"proj/{task.id}/artifacts/note/note.txt"
+        assert artifact.url == f"conveyor://files/{path}"
+        assert artifact.public_url == f"http://conveyor.example:8008/api/v1/files/{path}"
+        model = OutputModel(task=task, name="net")
+        weights = tmp_path / "w.bin"
+        weights.write_bytes(b"w")
+        model.update_weights(str(weights))
+        entry = task.reload().models["output"][-1]
+        assert entry.public_url == f"http://conveyor.example:8008/api/v1/files/proj/{task.id}/models/net/w.bin"
+    finally:
+        stop_server(proc)
+
+
+# ------------------------------------------------------------ files follow tasks
+def _run_cli(*args: str, env: dict[str, str]) -> str:
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "controller.cli", *args], env={**os.environ, **env},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_deleting_a_task_removes_its_files_and_gc_removes_orphans(
+    server: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, files_dir = server
+    monkeypatch.setenv("CONVEYOR_API", url)
+    monkeypatch.setenv("CONVEYOR_API_TOKEN", TOKEN)
+    script = tmp_path / "step.py"
+    script.write_text("print('hi')\n")
+    kept = Task.create(project_name="gcproj", task_name="kept", script=str(script))
+    gone = Task.create(project_name="gcproj", task_name="gone", script=str(script))
+    for task in (kept, gone):
+        task.upload_artifact("data", {"task": task.id})
+    assert (files_dir / "gcproj" / gone.id).is_dir()
+    out = _run_cli("tasks", "delete", gone.id, env={"CONVEYOR_API": url, "CONVEYOR_API_TOKEN": TOKEN})
+    assert f"Deleted task {gone.id}" in out
+    assert not (files_dir / "gcproj" / gone.id).exists()
+    assert kept.artifacts["data"].get() == {"task": kept.id}
+    # A folder whose task is gone another way (e.g. deleted straight in the database):
+    orphan = files_dir / "gcproj" / ("f" * 32) / "artifacts" / "x"
+    orphan.mkdir(parents=True)
+    (orphan / "x.txt").write_text("left behind")
+    (files_dir / "shared-by-hand.txt").write_text("not a task's")
+    env = {"CONVEYOR_API": url, "CONVEYOR_API_TOKEN": TOKEN}
+    dry = _run_cli("files", "gc", "--files-dir", str(files_dir), "--dry-run", env=env)
+    assert "Would remove 1 folder(s)" in dry and orphan.exists()
+    out = _run_cli("files", "gc", "--files-dir", str(files_dir), env=env)
+    assert f"Removed {files_dir / 'gcproj' / ('f' * 32)}" in out
+    assert not (files_dir / "gcproj" / ("f" * 32)).exists()
+    assert (files_dir / "gcproj" / kept.id).is_dir()
+    assert (files_dir / "shared-by-hand.txt").is_file()

@@ -25,6 +25,12 @@ Names: 1-200 characters, no "/", "\\", NUL or control characters, not "." or "..
 artifact can never be written outside its folder
 `<output_uri>/<project>/<task id>/artifacts/<name>/`. An artifact uploaded again under
 the same name replaces the previous one.
+
+Records: by default (`output_uri` unset) an artifact's `uri` is the location-independent
+`conveyor://files/<project>/<task id>/artifacts/<name>/<file>` (see
+`controller.sdk.storage`); before, it was the absolute `http://<address the uploader
+used>/api/v1/files/...` URL (or `file://$CONVEYOR_HOME/files/...` on the embedded
+store), which still reads: an old files-endpoint URL is resolved by its path.
 """
 
 from __future__ import annotations
@@ -298,8 +304,18 @@ class Artifact:
 
     @property
     def url(self) -> str:
-        """Where the artifact is stored (file://, http(s):// or another fsspec URL)."""
+        """Where the artifact is stored, as recorded: `conveyor://files/...` for the
+        Conveyor files area (valid on every host: `get()`, `get_local_copy()`,
+        `StorageManager` and pipeline references resolve it against `CONVEYOR_API`), or
+        the external URL it was stored at (s3://, file://, ...)."""
         return self._record.uri
+
+    @property
+    def public_url(self) -> str:
+        """An address for code outside Conveyor (browsers, curl): the server's public
+        http(s) URL of the file (`controller serve --public-url`), a file:// URL on the
+        embedded store, or the external URL as stored."""
+        return storage.public_url(self.url)
 
     @property
     def size(self) -> int | None:

@@ -5,6 +5,8 @@ framework, sha256, size, iteration, ...}`); `update_weights` uploads the file an
 replaces that entry's url, so the last model created is `task.models['output'][-1]`
 and a pipeline can refer to `${step.models.output.-1.url}`. Weights are stored under
 `<output_uri>/<project>/<task id>/models/<model name>/<file name>`; a folder is zipped.
+In the default files area the url recorded is `conveyor://files/...`, resolved by every
+reader against its own `CONVEYOR_API` (older records' http URLs are resolved by path).
 The task's output models are read, changed and written back as a whole: two processes
 adding models to the same task at the same moment may lose one (a step normally owns
 its task).
@@ -53,8 +55,14 @@ class ModelEntry:
 
     @property
     def url(self) -> str:
-        """Where the weights are stored."""
+        """Where the weights are stored, as recorded (`conveyor://files/...` for the files
+        area, valid on every host; else the external URL)."""
         return self._record.url
+
+    @property
+    def public_url(self) -> str:
+        """An address of the weights for code outside Conveyor (see `Artifact.public_url`)."""
+        return storage.public_url(self.url)
 
     @property
     def framework(self) -> str:

@@ -4,11 +4,19 @@ any other http(s):// URL and any fsspec protocol installed (s3://, gs://, ...).
 Decisions:
 
 - **Destinations.** Artifacts and models go to the task's `output_uri`, else
-  `CONVEYOR_OUTPUT_URI`, else the default of the store in use: on the embedded (or any
-  SQL) store a files area `file://$CONVEYOR_HOME/files`; over HTTP the server's files
-  endpoint `http://server:port/api/v1/files`, so agents on other machines can fetch what
-  a step stored. A direct PostgreSQL store shared by several machines needs an
-  `output_uri` they can all reach (s3://, a shared mount, or run `controller serve`).
+  `CONVEYOR_OUTPUT_URI`, else the Conveyor files area `conveyor://files` of the store in
+  use. A direct PostgreSQL store shared by several machines needs an `output_uri` they
+  can all reach (s3://, a shared mount, or run `controller serve`).
+- **Location-independent references.** A file in the files area is recorded as
+  `conveyor://files/<path>` (segments percent-encoded), never by the address the
+  uploading process used. Every reader resolves it against its own `CONVEYOR_API`: over
+  HTTP `<CONVEYOR_API>/api/v1/files/<path>` (so a step on another host, in a container
+  or behind another address reaches the same file), on the embedded (or any SQL) store
+  `file://$CONVEYOR_HOME/files/<path>`. Records written before (absolute
+  `http://host:port/api/v1/files/<path>` URLs) are resolved by their path the same way
+  when `CONVEYOR_API` is http(s). Any other URL (s3://, gs://, file:// on shared
+  storage, another web server) is used as given. `public_url_of` turns a reference
+  into an http(s) URL at a server's public address, for code outside Conveyor.
 - **Integrity.** Every upload computes the sha256 of what it sends. A file:// copy and
   the files endpoint both check it before the file becomes visible (the endpoint
   answers 422 on a mismatch; file:// copies are renamed into place atomically). Other
@@ -49,6 +57,12 @@ if TYPE_CHECKING:  # requests is imported on the first HTTP transfer (steps star
 
 #: Path of the files endpoint on a `controller serve` process.
 FILES_API_PATH = "/api/v1/files"
+#: The Conveyor files area as a location-independent URL (the default destination).
+FILES_AREA_URI = "conveyor://files"
+#: Prefix of a reference to one file of the files area: `conveyor://files/<path>`.
+FILES_REF_PREFIX = FILES_AREA_URI + "/"
+#: Environment variable naming the files area of `controller serve` and `controller files`.
+FILES_DIR_ENV = "CONVEYOR_FILES_DIR"
 #: Request header carrying the sha256 (hex) of an uploaded file.
 SHA256_HEADER = "X-Conveyor-Sha256"
 #: Environment variable naming the default destination of artifacts and models.
@@ -127,7 +141,7 @@ def join_url(base: str, *segments: str) -> str:
     local = local_path_of(base)
     if local is not None:
         return local.resolve().joinpath(*segments).as_uri()
-    if base.startswith(("http://", "https://")):
+    if base.startswith(("http://", "https://", "conveyor://")):
         return base.rstrip("/") + "/" + "/".join(quote(s, safe="") for s in segments)
     return base.rstrip("/") + "/" + "/".join(segments)
 
@@ -135,11 +149,107 @@ def join_url(base: str, *segments: str) -> str:
 def default_output_uri(backend: Backend) -> str:
     """Where artifacts go unless a task says otherwise (see the module docstring)."""
     configured = os.environ.get(OUTPUT_URI_ENV, "").strip()
-    if configured:
-        return configured
-    if backend.url.startswith(("http://", "https://")):
-        return backend.url.rstrip("/") + FILES_API_PATH
-    return (conveyor_home() / "files").resolve().as_uri()
+    return configured or FILES_AREA_URI
+
+
+def files_dir() -> Path:
+    """The local files area: `CONVEYOR_FILES_DIR`, else `$CONVEYOR_HOME/files`."""
+    configured = os.environ.get(FILES_DIR_ENV, "").strip()
+    return Path(configured).expanduser() if configured else conveyor_home() / "files"
+
+
+def files_path_of(url: str) -> str | None:
+    """The files-area path (decoded, '/'-separated) a URL names, else None.
+
+    `conveyor://files/<path>` and the absolute form older versions recorded,
+    `http(s)://any-host/api/v1/files/<path>`, both name `<path>`.
+    """
+    if url.startswith(FILES_REF_PREFIX):
+        encoded = url[len(FILES_REF_PREFIX):]
+    elif url.startswith(("http://", "https://")):
+        marker = urlsplit(url).path
+        at = marker.find(FILES_API_PATH + "/")
+        if at < 0:
+            return None
+        encoded = marker[at + len(FILES_API_PATH) + 1:]
+    else:
+        return None
+    path = "/".join(unquote(segment) for segment in encoded.split("/"))
+    return path or None
+
+
+def files_ref(path: str) -> str:
+    """The location-independent reference `conveyor://files/<path>` of a files-area path."""
+    return FILES_REF_PREFIX + "/".join(quote(segment, safe="") for segment in path.split("/"))
+
+
+def resolve_url(url: str, api_url: str | None = None) -> str:
+    """Where this process reaches `url` (see "Location-independent references").
+
+    `api_url` defaults to `CONVEYOR_API`. A reference to the files area becomes the
+    files endpoint of that API (http) or a file:// URL in the local files area (any
+    other store); an old absolute files-endpoint URL is moved to that API's address when
+    it is http(s); anything else is returned unchanged.
+    """
+    path = files_path_of(url)
+    if path is None:
+        return url
+    api = api_url or default_api_url()
+    segments = path.split("/")
+    if any(s in ("", ".", "..") or "\\" in s or "\x00" in s for s in segments):
+        raise StorageError(f"invalid files-area path in {url}: empty, '.' or '..' segments")
+    if api.startswith(("http://", "https://")):
+        return api.rstrip("/") + FILES_API_PATH + "/" + "/".join(quote(s, safe="") for s in segments)
+    if not url.startswith(FILES_REF_PREFIX):
+        return url  # an old http record read without a server: its own address is all we know
+    return files_dir().resolve().joinpath(*segments).as_uri()
+
+
+_public_urls: dict[str, str] = {}
+
+
+def server_public_url(api_url: str | None = None) -> str:
+    """The public address of the server at `api_url` (default `CONVEYOR_API`): its
+    `--public-url` as `/api/v1/info` tells it, else `api_url` itself (asked once)."""
+    api = (api_url or default_api_url()).rstrip("/")
+    if api not in _public_urls:
+        import requests
+
+        from controller.http_session import failure_reason
+
+        info_url = api + "/api/v1/info"
+        with _http_session(info_url) as session:
+            try:
+                response = session.get(info_url, timeout=(HTTP_CONNECT_TIMEOUT_S, 30.0))
+            except requests.RequestException as exc:
+                raise StorageError(f"asking {info_url} failed: {failure_reason(exc)}") from exc
+        if response.status_code >= 400:
+            raise _http_error("asking", info_url, response)
+        _public_urls[api] = str(response.json().get("public_url") or "").rstrip("/") or api
+    return _public_urls[api]
+
+
+def public_url(url: str) -> str:
+    """An address of `url` for people and code outside Conveyor.
+
+    A files-area reference becomes an http(s) URL at the server's public address (over
+    HTTP) or a file:// URL in the local files area (embedded store); others stay as given.
+    """
+    if files_path_of(url) is None:
+        return url
+    api = default_api_url()
+    if api.startswith(("http://", "https://")):
+        return public_url_of(url, server_public_url(api))
+    return resolve_url(url)
+
+
+def public_url_of(url: str, public_base_url: str) -> str:
+    """An http(s) URL of a files-area reference at `public_base_url` (the server's public
+    address, `controller serve --public-url`); other URLs are returned unchanged."""
+    path = files_path_of(url)
+    if path is None:
+        return url
+    return resolve_url(files_ref(path), public_base_url)
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -205,6 +315,9 @@ def upload(local_file: str | os.PathLike[str], url: str) -> StoredFile:
     source = Path(local_file).expanduser()
     if not source.is_file():
         raise FileNotFoundError(f"cannot upload {source}: no such file")
+    if url.startswith(FILES_REF_PREFIX):  # stored where this process reaches the files area
+        stored = upload(source, resolve_url(url))
+        return StoredFile(url, stored.size, stored.sha256)
     size = source.stat().st_size
     digest = sha256_of(source)
     target = local_path_of(url)
@@ -288,7 +401,11 @@ def download(
     cache_context: str | None = None,
     name: str | None = None,
 ) -> Path:
-    """A local copy of `url`: the file itself when local, else a cached download."""
+    """A local copy of `url`: the file itself when local, else a cached download.
+
+    A files-area reference (or an old files-endpoint URL) is resolved first (`resolve_url`).
+    """
+    url = resolve_url(url)
     local = local_path_of(url)
     if local is not None:
         if not local.exists():
@@ -397,8 +514,9 @@ class StorageManager:
     ) -> str:
         """A local path holding the content of `remote_url`.
 
-        `remote_url` is a local path, a file:// URL, an http(s):// URL (the Conveyor
-        files endpoint gets the API token) or any installed fsspec protocol. Local files
+        `remote_url` is a local path, a file:// URL, a files-area reference
+        (`conveyor://files/...`, resolved against `CONVEYOR_API`), an http(s):// URL (the
+        Conveyor files endpoint gets the API token) or any installed fsspec protocol. Local files
         are returned as they are; remote ones are downloaded once into the cache
         (`force_download` fetches again). With `extract_archive`, a .zip is extracted
         and its folder returned. Raises FileNotFoundError or StorageError (never
@@ -420,7 +538,8 @@ class StorageManager:
         """Upload `local_file` to `remote_url` (the full destination, file name included).
 
         Uploads are synchronous whatever `wait_for_upload` says; `retries` is unused
-        (HTTP connections are retried a few times). Returns the URL stored to.
+        (HTTP connections are retried a few times). Returns the URL stored to (for
+        `conveyor://files/<path>`, that reference, valid on every host).
         """
         return upload(local_file, remote_url).url
 

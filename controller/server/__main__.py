@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         "$CONVEYOR_FILES_DIR, else $CONVEYOR_HOME/files",
     )
     parser.add_argument(
+        "--public-url",
+        default=os.environ.get("CONVEYOR_PUBLIC_URL") or None,
+        help="address people and code outside Conveyor reach the server by "
+        "(default: $CONVEYOR_PUBLIC_URL, else the address a client used)",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         args.token,
         log_level=args.log_level,
         files_dir=args.files_dir,
+        public_url=args.public_url,
     )
     return 0
 

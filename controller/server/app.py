@@ -56,7 +56,7 @@ from controller.server.error_bodies import (
     validation_body,
     value_error_body,
 )
-from controller.server.files import MAX_FILE_BYTES, add_file_routes
+from controller.server.files import MAX_FILE_BYTES, add_file_routes, remove_task_files
 from controller.server.input_checks import refuse_unstorable_text
 from controller.server.middleware import (
     MAX_BODY_BYTES,
@@ -136,6 +136,7 @@ def create_app(
     files_dir: Path | str | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,
     dashboard: bool = True,
+    public_url: str | None = None,
 ) -> FastAPI:
     """The FastAPI application exposing `backend` under /api/v1.
 
@@ -147,7 +148,11 @@ def create_app(
 
     The files endpoint (`controller.server.files`) stores files under `files_dir`
     (default `$CONVEYOR_HOME/files` of the server process), up to `max_file_bytes` each;
-    its uploads are streamed, so `max_body_bytes` does not apply to them.
+    its uploads are streamed, so `max_body_bytes` does not apply to them. Deleting a
+    task removes its folder there.
+
+    `public_url` is the address people and code outside Conveyor reach the server by
+    (`controller serve --public-url`); `/info` tells it to the dashboard and the SDK.
 
     `dashboard` serves the web dashboard at `/` (see `controller.server.dashboard`);
     its extra JSON endpoints (`/pipelines`, `/info`, `/statuses`) are always there.
@@ -200,14 +205,17 @@ def create_app(
     notify_enqueues = not callable(add_listener)
     # Starlette tries routes in this order: the agents' frequent calls first.
     add_worker_routes(app.router, API_PREFIX, backend, waker)
+    files_root = Path(files_dir) if files_dir is not None else conveyor_home() / "files"
     add_task_routes(
-        app.router, API_PREFIX, backend, waker, notify_enqueues, closing=lambda: waker.closed
+        app.router, API_PREFIX, backend, waker, notify_enqueues, closing=lambda: waker.closed,
+        on_deleted=lambda record: remove_task_files(files_root, record),
     )
     add_queue_routes(app.router, API_PREFIX, backend)
-    files_root = Path(files_dir) if files_dir is not None else conveyor_home() / "files"
     app.state.files_dir = files_root
     add_file_routes(app.router, API_PREFIX, files_root, max_file_bytes)
-    add_pipeline_routes(app.router, API_PREFIX, backend, files_root.resolve().as_uri())
+    add_pipeline_routes(
+        app.router, API_PREFIX, backend, files_root.resolve().as_uri(), public_url or ""
+    )
     if dashboard:
         add_dashboard_routes(app.router)
 
@@ -268,6 +276,7 @@ def serve(
     log_level: str = "warning",
     *,
     files_dir: Path | str | None = None,
+    public_url: str | None = None,
 ) -> None:
     """Run the API server on host:port over the store at `db_url` until SIGINT/SIGTERM.
 
@@ -283,7 +292,7 @@ def serve(
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING))
     backend = SqlBackend(db_url)
-    app = create_app(backend, token, files_dir=files_dir)
+    app = create_app(backend, token, files_dir=files_dir, public_url=public_url)
     waker: ClaimWaker = app.state.waker
 
     class _Server(uvicorn.Server):
@@ -315,8 +324,9 @@ def serve(
         flush=True,
     )
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    shown = public_url.rstrip("/") if public_url else f"http://{shown_host}:{port}"
     print(
-        f"Dashboard on http://{shown_host}:{port}/" + ("?token=<token>" if token else ""),
+        f"Dashboard on {shown}/" + ("?token=<token>" if token else ""),
         file=sys.stderr,
         flush=True,
     )

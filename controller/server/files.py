@@ -23,6 +23,12 @@ Decisions:
   refused with 422 naming the path. Answers never show the server's folder: a file
   system error is reported about the path the client gave.
 - **Auth.** The token middleware in front of the whole app covers these routes too.
+- **Files follow tasks.** The SDK stores a task's files under `<project>/<task id>/`.
+  Deleting a task through the server removes that folder (`remove_task_files`);
+  `controller files gc` (`collect_garbage`) removes the folders of tasks that no longer
+  exist (deleted another way, e.g. straight in the database). Files outside task
+  folders (uploaded with `StorageManager.upload_file` to a path of one's own) are never
+  removed.
 """
 
 from __future__ import annotations
@@ -35,11 +41,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import shutil
+from collections.abc import Callable, Iterator
+
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, JSONResponse
 
 from controller.errors import ConflictError, InvalidInputError, NotFoundError
+from controller.models import TaskRecord
+from controller.sdk.storage import files_path_of, safe_segment
 
 #: Largest file the endpoint stores (10 GiB).
 MAX_FILE_BYTES = 10 * 1024**3
@@ -49,6 +60,7 @@ MAX_SEGMENT_BYTES = 255
 SHA256_HEADER = "X-Conveyor-Sha256"
 TAGS: list[str | Enum] = ["files"]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class FileTooLargeError(InvalidInputError):
@@ -170,3 +182,68 @@ def _file_system_error(path: str, exc: OSError) -> InvalidInputError:
 
 def _too_large(path: str, limit: int) -> str:
     return f"file {path!r} is too large: the limit is {limit} bytes"
+
+
+# ------------------------------------------------------------ files follow tasks
+def task_folders(files_dir: Path, record: TaskRecord) -> list[Path]:
+    """The folders of `files_dir` holding files of the task `record` (existing ones).
+
+    `<project>/<task id>/` of its project, and of every artifact or model of it recorded
+    in the files area (a task moved to another project keeps its first folder).
+    """
+    candidates = {f"{safe_segment(record.project)}/{record.id}"}
+    urls = [a.uri for a in record.artifacts.values()]
+    urls += [m.url for models in record.models.values() for m in models]
+    for url in urls:
+        path = files_path_of(url or "")
+        parts = path.split("/") if path else []
+        if len(parts) > 2 and parts[1] == record.id:
+            candidates.add(f"{parts[0]}/{record.id}")
+    folders = []
+    for relative in sorted(candidates):
+        try:
+            folder = resolve_file_path(files_dir, relative)
+        except InvalidInputError:
+            continue
+        if folder.is_dir():
+            folders.append(folder)
+    return folders
+
+
+def remove_task_files(files_dir: Path, record: TaskRecord) -> list[Path]:
+    """Remove the folders of a deleted task from `files_dir`; the folders removed."""
+    folders = task_folders(files_dir, record)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+        _remove_if_empty(folder.parent, files_dir)
+    return folders
+
+
+def orphan_task_folders(files_dir: Path, task_exists: Callable[[str], bool]) -> Iterator[Path]:
+    """Folders `<project>/<task id>/` of `files_dir` whose task `task_exists` denies."""
+    if not files_dir.is_dir():
+        return
+    for project in sorted(p for p in files_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+        for folder in sorted(project.iterdir()):
+            if folder.is_dir() and _TASK_ID.match(folder.name) and not task_exists(folder.name):
+                yield folder
+
+
+def collect_garbage(
+    files_dir: Path, task_exists: Callable[[str], bool], *, dry_run: bool = False
+) -> list[Path]:
+    """Remove (unless `dry_run`) the folders of tasks that no longer exist; those folders."""
+    found = list(orphan_task_folders(files_dir, task_exists))
+    if not dry_run:
+        for folder in found:
+            shutil.rmtree(folder, ignore_errors=True)
+            _remove_if_empty(folder.parent, files_dir)
+    return found
+
+
+def _remove_if_empty(folder: Path, files_dir: Path) -> None:
+    if folder.resolve() != files_dir.resolve():
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (other tasks of the project) or already gone
+            pass

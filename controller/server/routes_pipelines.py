@@ -92,6 +92,9 @@ class ServerInfo(BaseModel):
     version: str
     files_url: str = Field(description="file:// URL of the files endpoint's folder")
     files_path: str = Field(description="URL path of the files endpoint")
+    public_url: str = Field(
+        "", description="the server's public address (controller serve --public-url); '' if unset"
+    )
 
 
 def split_run_name(task_name: str) -> tuple[str, int | None]:
@@ -232,11 +235,14 @@ def pipeline_run(backend: Backend, task_id: str) -> PipelineDetail:
     )
 
 
-def add_pipeline_routes(r: APIRouter, prefix: str, backend: Backend, files_url: str) -> None:
+def add_pipeline_routes(
+    r: APIRouter, prefix: str, backend: Backend, files_url: str, public_url: str = ""
+) -> None:
     """Add {prefix}/pipelines, {prefix}/pipelines/{task_id} and {prefix}/info to `r`."""
     P = prefix
     info = ServerInfo(
-        version=controller.__version__, files_url=files_url, files_path=P + "/files/"
+        version=controller.__version__, files_url=files_url, files_path=P + "/files/",
+        public_url=public_url.rstrip("/"),
     ).model_dump_json().encode()
 
     @r.get(

@@ -71,10 +71,12 @@ def add_task_routes(
     waker: ClaimWaker,
     notify_enqueues: bool,
     closing: Callable[[], bool] = lambda: False,
+    on_deleted: Callable[[TaskRecord], None] = lambda record: None,
 ) -> None:
     """Add the routes of {prefix}/tasks to `r`. With `notify_enqueues`, the enqueue route
     itself wakes claimers (for backends without an enqueue listener). `closing()` is true
     once the server shuts down: waiting /tasks/wait requests then answer at once.
+    `on_deleted(record)` runs after a task is deleted (the app removes its files).
 
     Routes are added straight to the app's router (no `include_router`): FastAPI matches
     routes one by one, and nested routers make every request pay for that twice. For the
@@ -238,7 +240,9 @@ def add_task_routes(
         summary="Delete a task",
     )
     def delete_task(task_id: str, force: bool = False) -> Response:
+        record = backend.get_task(task_id)
         backend.delete_task(task_id, force=force)
+        on_deleted(record)
         return encode.no_content()
 
     @r.get(

@@ -1,6 +1,7 @@
 // One task: its record section by section, artifacts, scalars and the live log.
 
 import { api, filesUrl, poll } from "./api.js";
+
 import { actionButton } from "./actions.js";
 import {
   badge, elapsed, errorBox, fill, fmtBytes, fmtDuration, fmtTime, fmtValue, h, kvList,
@@ -9,6 +10,8 @@ import {
 import { groupScalars, linePlot } from "./plot.js";
 import { canChange, isTerminal, statusGroup } from "./statuses.js";
 
+/** Location-independent references to the files area (see controller.sdk.storage). */
+const FILES_REF = "conveyor://files/";
 const RECORD_POLL_MS = 2000;
 const LOG_POLL_MS = 1000;
 const SCALARS_POLL_MS = 3000;
@@ -212,16 +215,25 @@ class TaskPage {
   }
 
   // ----------------------------------------------------------- artifacts
+  /** The address shown for a stored file: at the server's public URL (--public-url) when
+   * the link is the files endpoint, else the stored URI. */
+  shownUrl(uri, link) {
+    const base = this.info && this.info.public_url;
+    if (base && link && link.startsWith("api/")) return base.replace(/\/?$/, "/") + link;
+    return uri;
+  }
+
   /** Where the browser can download `uri` from: the files endpoint (same origin, so the
    * token cookie goes along), another http(s) URL, or nowhere (a path on some machine). */
   downloadUrl(uri) {
     if (!uri) return null;
     const filesPath = (this.info && this.info.files_path) || "/api/v1/files/";
+    if (uri.startsWith(FILES_REF)) return filesUrl(decodeURIComponent(uri.slice(FILES_REF.length)));
     try {
       const u = new URL(uri);
       if ((u.protocol === "http:" || u.protocol === "https:")) {
         const at = u.pathname.indexOf(filesPath);
-        if (u.origin === location.origin && at >= 0) return filesUrl(decodeURIComponent(u.pathname.slice(at + filesPath.length)));
+        if (at >= 0) return filesUrl(decodeURIComponent(u.pathname.slice(at + filesPath.length)));
         return u.href;
       }
       if (u.protocol === "file:" && this.info && this.info.files_url) {
@@ -254,7 +266,7 @@ class TaskPage {
       return h("article", { class: "artifact", dataset: { name } },
         h("h3", {}, name, " ", a.type ? h("span", { class: "tag", text: a.type }) : null),
         kvList([
-          ["Location", url ? h("a", { href: url, download: "", text: a.uri }) : h("code", { text: a.uri })],
+          ["Location", url ? h("a", { href: url, download: "", text: this.shownUrl(a.uri, url) }) : h("code", { text: a.uri })],
           ["Size", fmtBytes(a.size)],
           ["sha256", a.sha256 ? h("code", { title: a.sha256, text: a.sha256.slice(0, 16) + "…" }) : "–"],
           ["Metadata", Object.keys(a.metadata || {}).length ? h("code", { text: JSON.stringify(a.metadata) }) : undefined],
@@ -324,7 +336,7 @@ function modelsView(models, page) {
   for (const [kind, list] of Object.entries(models || {})) {
     for (const m of list || []) {
       const url = page.downloadUrl(m.url);
-      rows.push([kind, m.name || "–", m.framework || "–", url ? h("a", { href: url, download: "", text: m.url }) : h("code", { text: m.url || "–" })]);
+      rows.push([kind, m.name || "–", m.framework || "–", url ? h("a", { href: url, download: "", text: page.shownUrl(m.url, url) }) : h("code", { text: m.url || "–" })]);
     }
   }
   if (!rows.length) return h("p", { class: "muted", text: "No models." });
