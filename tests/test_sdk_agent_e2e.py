@@ -266,7 +266,8 @@ def test_every_artifact_type_reaches_the_next_step_equal(stack: Stack, steps_rep
     assert artifacts["text"].get() == "hello, conveyor"
     assert artifacts["array"].get().tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     if stack.files_dir is not None:  # over HTTP, everything went through the files endpoint
-        assert all(a.url.startswith(f"{stack.api_url}/api/v1/files/") for a in artifacts.values())
+        assert all(a.url.startswith(f"conveyor://files/sdk-e2e/{producer.id}/") for a in artifacts.values())
+        assert all(a.public_url.startswith(f"{stack.api_url}/api/v1/files/") for a in artifacts.values())
         assert (stack.files_dir / "sdk-e2e" / producer.id / "artifacts" / "dataframe").is_dir()
         assert not list(agent_home.glob(f"files/*/{producer.id}"))
 

@@ -61,13 +61,14 @@ def test_an_artifact_records_url_size_sha256_type_and_metadata(task: Task, api_u
     assert artifact.hash == hashlib.sha256(local.read_bytes()).hexdigest()
     assert artifact.metadata == {"source": "unit"}
     assert artifact.get() == {"rows": 3, "names": ["a", "b"]}
-    # The record names the files area, not the address this process used (any host reads it).
-    assert artifact.url == f"conveyor://files/proj/{task.id}/artifacts/stats/stats.json"
-    assert artifact.public_url == (
-        f"{api_url}/api/v1/files/proj/{task.id}/artifacts/stats/stats.json"
-        if api_url.startswith("http")
-        else (tmp_path / "home" / "files" / "proj" / task.id / "artifacts" / "stats" / "stats.json").as_uri()
-    )
+    local_file = (tmp_path / "home" / "files" / "proj" / task.id / "artifacts" / "stats" / "stats.json").as_uri()
+    if api_url.startswith("http"):
+        # The record names the server's files area, not the address this process used
+        # (any host reads it); people and outside code get the server's address.
+        assert artifact.url == f"conveyor://files/proj/{task.id}/artifacts/stats/stats.json"
+        assert artifact.public_url == f"{api_url}/api/v1/files/proj/{task.id}/artifacts/stats/stats.json"
+    else:  # the embedded store: this machine's files area, by its absolute path
+        assert artifact.url == artifact.public_url == local_file
 
 
 def test_an_artifact_uploaded_again_under_its_name_is_fetched_again(task: Task) -> None:

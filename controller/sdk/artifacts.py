@@ -26,11 +26,11 @@ artifact can never be written outside its folder
 `<output_uri>/<project>/<task id>/artifacts/<name>/`. An artifact uploaded again under
 the same name replaces the previous one.
 
-Records: by default (`output_uri` unset) an artifact's `uri` is the location-independent
-`conveyor://files/<project>/<task id>/artifacts/<name>/<file>` (see
-`controller.sdk.storage`); before, it was the absolute `http://<address the uploader
-used>/api/v1/files/...` URL (or `file://$CONVEYOR_HOME/files/...` on the embedded
-store), which still reads: an old files-endpoint URL is resolved by its path.
+Records: by default (`output_uri` unset) over HTTP an artifact's `uri` is the
+location-independent `conveyor://files/<project>/<task id>/artifacts/<name>/<file>`
+(see `controller.sdk.storage`); before, it was the absolute `http://<address the
+uploader used>/api/v1/files/...` URL, which still reads: an old files-endpoint URL is
+resolved by its path. On the embedded store it stays `file://$CONVEYOR_HOME/files/...`.
 """
 
 from __future__ import annotations

@@ -4,15 +4,20 @@ any other http(s):// URL and any fsspec protocol installed (s3://, gs://, ...).
 Decisions:
 
 - **Destinations.** Artifacts and models go to the task's `output_uri`, else
-  `CONVEYOR_OUTPUT_URI`, else the Conveyor files area `conveyor://files` of the store in
-  use. A direct PostgreSQL store shared by several machines needs an `output_uri` they
-  can all reach (s3://, a shared mount, or run `controller serve`).
+  `CONVEYOR_OUTPUT_URI`, else the default of the store in use: over HTTP the server's
+  files area `conveyor://files` (its files endpoint), so agents on other machines fetch
+  what a step stored; on the embedded (or any SQL) store this machine's files area
+  `file://$CONVEYOR_HOME/files` (`CONVEYOR_FILES_DIR` if set), recorded as that absolute
+  path so other processes of the machine with another `CONVEYOR_HOME` read it too. A
+  direct PostgreSQL store shared by several machines needs an `output_uri` they can all
+  reach (s3://, a shared mount, or run `controller serve`).
 - **Location-independent references.** A file in the files area is recorded as
   `conveyor://files/<path>` (segments percent-encoded), never by the address the
   uploading process used. Every reader resolves it against its own `CONVEYOR_API`: over
   HTTP `<CONVEYOR_API>/api/v1/files/<path>` (so a step on another host, in a container
   or behind another address reaches the same file), on the embedded (or any SQL) store
-  `file://$CONVEYOR_HOME/files/<path>`. Records written before (absolute
+  the local files area `file://$CONVEYOR_HOME/files/<path>` (right on the server's
+  machine, which serves that folder). Records written before (absolute
   `http://host:port/api/v1/files/<path>` URLs) are resolved by their path the same way
   when `CONVEYOR_API` is http(s). Any other URL (s3://, gs://, file:// on shared
   storage, another web server) is used as given. `public_url_of` turns a reference
@@ -149,7 +154,11 @@ def join_url(base: str, *segments: str) -> str:
 def default_output_uri(backend: Backend) -> str:
     """Where artifacts go unless a task says otherwise (see the module docstring)."""
     configured = os.environ.get(OUTPUT_URI_ENV, "").strip()
-    return configured or FILES_AREA_URI
+    if configured:
+        return configured
+    if backend.url.startswith(("http://", "https://")):
+        return FILES_AREA_URI
+    return files_dir().resolve().as_uri()
 
 
 def files_dir() -> Path:
