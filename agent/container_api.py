@@ -30,11 +30,9 @@ Decisions:
   by the agent's containers, bytes copied as they are, so tokens, long polls and the
   files endpoint behave as on the host). This keeps `controller serve` with its default
   `--host` working for container steps. The container's URL names the relay
-  (`http://host.docker.internal:<relay port>`), and so do the URLs of artifacts such a
-  step uploads to the files endpoint, which other machines (and the host, which does
-  not know that name) cannot open. For artifact URLs that work everywhere, serve on an
-  address containers can reach (`controller serve --host 0.0.0.0`) and start the agent
-  with that address (`--api http://<host address>:8008`): it is handed over unrelayed.
+  (`http://host.docker.internal:<relay port>`). Artifacts and models such a step stores
+  on the files endpoint are recorded as `conveyor://files/...` references, not by that
+  address, so other machines and the host read them through their own `CONVEYOR_API`.
 - **The name.** Containers get `--add-host host.docker.internal:<gateway address>` (the
   address the agent's server or relay listens on, not the engine's `host-gateway`
   setting, which may name another one) and `CONVEYOR_API=http://host.docker.internal:PORT`.

@@ -378,3 +378,57 @@ def test_a_decorator_pipeline_alternates_hosts(cluster: Cluster, far_client: obj
     nodes = controller.runtime.pipeline["nodes"]
     step_ids = {name: node["task_id"] for name, node in nodes.items()}
     _assert_alternated(far_client, cluster, step_ids, near={"deco_make", "deco_finish"})
+
+
+# ----------------------------------------------------------------- a docker agent
+@pytest.mark.docker
+def test_a_docker_step_between_hosts_reads_and_writes_by_reference(
+    cluster: Cluster, far_client: object, tmp_path: Path
+) -> None:
+    """A third address: the container of a docker agent on machine B reaches the server
+    as its agent hands it over; the artifacts and models it passes on still resolve."""
+    from tests.test_docker_e2e import TEST_IMAGE, _need_docker
+
+    try:
+        import docker
+
+        engine = docker.from_env(timeout=30)
+        engine.ping()
+        engine.images.get(TEST_IMAGE)
+    except Exception as exc:  # noqa: BLE001 - any failure means: no usable engine or image
+        _need_docker(f"no docker engine with {TEST_IMAGE}: {' '.join(str(exc).split())[:200]}")
+    from controller.pipeline import PipelineController
+
+    worker = f"multihost-docker-{uuid.uuid4().hex[:6]}"
+    log = tmp_path / "agent-docker.log"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "daemon", "--queue", "docker", "--create-queue", "--foreground",
+         "--docker", "--worker-id", worker, "--stop-grace", "2"],
+        env=_env(tmp_path / "docker-home", cluster.far_api), cwd=ROOT,
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    cluster.logs["agent-docker"] = log
+    try:
+        project = f"multihost-docker-{uuid.uuid4().hex[:6]}"
+        pipe = PipelineController(name="across-docker", project=project, version="1.0.0")
+        pipe.add_function_step("make", make_data, function_kwargs={"rows": 2}, function_return=["data"],
+                               execution_queue="near")
+        pipe.add_function_step("transform", transform, execution_queue="docker", function_return=["data"],
+                               docker=TEST_IMAGE,
+                               function_kwargs={"data": "${make.data}", "model_url": "${make.models.output.-1.url}"})
+        pipe.add_function_step("summarize", summarize, execution_queue="near", function_return=["summary"],
+                               function_kwargs={"data": "${transform.data}",
+                                                "model_url": "${transform.models.output.-1.url}"})
+        pipe.start_locally()
+        dag = pipe.get_pipeline_dag()
+        assert pipe.is_successful(), ({n: (x.status, x.status_message) for n, x in dag.items()}, cluster.logs_text())
+        step_ids = {name: node.executed for name, node in dag.items()}
+        _assert_alternated(far_client, cluster, step_ids, near={"make", "summarize"})
+        assert far_client.get_task(step_ids["transform"]).runtime.worker == worker
+        from controller import Task
+
+        summary = Task.get_task(task_id=step_ids["summarize"]).artifacts["summary"].get()
+        assert summary == {"total": 10, "seen_weights": "near", "far_weights": "NEAR"}
+    finally:
+        _stop(agent)
+        cluster.logs.pop("agent-docker", None)

@@ -36,13 +36,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
-
-import shutil
-from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
