@@ -408,6 +408,7 @@ def test_a_task_page_shows_its_record_artifacts_scalars_and_re_enqueues(tab: Pag
     b.edit_task(task.id, {"artifacts": {
         "dataset": {"uri": f"{stack.url}/api/v1/files/{path}", "type": "json", "size": len(data)},
         "elsewhere": {"uri": "s3://bucket/x.txt", "type": "str", "size": 3, "preview": "abc"},
+        "by_reference": {"uri": f"conveyor://files/{path}", "type": "json", "size": len(data)},
     }}, force=True)
     b.report_scalars(task.id, [{"title": "loss", "series": s, "iteration": i, "value": 1 / (i + 1) + k}
                                for k, s in enumerate(["train", "val"]) for i in range(20)]
@@ -427,6 +428,8 @@ def test_a_task_page_shows_its_record_artifacts_scalars_and_re_enqueues(tab: Pag
     href = link.get_attribute("href")
     assert href.startswith("api/v1/files/")  # same origin: the token cookie goes along
     assert tab.page.request.get(f"{stack.url}/{href}").body() == data
+    # a location-independent record links to the files endpoint of the server the page came from
+    assert tab.page.locator('[data-name="by_reference"] a[download]').get_attribute("href") == href
     tab.page.locator('[data-name="dataset"] .preview').get_by_text('"rows"').wait_for()
     assert "abc" in tab.page.locator('[data-name="elsewhere"] .preview').inner_text()
     tab.screenshot("dashboard-task.png")

@@ -318,6 +318,18 @@ def test_a_pipeline_controller_passes_artifacts_and_models_between_hosts(
     ))
     assert near_read.strip() == "[0, 10, 20, 30]"
 
+    # Files follow tasks: deleting the pipeline deletes its steps and their files.
+    (controller_task,) = far_client.query_tasks(project=project, type="controller")
+    assert all((cluster.files_dir / project / task_id).is_dir() for task_id in step_ids.values())
+    deleted = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "tasks", "delete", controller_task.id],
+        env=_env(Path("/nonexistent"), cluster.far_api), capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"Deleted task {controller_task.id} and its 3 step(s)." in deleted.stdout
+    assert not any((cluster.files_dir / project / task_id).exists() for task_id in step_ids.values())
+    assert far_client.query_tasks(project=project) == []
+
 
 # ----------------------------------------------------------- decorator pipeline
 def _components():  # noqa: ANN202 - the decorated components, made once the module is imported
