@@ -293,11 +293,12 @@ def execute(task_id: str, worker_id: str | None, stop_grace: float, started: boo
                       f"not in_progress held by {worker_id}")
         elif task.status.is_terminal:
             _fail(f"task {task_id} is {task.status.value}: reset it first (controller tasks reset {task_id})")
-        else:
-            task = backend.set_status(task_id, TaskStatus.in_progress, reason="started",
-                                      message=f"run by agent execute on {worker_id}", worker_id=worker_id)
         settings = _settings(api, token, worker_id, stop_grace, docker, allow_privileged, gpus)
         agent = AgentDaemon(backend, settings, [])
+        if not started:  # with --started, whoever started the task registered the worker
+            agent.register()
+            task = backend.set_status(task_id, TaskStatus.in_progress, reason="started",
+                                      message=f"run by agent execute on {worker_id}", worker_id=worker_id)
         signal.signal(signal.SIGTERM, lambda *_: _abort_execute(agent))
         signal.signal(signal.SIGINT, lambda *_: _abort_execute(agent))
         status = agent.run_one(task)

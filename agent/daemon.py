@@ -307,9 +307,14 @@ class AgentDaemon:
         if self._thread_died:
             raise DaemonThreadDiedError(f"daemon thread {self._thread_died} died: exiting so it is restarted")
 
-    def run_one(self, task: TaskRecord) -> TaskStatus | None:
-        """Run one task this worker already holds, in the foreground (`agent execute`)."""
+    def register(self) -> None:
+        """Register this worker (before it takes a task: registering ends the tasks a
+        previous run of the same worker id still holds)."""
         self._register()
+
+    def run_one(self, task: TaskRecord) -> TaskStatus | None:
+        """Run one task this registered worker already holds, in the foreground
+        (`agent execute`). Registering here would end the task (see `register`)."""
         heartbeat = self._guarded_thread(self._heartbeat_loop, "heartbeat")
         running = RunningTask(task=task)
         with self._lock:

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -489,6 +490,8 @@ class PipelineRunner:
     def _run_locally(self, node: Node, task: TaskRecord) -> None:
         """Start the step as the worker `local:...` and run it through `agent execute`."""
         worker = f"local:{self.pipe._local_worker_id}:{node.name}"
+        # registered before it takes the task (registering a worker ends what it held)
+        self.backend.register_worker(worker, hostname=socket.gethostname())
         self.backend.set_status(task.id, TaskStatus.in_progress, reason="started",
                                 message="run locally by the pipeline", worker_id=worker)
         step = LocalStep(self.backend, task.id, worker, self.pipe._stop_event)
