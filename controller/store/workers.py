@@ -27,7 +27,9 @@ from controller.models import (
 )
 from controller.store import schema
 from controller.store.core import StoreCore, check_lease, check_queue_name, check_worker
+from controller.store.queues import _SELECT_QUEUE, _enqueue_params, _enqueue_update
 from controller.store.records import dumps
+from controller.store.status import status_columns
 from controller.transitions import Operation, transition
 
 T = schema.tasks
@@ -68,9 +70,36 @@ class WorkerOperations(StoreCore):
 
     def _end_for_worker(self, conn: sa.Connection, row: Any, operation: Operation, reason: str, message: str) -> None:
         """End an active task its worker no longer runs: in_progress → failed,
-        stopping → stopped (by `operation`: expire or reconcile)."""
+        stopping → stopped (by `operation`: expire or reconcile).
+
+        A failed task whose `runtime.resume` budget is not used up (a pipeline started
+        on a queue: `auto_count` < `auto_max`) is then put back on its queue to resume
+        (reason "resume", `pending` "auto"); the history keeps both changes."""
         target = TaskStatus.failed if row.status == TaskStatus.in_progress.value else TaskStatus.stopped
         self._change_status(conn, row.id, transition(operation, target), reason, message)
+        if target == TaskStatus.failed:
+            self._resume_lost_controller(conn, row.id, message)
+
+    def _resume_lost_controller(self, conn: sa.Connection, task_id: str, lost: str) -> None:
+        """Re-enqueue a failed pipeline controller task while its resume budget lasts."""
+        task = conn.execute(sa.select(T.c.body, T.c.queue).where(T.c.id == task_id)).first()
+        body = json.loads(task.body)
+        budget = (body.get("runtime") or {}).get("resume")
+        if not isinstance(budget, dict):
+            return
+        count, limit = int(budget.get("auto_count") or 0), int(budget.get("auto_max") or 0)
+        queue = task.queue or "default"
+        if count >= limit or conn.execute(_SELECT_QUEUE, {"name": queue}).first() is None:
+            return
+        body["runtime"]["resume"] = {**budget, "auto_count": count + 1, "pending": "auto"}
+        values = status_columns(
+            transition(Operation.rerun, TaskStatus.queued), "resume",
+            f"its controller was lost ({lost}); put back on queue {queue} to resume "
+            f"(automatic resume {count + 1} of {limit})")
+        values["body"] = dumps(body)
+        row = conn.execute(_enqueue_update(rerun=True), _enqueue_params(task_id, queue, None, values)).first()
+        if row is not None:
+            self._changed(conn, row)
 
     # ---------------------------------------------------------------- workers
     def register_worker(
