@@ -658,6 +658,38 @@ def files_gc(state: State, files_dir_option: str | None, dry_run: bool) -> None:
     click.echo(f"{verb} {len(removed)} folder(s) of deleted tasks from {root}.")
 
 
+# ----------------------------------------------------------------------- pipelines
+
+
+@cli.group(context_settings=CONTEXT_SETTINGS)
+def pipelines() -> None:
+    """Control pipelines (their controller tasks)."""
+
+
+@pipelines.command("resume")
+@click.argument("pipeline_id", metavar="ID")
+@click.option(
+    "--queue",
+    "-q",
+    type=QUEUE_NAME,
+    help="Queue of the agent that resumes it. [default: the pipeline's own, else 'services']",
+)
+@json_option
+@pass_state
+def pipelines_resume(state: State, pipeline_id: str, queue: str | None, as_json: bool) -> None:
+    """Resume failed, stopped or lost pipeline ID from its record: completed steps are
+    reused, queued or running ones followed, failed and aborted ones run again, and only
+    what never started is launched. To run it again from scratch instead:
+    `controller tasks reset ID` then `controller tasks enqueue ID`."""
+    from controller.pipeline.state import request_resume
+
+    task = request_resume(state.backend, pipeline_id, queue)
+    if as_json:
+        echo_json(task)
+    else:
+        click.echo(f"Pipeline {task.id} queued on {task.execution.queue} to resume from its record.")
+
+
 # ------------------------------------------------------------------------- workers
 
 

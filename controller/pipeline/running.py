@@ -14,6 +14,18 @@ run on their own thread, off the scheduling path, so a callback may call `stop()
 
 A step that cannot be launched fails through the same retry / continue rules as a step
 whose task failed; nothing a step does can kill or hang the loop.
+
+Outages: while the control plane is unreachable (BackendUnavailableError) launching a
+step, following the steps and recording the pipeline's final state wait and retry
+(`retry_through_outage`, a log line every `OUTAGE_LOG_EVERY_S`); an outage never fails a
+step. A launch retried after an outage finds the step task it may have created already
+(no orphan clone). A pipeline running in this process (`start_locally`,
+`PipelineDecorator.run_locally`) holds a lease on its own task (`ControllerLease`), so
+a dead controller process is found like a dead agent.
+
+Resuming: `_begin` restores a recorded run when the task carries a resume request (see
+`controller.pipeline.state`); the loop then follows what was queued or running and
+launches only what never started.
 """
 
 from __future__ import annotations
@@ -29,10 +41,16 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from controller.errors import ConveyorError, IllegalTransitionError
-from controller.models import TaskRecord, TaskStatus
+from controller.backend import Backend
+from controller.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    ConveyorError,
+    IllegalTransitionError,
+)
+from controller.models import DEFAULT_LEASE_S, TaskRecord, TaskStatus
 from controller.pipeline.launch import (
     KWARGS_ARTIFACTS_SECTION,
     KWARGS_SECTION,
@@ -59,6 +77,7 @@ from controller.pipeline.node import (
     node_status_of,
     to_json_value,
 )
+from controller.pipeline.state import DEFAULT_AUTO_RESUMES, RESUME_KEY
 
 if TYPE_CHECKING:  # pragma: no cover
     from controller.pipeline.controller import PipelineController
@@ -71,6 +90,103 @@ MAX_WAIT_S = 1.0
 LAUNCHING_WAIT_S = 0.01
 LAUNCH_THREADS = 8
 CACHE_TAG_PREFIX = "cache:"
+#: During an outage of the control plane, how often a waiting call says so in the log.
+OUTAGE_LOG_EVERY_S = 5.0
+#: Longest pause between two attempts of a call during an outage.
+OUTAGE_RETRY_MAX_S = 2.0
+#: How often a pipeline running in this process renews the lease on its own task.
+CONTROLLER_HEARTBEAT_S = 2.0
+
+_T = TypeVar("_T")
+
+
+def retry_through_outage(what: str, call: Callable[[], _T], stop_event: threading.Event | None = None) -> _T:
+    """`call()`, retried while the control plane is unreachable (BackendUnavailableError),
+    with a log line every OUTAGE_LOG_EVERY_S naming `what` waits. Other errors are raised
+    at once; so is the outage error once `stop_event` is set."""
+    outage_started: float | None = None
+    next_log = 0.0
+    pause_s = 0.2
+    while True:
+        try:
+            result = call()
+        except BackendUnavailableError as exc:
+            now = time.monotonic()
+            if outage_started is None:
+                outage_started = now
+            if now >= next_log:
+                log.warning("the control plane is unreachable (%.0f s): waiting to %s: %s",
+                            now - outage_started, what, exc)
+                next_log = now + OUTAGE_LOG_EVERY_S
+            if stop_event is not None and stop_event.is_set():
+                raise
+            if stop_event is not None:
+                stop_event.wait(pause_s)
+            else:
+                time.sleep(pause_s)
+            pause_s = min(pause_s * 2, OUTAGE_RETRY_MAX_S)
+            continue
+        if outage_started is not None:
+            log.warning("the control plane answers again after %.0f s: %s done",
+                        time.monotonic() - outage_started, what)
+        return result
+
+
+class ControllerLease:
+    """The lease a pipeline running in this process holds on its own task, like an agent.
+
+    The pipeline registers as the worker `pipeline:<host>:<pid>`, starts its task as
+    that worker and heartbeats every CONTROLLER_HEARTBEAT_S with the task as its current
+    task. If the process dies the lease expires and the store fails the task
+    (`lease_expired`), as for a lost agent. A heartbeat answer that names the task
+    (aborted, or no longer held) stops the pipeline through `on_abort`.
+    """
+
+    def __init__(self, backend: Backend, task_id: str, worker_id: str, on_abort: Callable[[], None],
+                 lease_s: float = DEFAULT_LEASE_S) -> None:
+        self.backend = backend
+        self.task_id = task_id
+        self.worker_id = worker_id
+        self.lease_s = lease_s
+        self._on_abort = on_abort
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="pipeline-lease", daemon=True)
+
+    def start(self) -> None:
+        """Register the worker, start the task as that worker, renew the lease on a thread."""
+        retry_through_outage("register the pipeline's worker", lambda: self.backend.register_worker(
+            self.worker_id, hostname=os.uname().nodename, queues=[]))
+        retry_through_outage("start the pipeline task", lambda: self.backend.set_status(
+            self.task_id, TaskStatus.in_progress, reason="started", message="pipeline running locally",
+            worker_id=self.worker_id))
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing and forget the worker (after the task's final status is recorded)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            self.backend.unregister_worker(self.worker_id)
+        except ConveyorError as exc:
+            log.debug("cannot unregister the pipeline's worker %s: %s", self.worker_id, exc)
+
+    def _renew(self) -> None:
+        failing_since: float | None = None
+        while not self._stop.wait(CONTROLLER_HEARTBEAT_S):
+            try:
+                reply = self.backend.heartbeat(self.worker_id, current_tasks=[self.task_id], lease_s=self.lease_s)
+            except Exception as exc:  # noqa: BLE001 - the lease thread must not die
+                now = time.monotonic()
+                if failing_since is None or now - failing_since >= OUTAGE_LOG_EVERY_S:
+                    log.warning("cannot renew the pipeline task's lease: %s", exc)
+                    failing_since = now
+                continue
+            failing_since = None
+            if self.task_id in reply.abort:
+                log.warning("the pipeline task %s was aborted or is no longer held by %s: stopping",
+                            self.task_id, self.worker_id)
+                self._on_abort()
 
 
 class RunningMixin:
@@ -100,10 +216,26 @@ class RunningMixin:
             return True
         self._prepare()
         task = self._create_controller_task(queue=queue)
+        if self._auto_resumes:
+            self._backend.edit_task(task.id, {"runtime": {RESUME_KEY: {
+                "auto_max": self._auto_resumes, "auto_count": 0, "pending": ""}}}, force=True)
         self._backend.enqueue(task.id, queue)
         print(f"pipeline '{task.name}' ({task.id}) enqueued on '{queue}'; this process ends here",
               file=sys.stderr)
         sys.exit(0)
+
+    #: Automatic resumes of a pipeline started on a queue (see `set_auto_resume`).
+    _auto_resumes: int = DEFAULT_AUTO_RESUMES
+    #: The lease on the pipeline's own task while it runs in this process.
+    _lease: ControllerLease | None = None
+
+    def set_auto_resume(self, max_resumes: int) -> None:
+        """How many times a pipeline started with `start(queue)` is put back on its queue
+        to resume when its controller is lost (its agent or process died); 0 turns it off.
+        Default DEFAULT_AUTO_RESUMES."""
+        if isinstance(max_resumes, bool) or not isinstance(max_resumes, int) or max_resumes < 0:
+            raise ValueError(f"max_resumes must be an integer >= 0, got {max_resumes!r}")
+        self._auto_resumes = max_resumes
 
     def start_locally(self, run_pipeline_steps_locally: bool = False) -> None:
         """Run the pipeline loop in this process until it ends; steps run on agents, or as
@@ -191,15 +323,21 @@ class RunningMixin:
         self._prepare()
         self._run_steps_locally = run_steps_locally
         attached = os.environ.get("CONVEYOR_TASK_ID")
+        self._started_at = time.time()
         if attached:
             self._attach(attached)
+            self._restore_recorded_run()
         else:
             task = self._create_controller_task(queue=None)
-            self._backend.set_status(task.id, TaskStatus.in_progress, reason="started",
-                                     message="pipeline running locally")
-        self._started_at = time.time()
+            self._lease = ControllerLease(self._backend, task.id, f"pipeline:{self._local_worker_id}",
+                                          on_abort=self._stop_on_lost_lease)
+            self._lease.start()
         self._status = "running"
         self._record_state()
+
+    def _stop_on_lost_lease(self) -> None:
+        self._stop_mark_aborted = True
+        self._stop_event.set()
 
     def _stop_on_sigterm(self) -> None:
         """Under an agent, SIGTERM (an abort, a time limit, agent shutdown) stops the
@@ -233,17 +371,30 @@ class RunningMixin:
             self._status, status, reason = "completed", TaskStatus.completed, "completed"
         message = (runner.failure_message if runner and runner.failed else "") or self._status
         self._record_state()
+        if self._state_unsaved:
+            retry_through_outage("record the pipeline's final state", self._record_state_or_raise)
         under_agent = bool(os.environ.get("CONVEYOR_TASK_ID"))
         # Under an agent, success is reported by the agent when this process exits 0.
         if self._task_id and (not under_agent or status != TaskStatus.completed):
             try:
-                current = self._task_record().status
-                if current == TaskStatus.in_progress or current == TaskStatus.stopping:
-                    self._backend.set_status(self._task_id, status, reason=reason, message=message)
+                retry_through_outage("record the pipeline's final status",
+                                     lambda: self._set_final_status(status, reason, message))
             except ConveyorError as exc:
                 log.warning("cannot record the pipeline's final status: %s", exc)
+        if self._lease is not None:
+            self._lease.stop()
         log.info("pipeline %s: %s", self._name, message)
         self._done.set()
+
+    def _record_state_or_raise(self) -> None:
+        self._record_state()
+        if self._state_unsaved:
+            raise BackendUnavailableError("the pipeline state was not recorded")
+
+    def _set_final_status(self, status: TaskStatus, reason: str, message: str) -> None:
+        current = self._task_record().status
+        if current in (TaskStatus.in_progress, TaskStatus.stopping):
+            self._backend.set_status(self._task_id, status, reason=reason, message=message)
 
 
 class PipelineRunner:
@@ -262,6 +413,8 @@ class PipelineRunner:
         self._callback_pool = ThreadPoolExecutor(1, thread_name_prefix="pipeline-callback")
         self._local_steps: list[LocalStep] = []
         self._lock = threading.RLock()
+        self._outage_since: float | None = None
+        self._outage_next_log = 0.0
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -270,8 +423,12 @@ class PipelineRunner:
         deadline = (
             time.monotonic() + pipe._time_limit_s if pipe._time_limit_s else None
         )
+        for node in list(self.nodes.values()):  # restored from the record (a resume)
+            self._account_finished(node)
         try:
             while True:
+                if pipe._state_unsaved:
+                    pipe._record_state()
                 self._collect_launches()
                 if pipe._stop_event.is_set():
                     self.aborted = self.aborted or pipe._stop_mark_aborted
@@ -305,7 +462,19 @@ class PipelineRunner:
 
     def add_node(self, node: Node) -> None:
         """Add a step while the pipeline runs (PipelineDecorator components) and launch it
-        now if its parents are done; otherwise the loop launches it when they are."""
+        now if its parents are done; otherwise the loop launches it when they are.
+
+        On a resume, a call recorded by the previous run (same component, same position
+        in the call order, same inputs) takes the recorded step instead: a completed
+        one's result is returned as it is, a queued or running one is followed."""
+        if self.pipe._recorded_nodes:
+            try:
+                restored = self.pipe._restore_recorded_node(node)
+            except ConveyorError as exc:
+                log.warning("resume: cannot restore component call %s (%s): launched again", node.name, exc)
+                restored = None
+            if restored is not None:
+                self._account_finished(node)
         with self._lock:
             self.nodes[node.name] = node
         self._skip_unreachable()
@@ -330,10 +499,25 @@ class PipelineRunner:
             return
         try:
             changed = self.backend.wait_for_status_change(known, wait_s=wait_s)
+        except BackendUnavailableError as exc:
+            now = time.monotonic()
+            if self._outage_since is None:
+                self._outage_since = now
+            if now >= self._outage_next_log:
+                log.warning("the control plane is unreachable (%.0f s): waiting to follow the steps: %s",
+                            now - self._outage_since, exc)
+                self._outage_next_log = now + OUTAGE_LOG_EVERY_S
+            self.pipe._stop_event.wait(0.5)
+            return
         except ConveyorError as exc:
             log.warning("cannot follow the steps (%s); retrying", exc)
             time.sleep(0.5)
             return
+        if self._outage_since is not None:
+            log.warning("the control plane answers again after %.0f s: following the steps",
+                        time.monotonic() - self._outage_since)
+            self._outage_since = None
+            self._outage_next_log = 0.0
         for record in changed:
             if record.id == self.pipe._task_id:
                 if record.status in (TaskStatus.stopping, TaskStatus.stopped):
@@ -417,23 +601,28 @@ class PipelineRunner:
             if error is not None:
                 self._finish(node, FAILED, f"cannot launch step '{name}': {error}")
 
+    def _through_outage(self, what: str, call: Callable[[], Any]) -> Any:
+        return retry_through_outage(what, call, self.pipe._stop_event)
+
     def _launch(self, node: Node) -> None:
-        """Resolve, create (clone) the step task, apply overrides, cache, callback, enqueue."""
+        """Resolve, create (clone) the step task, apply overrides, cache, callback, enqueue.
+
+        Every call waits through an outage of the control plane; a creation retried
+        after one first looks for the task it may have made (see `_create_once`)."""
         pipe = self.pipe
-        resolver = Resolver(self.backend, self.nodes, pipe._parameters)
-        try:
-            resolved = resolver.resolve_node(node)
-        except ValueError as exc:
-            raise StepLaunchError(str(exc)) from None
+
+        def resolve() -> Any:
+            try:
+                return Resolver(self.backend, self.nodes, pipe._parameters).resolve_node(node)
+            except ValueError as exc:
+                raise StepLaunchError(str(exc)) from None
+
+        resolved = self._through_outage(f"resolve step '{node.name}'", resolve)
         node.resolved_parameters = dict(resolved.parameters)
         node.resolved_overrides = dict(resolved.task_overrides)
-        target = pipe._target_project
-        tags = [*node.tags, *([f"pipe: {pipe._task_id}"] if pipe._add_pipeline_tags and pipe._task_id else [])]
-        task = create_step_task(
-            self.backend, node, pipeline_task_id=pipe._task_id, tags=tags,
-            project=target if isinstance(target, str) and target else pipe._project,
-            keep_base_project=target in (True, None),
-        )
+        task = self._create_once(node)
+        node.executed = task.id  # recorded from here on: a resume finds (or deletes) it
+        pipe._record_state()
         changes: dict[str, Any] = {}
         hyperparams = hyperparams_from_overrides(resolved.parameters)
         if node.function_spec:
@@ -452,18 +641,19 @@ class PipelineRunner:
         if node.timeout:
             execution["time_limit_s"] = float(node.timeout)
         changes["execution"] = {**changes.get("execution", {}), **execution}
-        task = self.backend.edit_task(task.id, changes, force=not node.clone_task)
+        task = self._through_outage(f"set up the task of step '{node.name}'", lambda: self.backend.edit_task(
+            task.id, changes, force=not node.clone_task))
         if node.cache_executed_step:
             key = cache_key(task, resolved)
             if key is not None:
-                hit = self.backend.query_tasks(tags=[CACHE_TAG_PREFIX + key], status=["completed"], limit=1)
+                hit = self._through_outage(f"look up step '{node.name}' in the cache", lambda: self.backend.query_tasks(
+                    tags=[CACHE_TAG_PREFIX + key], status=["completed"], limit=1))
                 if hit:
                     self._use_cached(node, task, hit[0])
                     return
-                task = self.backend.edit_task(
-                    task.id, {"tags": [*task.tags, CACHE_TAG_PREFIX + key]}, force=not node.clone_task
-                )
-        node.executed = task.id
+                tags = [*task.tags, CACHE_TAG_PREFIX + key]
+                task = self._through_outage(f"tag step '{node.name}'", lambda: self.backend.edit_task(
+                    task.id, {"tags": tags}, force=not node.clone_task))
         node.job = StepJob(self.backend, task.id)
         if node.pre_execute_callback is not None:
             keep = node.pre_execute_callback(pipe, node, dict(resolved.parameters))
@@ -474,8 +664,60 @@ class PipelineRunner:
         if pipe._run_steps_locally:
             self._run_locally(node, task)
         else:
-            self.backend.enqueue(task.id, execution["queue"])
+            self._enqueue_once(node, task.id, execution["queue"])
         self._set(node, QUEUED)
+
+    def _create_once(self, node: Node) -> TaskRecord:
+        """The step's task, created once even when the control plane fails mid-call: a
+        retry after an outage first takes a task of the step that is still a draft
+        (created by the attempt whose answer was lost) instead of making another."""
+        pipe = self.pipe
+        target = pipe._target_project
+        tags = [*node.tags, *([f"pipe: {pipe._task_id}"] if pipe._add_pipeline_tags and pipe._task_id else [])]
+        attempts = 0
+
+        def create() -> TaskRecord:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                found = self._unlaunched_task_of(node)
+                if found is not None:
+                    log.info("step %s: reusing task %s created before the outage", node.name, found.id)
+                    return found
+            return create_step_task(
+                self.backend, node, pipeline_task_id=pipe._task_id, tags=tags,
+                project=target if isinstance(target, str) and target else pipe._project,
+                keep_base_project=target in (True, None),
+            )
+
+        return self._through_outage(f"create the task of step '{node.name}'", create)
+
+    def _unlaunched_task_of(self, node: Node) -> TaskRecord | None:
+        """A draft child task of the pipeline named like the step's task, that no step uses."""
+        if not self.pipe._task_id or not node.clone_task:
+            return None
+        name = node.function_spec["task_name"] if node.function_spec else node.name
+        used = {n.executed for n in list(self.nodes.values())}
+        for task in self.backend.query_tasks(parent=self.pipe._task_id, name=name, status=["created"], limit=100):
+            if task.name == name and task.id not in used:
+                return task
+        return None
+
+    def _enqueue_once(self, node: Node, task_id: str, queue_name: str) -> None:
+        """Enqueue the step's task; after an outage, an enqueue whose answer was lost is
+        found done (the task is no longer a draft) instead of failing the step."""
+        attempts = 0
+
+        def enqueue() -> None:
+            nonlocal attempts
+            attempts += 1
+            try:
+                self.backend.enqueue(task_id, queue_name)
+            except ConflictError:
+                if attempts == 1 or self.backend.get_task(task_id).status == TaskStatus.created:
+                    raise
+
+        self._through_outage(f"enqueue step '{node.name}'", enqueue)
 
     def _use_cached(self, node: Node, draft: TaskRecord, hit: TaskRecord) -> None:
         if draft.id != hit.id and node.clone_task:
@@ -514,7 +756,7 @@ class PipelineRunner:
             node.retries += 1
             log.info("step %s failed (%s): retry %d", node.name, record.status_message, node.retries)
             try:
-                self.backend.enqueue(record.id)
+                self._through_outage(f"retry step '{node.name}'", lambda: self.backend.enqueue(record.id))
                 self._set(node, QUEUED, f"retry {node.retries} after: {record.status_message}")
                 return
             except ConveyorError as exc:
@@ -536,11 +778,7 @@ class PipelineRunner:
 
     def _finish(self, node: Node, status: str, message: str) -> None:
         self._set(node, status, message)
-        cb = node.continue_behaviour
-        if status == FAILED and not cb.continue_on_fail:
-            self._fail(f"step '{node.name}' failed: {message}")
-        elif status == ABORTED and not cb.continue_on_abort:
-            self._fail(f"step '{node.name}' was aborted: {message}")
+        self._account_finished(node)
         if status in (COMPLETED, CACHED):
             self._monitor(node)
             if node.post_execute_callback is not None:
@@ -548,6 +786,14 @@ class PipelineRunner:
         if self.failed and self.pipe._abort_on_failure and status in (FAILED, ABORTED):
             self.abort_running(f"step '{node.name}' failed and abort_on_failure is set")
             self.pipe._stop_event.set()
+
+    def _account_finished(self, node: Node) -> None:
+        """What a failed or aborted step means for the pipeline (its continue behaviour)."""
+        cb = node.continue_behaviour
+        if node.status == FAILED and not cb.continue_on_fail:
+            self._fail(f"step '{node.name}' failed: {node.status_message}")
+        elif node.status == ABORTED and not cb.continue_on_abort:
+            self._fail(f"step '{node.name}' was aborted: {node.status_message}")
 
     def _fail(self, message: str) -> None:
         if not self.failed:

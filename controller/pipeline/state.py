@@ -2,24 +2,50 @@
 
 Creating or attaching to the controller task, its parameters and definition, the run
 state of every node written to `runtime.pipeline` on each transition, and the
-class-level API that finds a recorded pipeline (`get`, `enqueue`) or reports to its task
-(`get_logger`, `upload_artifact`, `upload_model`).
+class-level API that finds a recorded pipeline (`get`, `enqueue`, `resume`) or reports to
+its task (`get_logger`, `upload_artifact`, `upload_model`).
+
+Resuming: `runtime.resume` on the controller task holds the automatic resume budget
+(`auto_max`, `auto_count`, set by `start(queue)`) and a pending request (`pending`: why).
+The store's lease expiry puts a lost controller task back on its queue while the budget
+lasts and sets `pending`; `request_resume` (`controller pipelines resume`) sets it by
+hand. A controller that attaches to a task with a pending request first reads the
+recorded run (`restore_recorded_run`): completed steps are reused (the same task),
+queued or running steps followed, failed ones follow the retry rules, and only what
+never started is launched.
 
 Part of PipelineController (see `controller.pipeline.controller`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from controller.backend import Backend
 from controller.connect import get_backend
-from controller.errors import ConveyorError, NotFoundError
-from controller.models import TaskRecord, TaskType
+from controller.errors import BackendUnavailableError, ConflictError, ConveyorError, NotFoundError
+from controller.models import TaskRecord, TaskStatus, TaskType
 from controller.pipeline.definition import packages_list
-from controller.pipeline.node import to_json_value
+from controller.pipeline.node import (
+    ABORTED,
+    CACHED,
+    COMPLETED,
+    FAILED,
+    LAUNCHING,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    SKIPPED,
+    Node,
+    StepJob,
+    to_json_value,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from controller.pipeline.controller import PipelineController
@@ -27,15 +53,89 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("conveyor.pipeline")
 
 PIPELINE_SECTION = "Pipeline"
+#: Key of the controller task's `runtime` holding the resume budget and request.
+RESUME_KEY = "resume"
+#: Automatic resumes of a pipeline started on a queue whose controller is lost.
+DEFAULT_AUTO_RESUMES = 3
+#: `pending` value the store's lease expiry writes (anything else is a manual resume).
+AUTO_RESUME = "auto"
+#: Queue a pipeline resumes on when it names none (one run by start_locally()).
+DEFAULT_RESUME_QUEUE = "services"
+
+
+def resume_settings(record: TaskRecord) -> dict[str, Any]:
+    """The controller task's `runtime.resume` (budget and pending request), defaults filled."""
+    current = record.runtime.model_dump().get(RESUME_KEY)
+    current = current if isinstance(current, dict) else {}
+    return {"auto_max": int(current.get("auto_max") or 0), "auto_count": int(current.get("auto_count") or 0),
+            "pending": str(current.get("pending") or "")}
+
+
+def recorded_run(record: TaskRecord) -> dict[str, Any]:
+    """The run state recorded on a controller task (`runtime.pipeline`), {} if none."""
+    state = record.runtime.model_dump().get("pipeline")
+    return state if isinstance(state, dict) else {}
+
+
+def request_resume(backend: Backend, pipeline_id: str, queue: str | None = None) -> TaskRecord:
+    """Put a failed, stopped or lost pipeline back on a queue to resume from its record.
+
+    The queue is `queue`, else the pipeline's own, else "services". ConflictError for a
+    pipeline that is queued, running or completed, or that never ran (re-running from
+    scratch is `controller tasks reset` + `controller tasks enqueue`).
+    """
+    record = backend.get_task(pipeline_id)
+    if record.type != TaskType.controller:
+        raise ConflictError(f"task {pipeline_id} is a {record.type.value} task, not a pipeline", field="task_id")
+    if not record.status.is_terminal:
+        raise ConflictError(f"pipeline {pipeline_id} is {record.status.value}: only a failed, stopped "
+                            "or lost pipeline can be resumed", field="status")
+    if record.status == TaskStatus.completed:
+        raise ConflictError(f"pipeline {pipeline_id} completed: nothing to resume (to run it again from "
+                            f"scratch: controller tasks reset {pipeline_id}, then controller tasks enqueue "
+                            f"{pipeline_id})", field="status")
+    if not recorded_run(record).get("nodes"):
+        raise ConflictError(f"pipeline {pipeline_id} has no recorded run to resume from", field="task_id")
+    settings = resume_settings(record)
+    settings["pending"] = "manual"
+    backend.edit_task(pipeline_id, {"runtime": {RESUME_KEY: settings}}, force=True)
+    return backend.enqueue(pipeline_id, queue or record.execution.queue or DEFAULT_RESUME_QUEUE)
+
+
+def call_key_of(node: Node) -> str:
+    """What identifies a component call of a decorator pipeline across runs: the
+    component's code and its inputs (the position in the call order is the node name)."""
+    spec = node.function_spec or {}
+    material = {"code": (spec.get("task_spec") or {}).get("script", {}).get("code", ""),
+                "kwargs": spec.get("kwargs") or {}}
+    blob = json.dumps(material, sort_keys=True, default=lambda v: getattr(v, "marker", repr(v)))
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 class PipelineStateMixin:
     """The controller task of a pipeline and the run state recorded on it."""
 
+    #: (recorded run state, why) when this run resumes a recorded one (see `_attach`).
+    _resume_from: tuple[dict[str, Any], str] | None = None
+    #: Recorded nodes not in the DAG yet (decorator components are added as they are called).
+    _recorded_nodes: dict[str, dict[str, Any]] | None = None
+    #: A state write failed while the control plane was unreachable: write it again.
+    _state_unsaved = False
+    #: This resume, as recorded in runtime.pipeline["resumes"] (see `_restore_recorded_run`).
+    _this_resume: tuple[dict[str, Any], ...] = ()
+
     def _attach(self, task_id: str) -> None:
-        """Use the task this process runs as (under an agent) as the controller task."""
+        """Use the task this process runs as (under an agent) as the controller task.
+
+        A pending resume request on the task (see the module docstring) makes this run
+        resume the recorded one: the request is taken (cleared) here.
+        """
         self._task_id = task_id
         record = self._task_record()
+        settings = resume_settings(record)
+        if settings["pending"]:
+            self._resume_from = (recorded_run(record), settings["pending"])
+            self._edit_own_task({"runtime": {RESUME_KEY: {**settings, "pending": ""}}})
         from controller.sdk.params import cast_like
 
         for key, default in list(self._parameters.items()):
@@ -123,20 +223,168 @@ class PipelineStateMixin:
                 log.warning("cannot update the pipeline task: %s", exc)
 
     def _record_state(self) -> None:
-        """Write the DAG state onto the controller task (runtime.pipeline)."""
+        """Write the DAG state onto the controller task (runtime.pipeline).
+
+        While the control plane is unreachable the write is marked unsaved and the
+        loop writes the state again (see `PipelineRunner`); other errors are logged.
+        """
         if not self._task_id:
             return
         with self._state_lock:
+            nodes: dict[str, Any] = dict(self._recorded_nodes or {})  # decorator calls not made yet
+            for name, node in list(self._nodes.items()):
+                nodes[name] = {**node.state(), **({"call_key": call_key_of(node)} if node.function_spec else {})}
             state = {
                 "name": self._name,
                 "version": self._version,
                 "status": self._status,
                 "started": self._started_at,
                 "updated": time.time(),
-                "nodes": {name: node.state() for name, node in list(self._nodes.items())},
+                "nodes": nodes,
                 "parameters": {k: to_json_value(v) for k, v in self._parameters.items()},
+                "resumes": list(self._resumes),
             }
-            self._edit_own_task({"runtime": {"pipeline": state}})
+            try:
+                self._backend.edit_task(self._task_id, {"runtime": {"pipeline": state}}, force=True)
+                self._state_unsaved = False
+            except BackendUnavailableError as exc:
+                if not self._state_unsaved:
+                    log.warning("cannot record the pipeline state yet (%s); it is written again "
+                                "when the control plane answers", exc)
+                self._state_unsaved = True
+            except ConveyorError as exc:
+                log.warning("cannot update the pipeline task: %s", exc)
+
+    # ----------------------------------------------------------------- resume
+    @property
+    def _resumes(self) -> list[dict[str, Any]]:
+        """Every resume of this run (when, why, what was reused), as recorded."""
+        if self._resume_from is None:
+            return []
+        recorded, _why = self._resume_from
+        return list(recorded.get("resumes") or []) + list(self._this_resume)
+
+    def _restore_recorded_run(self) -> None:
+        """Resume from the record (see the module docstring): set every recorded node's
+        task, status, attempts and resolved parameters; delete clones whose launch was
+        interrupted. Nodes are set directly: no callback fires for what was recorded."""
+        if self._resume_from is None:
+            return
+        recorded, why = self._resume_from
+        counts: Counter[str] = Counter()
+        pending_nodes: dict[str, dict[str, Any]] = {}
+        for name, state in (recorded.get("nodes") or {}).items():
+            node = self._nodes.get(name)
+            if node is None:
+                if self._dynamic:
+                    pending_nodes[name] = state
+                else:
+                    log.warning("resume: recorded step %r is not in the pipeline any more: ignored", name)
+                continue
+            counts[self._restore_node(node, state)] += 1
+        self._recorded_nodes = pending_nodes
+        self._delete_unlaunched_clones()
+        if recorded.get("started"):
+            self._started_at = float(recorded["started"])
+        summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no step ran yet"
+        reason = "its controller was lost" if why == AUTO_RESUME else f"resume requested ({why})"
+        self._this_resume = ({"time": time.time(), "reason": reason, **counts},)
+        message = f"resuming pipeline {self._task_id} from its record ({reason}): {summary}"
+        log.warning(message)
+        print(message, flush=True)  # the controller task's log (under an agent)
+
+    def _restore_recorded_node(self, node: Node) -> str | None:
+        """For a node added while the pipeline runs (a decorator component call): restore
+        it from the record if the same call (name = position, same code and inputs)
+        was recorded; returns what was done, None if there was nothing to restore."""
+        state = (self._recorded_nodes or {}).pop(node.name, None)
+        if state is None:
+            return None
+        if state.get("call_key") != call_key_of(node):
+            log.info("resume: component call %s differs from the recorded one: launched again", node.name)
+            return None
+        what = self._restore_node(node, state)
+        log.info("resume: component call %s: %s", node.name, what)
+        return what
+
+    def _restore_node(self, node: Node, state: Mapping[str, Any]) -> str:
+        """Set one node from its recorded state; returns "reused", "followed", "re-run"
+        or "to launch". A manual resume runs failed and aborted steps again (their
+        retry count starts over); an automatic one keeps what the lost controller decided."""
+        recorded = str(state.get("status") or PENDING)
+        task_id = state.get("task_id")
+        node.retries = int(state.get("retries") or 0)
+        node.resolved_parameters = dict(state.get("resolved_parameters") or {})
+        node.resolved_overrides = dict(state.get("overrides") or {})
+        node.worker = str(state.get("worker") or "")
+        if not task_id or recorded == PENDING:
+            return "to launch"
+        try:
+            task = self._backend.get_task(str(task_id))
+        except NotFoundError:
+            return "to launch"
+        if task.status == TaskStatus.created and recorded in (LAUNCHING, QUEUED, RUNNING, PENDING):
+            self._delete_unlaunched(node, task)
+            return "to launch"
+        node.executed = task.id
+        node.job = StepJob(self._backend, task.id)
+        node.job_started = state.get("started")
+        node.task_status = task.status.value
+        message = str(state.get("status_message") or "")
+        if recorded in (CACHED, SKIPPED) or (recorded == COMPLETED and task.status == TaskStatus.completed):
+            node.job_ended = state.get("ended")
+            node.set_status(recorded, message)
+            return "reused"
+        if recorded in (FAILED, ABORTED) and task.status.is_terminal:
+            if self._resume_from and self._resume_from[1] == AUTO_RESUME:
+                node.job_ended = state.get("ended")
+                node.set_status(recorded, message)
+                return "reused"
+            try:
+                self._backend.enqueue(task.id)
+            except ConveyorError as exc:
+                log.warning("resume: cannot run step %s again: %s", node.name, exc)
+                node.job_ended = state.get("ended")
+                node.set_status(recorded, f"{message} (cannot run it again: {exc})")
+                return "reused"
+            node.retries = 0
+            node.task_status = TaskStatus.queued.value
+            node.set_status(QUEUED, f"run again on resume after: {message}")
+            return "re-run"
+        # Launching, queued or running when recorded: follow the task from the status
+        # recorded; the loop sees what changed since (and applies the rules to it).
+        node.task_status = TaskStatus.queued.value if recorded in (LAUNCHING, QUEUED) else TaskStatus.in_progress.value
+        node.set_status(QUEUED if recorded in (LAUNCHING, QUEUED) else RUNNING, message)
+        return "followed"
+
+    def _delete_unlaunched(self, node: Node, task: TaskRecord) -> None:
+        """Delete a step task created by a launch that never enqueued it (not a base task)."""
+        if task.id == node.base_task_id or not node.clone_task:
+            return
+        try:
+            self._backend.delete_task(task.id)
+            log.info("resume: deleted task %s of step %s (its launch was interrupted)", task.id, node.name)
+        except ConveyorError as exc:
+            log.warning("resume: cannot delete unlaunched task %s of step %s: %s", task.id, node.name, exc)
+
+    def _delete_unlaunched_clones(self) -> None:
+        """Delete the pipeline's child tasks still in status created that no step uses
+        (clones whose launch was interrupted before the record named them)."""
+        used = {n.executed for n in self._nodes.values()} | {n.base_task_id for n in self._nodes.values()}
+        used |= {s.get("task_id") for s in (self._recorded_nodes or {}).values()}
+        try:
+            drafts = self._backend.query_tasks(parent=self._task_id, status=["created"], limit=10_000)
+        except ConveyorError as exc:
+            log.warning("resume: cannot look for unlaunched step tasks: %s", exc)
+            return
+        for draft in drafts:
+            if draft.id in used:
+                continue
+            try:
+                self._backend.delete_task(draft.id)
+                log.info("resume: deleted unlaunched step task %s (%s)", draft.id, draft.name)
+            except ConveyorError as exc:
+                log.warning("resume: cannot delete unlaunched step task %s: %s", draft.id, exc)
 
     @classmethod
     def get(
@@ -183,6 +431,12 @@ class PipelineStateMixin:
         queued = backend.enqueue(task_id, queue_name or queue_id or "services")
         return {"queued": 1, "updated": 1, "fields": {"status": queued.status.value,
                                                       "execution.queue": queued.execution.queue}}
+
+    @classmethod
+    def resume(cls, pipeline_id: str, queue_name: str | None = None) -> TaskRecord:
+        """Resume a failed, stopped or lost pipeline from its record on an agent of
+        `queue_name` (default: its own queue, else "services"); see `request_resume`."""
+        return request_resume(get_backend(), pipeline_id, queue_name)
 
     @classmethod
     def _pipeline_task(cls) -> Any:
