@@ -1,0 +1,410 @@
+"""Pipelines resume where they stopped, and ride out outages (issues 20 and 15), with real
+processes: kill -9 of the agent running a pipeline controller, kill -9 of a pipeline
+process running locally, kill -9 of `controller serve` during a step launch.
+
+Each case asserts what an operator sees: the pipeline completes, every step ran exactly
+once (each step appends a line to its own file), no step task is left queued, running or
+as an unlaunched draft, and the resume is in the pipeline task's status history and log.
+Agents use short leases (`--lease`) so a lost controller is found in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from controller.backend import Backend
+from controller.connect import backend_from_url
+from controller.models import TaskRecord, TaskStatus
+from tests.helpers_server import REPO_ROOT, STARTUP_TIMEOUT_S, free_port
+
+pytestmark = pytest.mark.chaos
+
+#: Lease of the agents (and so of the controller tasks they run), in seconds.
+SHORT_LEASE_S = 3
+#: Seconds each step sleeps.
+STEP_S = 4
+
+#: A step: appends its task id to <runs_dir>/<task name>, sleeps sleep_s.
+STEP = """
+import os, time
+from controller.connect import get_backend
+task = get_backend().get_task(os.environ["CONVEYOR_TASK_ID"])
+params = task.hyperparams.get("General", {})
+with open(os.path.join(params["runs_dir"], task.name), "a") as runs:
+    runs.write(task.id + "\\n")
+print("step", task.name, "running", flush=True)
+time.sleep(float(params.get("sleep_s", 0)))
+print("step", task.name, "done", flush=True)
+"""
+
+#: A chain of steps s0 → s1 → ... ; LAUNCH is how the pipeline is started.
+CHAIN_PIPELINE = """
+import os, time
+from controller.automation import PipelineController
+
+def before_launch(pipe, node, parameters):
+    cue = {cue!r}
+    if cue and node.name == "s1":  # the test kills the server now, during this launch
+        open(cue, "w").write("launching s1")
+        time.sleep(1.0)
+    return True
+
+pipe = PipelineController(name="chain", project={project!r}, version="1.0.0")
+pipe.set_default_execution_queue("default")
+previous = None
+for i in range({steps}):
+    pipe.add_step(f"s{{i}}", base_task_id={base!r}, parents=[previous] if previous else None,
+                  parameter_override={{"General/sleep_s": {sleep_s}}},
+                  pre_execute_callback=before_launch)
+    previous = f"s{{i}}"
+pipe.{launch}
+print("pipeline finished, successful:", pipe.is_successful(), flush=True)
+"""
+
+#: A decorator pipeline of three chained component calls; each call appends a line to
+#: <runs_dir>/<tag>.
+DECORATED_PIPELINE = """
+from controller.automation.controller import PipelineDecorator
+
+@PipelineDecorator.component(return_values=["out"], packages=[])
+def work(value: int, runs_dir: str, tag: str, sleep_s: float):
+    import os, time
+    with open(os.path.join(runs_dir, tag), "a") as runs:
+        runs.write("run\\n")
+    time.sleep(sleep_s)
+    return value + 1
+
+@PipelineDecorator.pipeline(name="decorated chain", project={project!r}, version="1.0.0",
+                            return_value="total", default_queue="default")
+def main(runs_dir: str = {runs_dir!r}, sleep_s: float = {sleep_s}):
+    first = work(1, runs_dir, "c0", sleep_s)
+    second = work(first, runs_dir, "c1", sleep_s)
+    third = work(second, runs_dir, "c2", sleep_s)
+    print("total is", third, flush=True)
+    return third
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+# ------------------------------------------------------------------------ helpers
+class Processes:
+    """Agents, servers and pipeline processes a test starts; none outlives it."""
+
+    def __init__(self, home: Path, log_dir: Path) -> None:
+        self.home = home
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], api_url: str | None = None) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "CONVEYOR_HOME": str(self.home)}
+        env.pop("CONVEYOR_API_TOKEN", None)
+        if api_url:
+            env["CONVEYOR_API"] = api_url
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        log_file = open(self.log_dir / f"{len(self.procs):02d}-{name}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        self.procs.append(proc)
+        return proc
+
+    def agent(self, api_url: str, worker_id: str, queue: str, *args: str) -> subprocess.Popen[bytes]:
+        """An `agent daemon` on one queue with an explicit worker id."""
+        return self.start(f"agent-{worker_id}", [
+            sys.executable, "-m", "agent.cli", "daemon", "--queue", queue, "--foreground",
+            "--api", api_url, "--worker-id", worker_id, "--stop-grace", "2", *args])
+
+    def server(self, db_url: str, port: int) -> subprocess.Popen[bytes]:
+        """`controller serve` on a fixed loopback port (so clients reconnect to it), once healthy."""
+        proc = self.start("server", [
+            sys.executable, "-m", "controller.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--db", db_url])
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"the server exited:\n{self.output()}"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).ok:
+                    return proc
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, f"the server did not come up:\n{self.output()}"
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+                         for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> float:
+    """SIGKILL and reap; returns when (time.time()) it was killed."""
+    proc.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    proc.wait(10)
+    return killed_at
+
+
+@pytest.fixture(scope="module")
+def agent_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One CONVEYOR_HOME (venv and git caches) for the agents of this module."""
+    return tmp_path_factory.mktemp("resume-home")
+
+
+@pytest.fixture
+def processes(agent_home: Path, tmp_path: Path) -> Iterator[Processes]:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    started = Processes(agent_home, log_dir)
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def store(sqlite_url: str) -> Iterator[Backend]:
+    """A client of the test's SQLite store file (read directly, whatever the server does)."""
+    client = backend_from_url(sqlite_url)
+    if "services" not in {q.name for q in client.list_queues()}:
+        client.create_queue("services")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "runs"
+    path.mkdir()
+    return path
+
+
+def wait_until(condition: object, timeout_s: float, what: str, processes: Processes) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{processes.output()}"
+        time.sleep(0.05)
+
+
+def submit(processes: Processes, script: Path, api_url: str) -> None:
+    """Run a pipeline script that enqueues its controller and ends (start(queue) / remote mode)."""
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=script.parent, env={**os.environ, "CONVEYOR_API": api_url,
+                                                  "CONVEYOR_HOME": str(processes.home)})
+    assert done.returncode == 0, done.stderr
+    assert "enqueued on 'services'" in done.stderr
+
+
+def the_controller(store: Backend, project: str) -> TaskRecord:
+    (controller,) = store.query_tasks(project=project, type="controller")
+    return controller
+
+
+def step_task(store: Backend, controller_id: str, name: str) -> TaskRecord | None:
+    found = [t for t in store.query_tasks(parent=controller_id) if t.name == name]
+    assert len(found) <= 1, f"step {name} has {len(found)} tasks"
+    return found[0] if found else None
+
+
+def step_is(store: Backend, controller_id: str, name: str, *statuses: TaskStatus) -> bool:
+    task = step_task(store, controller_id, name)
+    return task is not None and task.status in statuses
+
+
+def log_of(store: Backend, task_id: str) -> str:
+    return "\n".join(line.line for line in store.get_log(task_id))
+
+
+def assert_each_step_ran_once(store: Backend, controller_id: str, runs_dir: Path, names: list[str],
+                              run_files: list[str]) -> None:
+    """One task per step, completed, on its first attempt; one run of each; nothing left."""
+    children = store.query_tasks(parent=controller_id, limit=1000)
+    assert sorted(t.name for t in children) == sorted(names), [(t.name, t.status.value) for t in children]
+    for task in children:
+        assert task.status == TaskStatus.completed, (task.name, task.status, task.status_message)
+        assert task.runtime.attempt == 1, (task.name, task.runtime.attempt)
+    for name in run_files:
+        runs = (runs_dir / name).read_text().splitlines()
+        assert len(runs) == 1, f"step {name} ran {len(runs)} times"
+
+
+def assert_resumed_automatically(controller: TaskRecord) -> None:
+    """The history shows the lost controller and its resume, then the completed run."""
+    history = [(h.status.value, h.reason) for h in controller.status_history]
+    assert ("failed", "lease_expired") in history, history
+    assert ("queued", "resume") in history, history
+    assert history.index(("queued", "resume")) == history.index(("failed", "lease_expired")) + 1
+    resume = next(h for h in controller.status_history if h.reason == "resume")
+    assert "automatic resume 1 of 3" in resume.message, resume.message
+    assert controller.status == TaskStatus.completed, (controller.status, controller.status_message)
+    [entry] = controller.runtime.pipeline["resumes"]
+    assert entry["reason"] == "its controller was lost"
+
+
+# -------------------------------------------------------------------------- cases
+def test_kill_9_of_the_agent_running_a_pipeline_controller_resumes_it(
+    store: Backend, sqlite_url: str, processes: Processes, runs_dir: Path, tmp_path: Path
+) -> None:
+    project = f"resume-{uuid.uuid4().hex[:6]}"
+    base = store.create_task({"name": "step", "project": project,
+                              "script": {"code": STEP, "entry_point": "step.py"},
+                              "hyperparams": {"General": {"runs_dir": str(runs_dir), "sleep_s": 0}}}).id
+    script = tmp_path / "chain.py"
+    script.write_text(CHAIN_PIPELINE.format(project=project, base=base, steps=4, sleep_s=STEP_S, cue="",
+                                            launch='start(queue="services")'))
+    lease = ("--lease", str(SHORT_LEASE_S))
+    processes.agent(sqlite_url, "resume-steps", "default", "--concurrency", "2", *lease)
+    services = processes.agent(sqlite_url, "resume-services-1", "services", *lease)
+    submit(processes, script, sqlite_url)
+    controller = the_controller(store, project)
+    wait_until(lambda: step_is(store, controller.id, "s1", TaskStatus.in_progress), 45, "s1 running", processes)
+    killed_at = kill9(services)
+    processes.agent(sqlite_url, "resume-services-2", "services", *lease)
+    wait_until(lambda: store.get_task(controller.id).status.is_terminal
+               and store.get_task(controller.id).status_reason != "lease_expired", 60,
+               "the resumed pipeline to end", processes)
+    done = store.get_task(controller.id)
+    assert done.status == TaskStatus.completed, f"{done.status_message}\n{log_of(store, controller.id)}"
+    assert_resumed_automatically(done)
+    log = log_of(store, controller.id)
+    assert "resuming pipeline" in log and "its controller was lost" in log, log
+    assert "1 followed" in log and "1 reused" in log, log
+    assert_each_step_ran_once(store, controller.id, runs_dir, ["s0", "s1", "s2", "s3"],
+                              ["s0", "s1", "s2", "s3"])
+    resumed_at = next(h.time for h in done.status_history if h.reason == "resume")
+    first_launch = step_task(store, controller.id, "s2").created_at
+    print(f"PipelineController: lost controller resumed {resumed_at - killed_at:.1f} s after the kill; "
+          f"its first launch (s2, after s1 ended) {first_launch - killed_at:.1f} s after the kill")
+
+
+def test_kill_9_of_the_agent_running_a_decorator_pipeline_resumes_it(
+    store: Backend, sqlite_url: str, processes: Processes, runs_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    project = f"resume-deco-{uuid.uuid4().hex[:6]}"
+    script = tmp_path / "decorated.py"
+    script.write_text(DECORATED_PIPELINE.format(project=project, runs_dir=str(runs_dir), sleep_s=STEP_S))
+    lease = ("--lease", str(SHORT_LEASE_S))
+    processes.agent(sqlite_url, "deco-steps", "default", "--concurrency", "2", *lease)
+    services = processes.agent(sqlite_url, "deco-services-1", "services", *lease)
+    submit(processes, script, sqlite_url)
+    controller = the_controller(store, project)
+    wait_until(lambda: step_is(store, controller.id, "work_1", TaskStatus.in_progress), 50,
+               "the second component running", processes)
+    killed_at = kill9(services)
+    processes.agent(sqlite_url, "deco-services-2", "services", *lease)
+    wait_until(lambda: store.get_task(controller.id).status.is_terminal
+               and store.get_task(controller.id).status_reason != "lease_expired", 60,
+               "the resumed pipeline to end", processes)
+    done = store.get_task(controller.id)
+    log = log_of(store, controller.id)
+    assert done.status == TaskStatus.completed, f"{done.status_message}\n{log}"
+    assert "total is 4" in log, log
+    assert_resumed_automatically(done)
+    assert "resuming pipeline" in log, log
+    assert_each_step_ran_once(store, controller.id, runs_dir, ["work", "work_1", "work_2"], ["c0", "c1", "c2"])
+    from controller import Task
+
+    monkeypatch.setenv("CONVEYOR_API", sqlite_url)
+    assert Task.get_task(task_id=controller.id).artifacts["total"].get() == 4
+    resumed_at = next(h.time for h in done.status_history if h.reason == "resume")
+    first_launch = step_task(store, controller.id, "work_2").created_at
+    print(f"PipelineDecorator: lost controller resumed {resumed_at - killed_at:.1f} s after the kill; "
+          f"its first launch (work_2, after work_1 ended) {first_launch - killed_at:.1f} s after the kill")
+
+
+def test_a_pipeline_process_killed_is_found_lost_and_resumed_by_hand(
+    store: Backend, sqlite_url: str, processes: Processes, runs_dir: Path, tmp_path: Path
+) -> None:
+    """start_locally(): the process holds a lease on its task; killed, its task fails
+    (lease_expired) like a lost agent's; `controller pipelines resume` carries it on."""
+    project = f"resume-local-{uuid.uuid4().hex[:6]}"
+    base = store.create_task({"name": "step", "project": project,
+                              "script": {"code": STEP, "entry_point": "step.py"},
+                              "hyperparams": {"General": {"runs_dir": str(runs_dir), "sleep_s": 0}}}).id
+    script = tmp_path / "chain_local.py"
+    script.write_text(CHAIN_PIPELINE.format(project=project, base=base, steps=3, sleep_s=STEP_S, cue="",
+                                            launch="start_locally()"))
+    processes.agent(sqlite_url, "local-steps", "default", "--lease", str(SHORT_LEASE_S))
+    pipeline = processes.start("pipeline", [sys.executable, str(script)], api_url=sqlite_url)
+    wait_until(lambda: store.query_tasks(project=project, type="controller"), 30, "the pipeline task", processes)
+    controller = the_controller(store, project)
+    assert controller.runtime.worker.startswith("pipeline:"), controller.runtime.worker
+    wait_until(lambda: step_is(store, controller.id, "s1", TaskStatus.in_progress), 45, "s1 running", processes)
+    killed_at = kill9(pipeline)
+    wait_until(lambda: store.get_task(controller.id).status == TaskStatus.failed, 10 + 5,
+               "the lost pipeline task to fail", processes)
+    lost = store.get_task(controller.id)
+    detected_s = lost.finished_at - killed_at
+    assert lost.status_reason == "lease_expired" and "was lost" in lost.status_message, lost.status_message
+    assert "resume" not in [h.reason for h in lost.status_history], "no automatic resume without a queue"
+    print(f"a killed local pipeline process was found lost {detected_s:.1f} s after the kill")
+    # Resume it by hand on an agent of "services".
+    processes.agent(sqlite_url, "local-services", "services", "--lease", str(SHORT_LEASE_S))
+    resumed = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "--api", sqlite_url, "pipelines", "resume", controller.id],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Pipeline {controller.id} queued on services to resume" in resumed.stdout
+    wait_until(lambda: store.get_task(controller.id).status.is_terminal, 60, "the resumed pipeline to end",
+               processes)
+    done = store.get_task(controller.id)
+    log = log_of(store, controller.id)
+    assert done.status == TaskStatus.completed, f"{done.status_message}\n{log}"
+    assert "resume requested (manual)" in log, log
+    assert_each_step_ran_once(store, controller.id, runs_dir, ["s0", "s1", "s2"], ["s0", "s1", "s2"])
+    # A completed pipeline has nothing to resume: the CLI says how to run it from scratch.
+    again = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "--api", sqlite_url, "pipelines", "resume", controller.id],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert again.returncode != 0 and "nothing to resume" in again.stderr and "tasks reset" in again.stderr
+
+
+def test_the_server_killed_during_a_step_launch_and_restarted_10_s_later(
+    store: Backend, sqlite_url: str, processes: Processes, runs_dir: Path, tmp_path: Path
+) -> None:
+    """The pipeline waits through the outage (a log line every few seconds), its launch
+    goes on when the server is back; no step fails, no orphan clone is left."""
+    project = f"outage-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    server = processes.server(sqlite_url, port)
+    api_url = f"http://127.0.0.1:{port}"
+    base = store.create_task({"name": "step", "project": project,
+                              "script": {"code": STEP, "entry_point": "step.py"},
+                              "hyperparams": {"General": {"runs_dir": str(runs_dir), "sleep_s": 0}}}).id
+    cue = tmp_path / "launching"
+    script = tmp_path / "chain_outage.py"
+    script.write_text(CHAIN_PIPELINE.format(project=project, base=base, steps=3, sleep_s=1, cue=str(cue),
+                                            launch='start(queue="services")'))
+    # Leases longer than the outage: this case is about the pipeline's calls, not leases.
+    processes.agent(api_url, "outage-steps", "default", "--lease", "60")
+    processes.agent(api_url, "outage-services", "services", "--lease", "60")
+    submit(processes, script, api_url)
+    controller = the_controller(store, project)
+    wait_until(cue.exists, 45, "the launch of s1", processes)
+    killed_at = kill9(server)
+    time.sleep(10)
+    assert store.get_task(controller.id).status == TaskStatus.in_progress
+    s1 = step_task(store, controller.id, "s1")
+    assert s1 is not None and s1.status == TaskStatus.created  # its enqueue waits for the server
+    processes.server(sqlite_url, port)
+    wait_until(lambda: store.get_task(controller.id).status.is_terminal, 45, "the pipeline to end", processes)
+    done = store.get_task(controller.id)
+    log = log_of(store, controller.id)
+    assert done.status == TaskStatus.completed, f"{done.status_message}\n{log}"
+    assert_each_step_ran_once(store, controller.id, runs_dir, ["s0", "s1", "s2"], ["s0", "s1", "s2"])
+    assert "the control plane is unreachable" in log and "enqueue step 's1'" in log, log
+    outage_s = step_task(store, controller.id, "s1").queued_at - killed_at
+    print(f"a pipeline survived a server outage of {outage_s:.1f} s during a step launch")
