@@ -339,7 +339,8 @@ def test_a_pipeline_process_killed_is_found_lost_and_resumed_by_hand(
                                             launch="start_locally()"))
     processes.agent(sqlite_url, "local-steps", "default", "--lease", str(SHORT_LEASE_S))
     pipeline = processes.start("pipeline", [sys.executable, str(script)], api_url=sqlite_url)
-    wait_until(lambda: store.query_tasks(project=project, type="controller"), 30, "the pipeline task", processes)
+    wait_until(lambda: store.query_tasks(project=project, type="controller", status=["in_progress"]), 30,
+               "the pipeline task", processes)
     controller = the_controller(store, project)
     assert controller.runtime.worker.startswith("pipeline:"), controller.runtime.worker
     wait_until(lambda: step_is(store, controller.id, "s1", TaskStatus.in_progress), 45, "s1 running", processes)
