@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ import requests
 
 from controller.backend import Backend
 from controller.connect import backend_from_url
+from controller.errors import BackendUnavailableError
 from controller.models import TaskRecord, TaskStatus
 from tests.helpers_server import REPO_ROOT, STARTUP_TIMEOUT_S, free_port
 
@@ -409,3 +411,59 @@ def test_the_server_killed_during_a_step_launch_and_restarted_10_s_later(
     assert "the control plane is unreachable" in log and "enqueue step 's1'" in log, log
     outage_s = step_task(store, controller.id, "s1").queued_at - killed_at
     print(f"a pipeline survived a server outage of {outage_s:.1f} s during a step launch")
+
+
+class AnswersLostOnce:
+    """A Backend (a real one inside) whose first answer to each call of `calls` is lost:
+    the call is done, then BackendUnavailableError is raised, as when the server dies
+    between doing a request and answering it."""
+
+    def __init__(self, backend: Backend, calls: tuple[str, ...]) -> None:
+        self._backend = backend
+        self._pending = list(calls)
+        self.lost: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self._backend, name)
+        if name not in self._pending:
+            return method
+
+        def done_then_lost(*args: object, **kwargs: object) -> object:
+            method(*args, **kwargs)
+            self._pending.remove(name)
+            self.lost.append(name)
+            raise BackendUnavailableError(f"injected: the answer to {name} was lost")
+
+        return done_then_lost
+
+
+def test_a_launch_whose_answers_are_lost_creates_one_task_and_enqueues_it_once(
+    store: Backend, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clone was made and the enqueue done, but neither answer came back: the retry
+    takes the clone it made (no orphan draft) and finds the enqueue done (no failure)."""
+    monkeypatch.setenv("CONVEYOR_API", sqlite_url)
+    from controller.automation import PipelineController
+
+    project = f"lost-{uuid.uuid4().hex[:6]}"
+    base = store.create_task({"name": "step", "project": project, "script": {"code": "print(1)"}}).id
+    pipe = PipelineController(name="lost answers", project=project, version="1.0.0")
+    pipe.set_default_execution_queue("default")  # no agent: the step stays queued
+    pipe.add_step("only", base_task_id=base)
+    flaky = AnswersLostOnce(pipe._backend, ("clone_task", "enqueue"))
+    pipe._backend = flaky  # type: ignore[assignment]
+    runner = threading.Thread(target=pipe.start_locally, name="pipeline-under-test", daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 30
+    while not (pipe.id and store.query_tasks(parent=pipe.id, status=["queued"])):
+        assert time.monotonic() < deadline, "the step was never enqueued"
+        time.sleep(0.05)
+    assert flaky.lost == ["clone_task", "enqueue"]
+    (step,) = store.query_tasks(parent=pipe.id)
+    assert step.name == "only" and step.status == TaskStatus.queued
+    assert pipe.get_pipeline_dag()["only"].executed == step.id
+    pipe.stop()
+    runner.join(30)
+    assert not runner.is_alive()
+    (step,) = store.query_tasks(parent=pipe.id)
+    assert step.status == TaskStatus.stopped
