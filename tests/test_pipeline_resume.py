@@ -467,3 +467,31 @@ def test_a_launch_whose_answers_are_lost_creates_one_task_and_enqueues_it_once(
     assert not runner.is_alive()
     (step,) = store.query_tasks(parent=pipe.id)
     assert step.status == TaskStatus.stopped
+
+
+def test_lease_expiry_puts_a_lost_controller_back_on_its_queue_while_its_budget_lasts(
+    backend: Backend,
+) -> None:
+    """On every transport: the expiry fails the task, then re-enqueues it with reason
+    "resume" and a pending automatic resume, until `auto_max` is used up."""
+    if "services" not in {q.name for q in backend.list_queues()}:
+        backend.create_queue("services")
+    task = backend.create_task({"name": "pipe", "type": "controller", "execution": {"queue": "services"}})
+    backend.edit_task(task.id, {"runtime": {"resume": {"auto_max": 1, "auto_count": 0, "pending": ""}}},
+                      force=True)
+    backend.register_worker("lost-worker", queues=["services"])
+    backend.enqueue(task.id)
+    for attempt in (1, 2):  # the second claim takes the task the expiry put back
+        claimed = backend.claim(["services"], "lost-worker", lease_s=1)
+        assert claimed is not None and claimed.id == task.id
+        time.sleep(1.2)
+        assert task.id in backend.expire_leases()
+        record = backend.get_task(task.id)
+        if attempt == 1:
+            assert record.status == TaskStatus.queued and record.status_reason == "resume"
+            assert "automatic resume 1 of 1" in record.status_message
+            assert record.runtime.resume == {"auto_max": 1, "auto_count": 1, "pending": "auto"}
+            history = [(h.status.value, h.reason) for h in record.status_history]
+            assert history[-2:] == [("failed", "lease_expired"), ("queued", "resume")]
+        else:  # the budget is used up: the lost controller stays failed
+            assert record.status == TaskStatus.failed and record.status_reason == "lease_expired"
