@@ -93,7 +93,7 @@ def test_a_malformed_api_url_is_one_line_naming_it(tmp_path: Path, url: str, pro
 def test_debug_adds_the_traceback(tmp_path: Path) -> None:
     proc = run_cli(tmp_path, "--debug", "tasks", "list", CONVEYOR_API="http://127.0.0.1:abc")
     assert proc.returncode == 1 and "Traceback" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: invalid API URL")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: invalid Conveyor API URL")
     proc = run_agent(tmp_path, "--debug", "daemon", "--queue", "default",
                      "--api", "http://127.0.0.1:abc")
     assert proc.returncode == 1 and "Traceback" in proc.stderr

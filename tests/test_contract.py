@@ -18,7 +18,7 @@ from controller.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from controller.models import TaskStatus
+from controller.models import StatusReason, TaskStatus
 
 FULL_SPEC = {
     "name": "train",
@@ -519,6 +519,11 @@ def test_registering_again_ends_the_previous_runs_tasks(backend: Backend) -> Non
     assert backend.get_task(other).status == TaskStatus.in_progress
 
 
+def backend_sweeps_itself(backend: Backend) -> bool:
+    """Whether a server in front of this backend sweeps expired leases on its own."""
+    return backend.url.startswith(("http://", "https://"))
+
+
 def test_a_lost_worker_is_reported_with_how_long_it_was_silent(backend: Backend) -> None:
     backend.register_worker("lost")
     task = backend.create_task({"name": "t"})
@@ -526,8 +531,12 @@ def test_a_lost_worker_is_reported_with_how_long_it_was_silent(backend: Backend)
     backend.claim(["default"], "lost", lease_s=0.5)
     backend.heartbeat("lost", current_tasks=[task.id], lease_s=0.5)
     time.sleep(1.2)
-    assert backend.expire_leases() == [task.id]
-    message = backend.get_task(task.id).status_message
+    expired = backend.expire_leases()
+    # over HTTP the server's own periodic sweep may have ended it first
+    assert expired == [task.id] or (expired == [] and backend_sweeps_itself(backend)), expired
+    lost = backend.get_task(task.id)
+    assert lost.status == TaskStatus.failed and lost.status_reason == StatusReason.lease_expired
+    message = lost.status_message
     silent_s = float(message.split("not heard from for ")[1].split(" s")[0])
     assert 1.0 <= silent_s < 5.0, message
 
