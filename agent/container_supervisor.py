@@ -30,23 +30,28 @@ Decisions:
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import docker
 import requests
 from docker.errors import APIError, DockerException, NotFound
 
 from agent.environments.container_boot import MARK
-from agent.environments.docker import ContainerSpec
+from agent.environments.docker import ContainerSpec, control_folder, prepare_container
 from agent.environments.errors import ContainerError
+from agent.environments.venv import DEFAULT_DISK_BUDGET_BYTES, evict_venvs
 from agent.output import OutputCallback, OutputPump
 from agent.supervisor import StepOutcome, step_outcome
 from agent.watchdog import guard_container, release_container
-from controller.models import StatusReason
+from controller.models import StatusReason, TaskRecord
+
+if TYPE_CHECKING:
+    from agent.executor import ExecutionSettings
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +260,41 @@ def run_container(
         output_error = pump.close()
     duration = (ended_at or time.monotonic()) - (run_started or ended_at or time.monotonic())
     return _outcome(spec.run_dir, state, stop_reason, time_limit_s, duration, output_error)
+
+
+# ----------------------------------------------------------------- entry point
+def run_task_in_container(
+    task: TaskRecord,
+    image_name: str,
+    checkout_root: Path,
+    run_in: Path,
+    requirements_file: Path | None,
+    argv_for: Callable[[Path], list[str]],
+    settings: ExecutionSettings,
+    say: Callable[[str], None],
+    on_output: Callable[[list[dict[str, Any]]], None],
+    should_abort: Callable[[], str | None],
+    record: Callable[[dict[str, Any]], None],
+) -> StepOutcome:
+    """Run the task's step in a container from `image_name`; how it ended.
+
+    Raises ContainerError / DockerArgsError when the container cannot be prepared or
+    started; failures inside it (setup script, packages) come back as an outcome with
+    reason setup_failed.
+    """
+    assert settings.docker is not None
+    try:
+        spec = prepare_container(
+            task, image_name, checkout_root, run_in, requirements_file, argv_for, settings, say
+        )
+        record({"container": {"image": spec.image, "image_id": spec.image_id, "name": spec.name}})
+        say(f"starting container {spec.name} from image {spec.image}")
+        outcome = run_container(
+            settings.docker.engine.client(), spec, task.execution.time_limit_s, on_output,
+            should_abort, settings.stop_grace_s,
+        )
+    finally:
+        if not settings.keep_work_dirs:
+            shutil.rmtree(control_folder(task, settings), ignore_errors=True)
+    evict_venvs(spec.venv_root, DEFAULT_DISK_BUDGET_BYTES, spec.venv_key, say)
+    return outcome

@@ -252,7 +252,7 @@ def run_in_container(
     """The step of `task` in a container from `image` (see `agent.environments.docker`).
 
     The step's output goes to `on_output` (default: the task log)."""
-    from agent.environments.docker import run_task_in_container
+    from agent.container_supervisor import run_task_in_container
 
     outcome = run_task_in_container(
         task, image, work_dir, run_dir, requirements_file_for(task, run_dir),

@@ -38,9 +38,6 @@ PACKAGES = ("controller", "agent")
 #: circles have no exceptions. A listed circle that disappears fails the test until it
 #: is removed from here, so this list only shrinks.
 KNOWN_LAZY_CIRCLES: frozenset[frozenset[str]] = frozenset({
-    # Container steps: docker.py starts `container_supervisor.run_container` lazily, and
-    # container_supervisor uses docker.ContainerSpec (the agent's container code).
-    frozenset({"agent.environments.docker", "agent.container_supervisor"}),
     # Step SDK: `Logger.current_logger()` and `OutputModel(task=None)` (reference API)
     # find the current Task lazily, while Task makes Loggers and OutputModels.
     frozenset({"controller.sdk.task", "controller.sdk.logger", "controller.sdk.output_model"}),

@@ -1,8 +1,8 @@
 """Docker steps: the engine, the image, and the container a task runs in.
 
-`run_task_in_container` is the container twin of "venv + run_step": it prepares the
-container (this module) and runs it (`agent.container_supervisor`), returning the same
-`StepOutcome`. Uses the docker SDK for Python, never the docker CLI.
+This module prepares the container (`prepare_container`);
+`agent.container_supervisor.run_task_in_container`, the container twin of "venv +
+run_step", runs it and returns the same `StepOutcome`. Uses the docker SDK for Python, never the docker CLI.
 
 Decisions:
 
@@ -87,8 +87,6 @@ from agent.environments.sdk import (
     sdk_requirements,
 )
 from agent.environments.venv import (
-    DEFAULT_DISK_BUDGET_BYTES,
-    evict_venvs,
     find_uv,
     normalize_packages,
 )
@@ -96,7 +94,6 @@ from controller.models import TaskRecord
 
 if TYPE_CHECKING:
     from agent.executor import ExecutionSettings
-    from agent.supervisor import StepOutcome
 
 log = logging.getLogger(__name__)
 
@@ -405,43 +402,3 @@ def _labels(task: TaskRecord, settings: ExecutionSettings) -> dict[str, str]:
     return {LABEL_WORKER: settings.worker_id, LABEL_TASK: task.id,
             LABEL_ATTEMPT: str(task.runtime.attempt), LABEL_AGENT_HOST: socket.gethostname(),
             LABEL_AGENT_PID: str(os.getpid())}
-
-
-# ----------------------------------------------------------------- entry point
-def run_task_in_container(
-    task: TaskRecord,
-    image_name: str,
-    checkout_root: Path,
-    run_in: Path,
-    requirements_file: Path | None,
-    argv_for: Callable[[Path], list[str]],
-    settings: ExecutionSettings,
-    say: Callable[[str], None],
-    on_output: Callable[[list[dict[str, Any]]], None],
-    should_abort: Callable[[], str | None],
-    record: Callable[[dict[str, Any]], None],
-) -> StepOutcome:
-    """Run the task's step in a container from `image_name`; how it ended.
-
-    Raises ContainerError / DockerArgsError when the container cannot be prepared or
-    started; failures inside it (setup script, packages) come back as an outcome with
-    reason setup_failed.
-    """
-    from agent.container_supervisor import run_container
-
-    assert settings.docker is not None
-    try:
-        spec = prepare_container(
-            task, image_name, checkout_root, run_in, requirements_file, argv_for, settings, say
-        )
-        record({"container": {"image": spec.image, "image_id": spec.image_id, "name": spec.name}})
-        say(f"starting container {spec.name} from image {spec.image}")
-        outcome = run_container(
-            settings.docker.engine.client(), spec, task.execution.time_limit_s, on_output,
-            should_abort, settings.stop_grace_s,
-        )
-    finally:
-        if not settings.keep_work_dirs:
-            shutil.rmtree(control_folder(task, settings), ignore_errors=True)
-    evict_venvs(spec.venv_root, DEFAULT_DISK_BUDGET_BYTES, spec.venv_key, say)
-    return outcome
