@@ -15,7 +15,8 @@ SQLAlchemy's own pooling (`QueuePool`) and compiled-statement cache:
   wait for the writer); on PostgreSQL the same engine as `transactions`.
 
 PostgreSQL URLs (`postgresql://...`) use psycopg 3 (which prepares statements run
-often on the server by itself). A pooled connection the server ended (a restart,
+often on the server by itself). A new connection fails after
+`POSTGRES_CONNECT_TIMEOUT_S` (10 s) unless the URL sets `?connect_timeout=` itself. A pooled connection the server ended (a restart,
 `pg_terminate_backend`, an idle timeout) is noticed at checkout without a round trip
 and replaced (`DisconnectionError` from the `checkout` event, SQLAlchemy's documented
 way to make the pool retry with a fresh connection).
@@ -41,6 +42,10 @@ from controller.store import schema
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+#: Seconds a new PostgreSQL connection may take (TCP, TLS, authentication) before it
+#: fails, unless the URL sets `connect_timeout` itself: a server that accepts TCP but
+#: never answers fails in seconds instead of the minutes of the kernel's TCP timeouts.
+POSTGRES_CONNECT_TIMEOUT_S = 10
 #: Run once on each PostgreSQL connection. The store's statements are a handful of
 #: fixed ones driven by a primary key or a small partial index, so one generic plan per
 #: statement is always right; left to itself PostgreSQL may re-plan some of them on
@@ -65,10 +70,21 @@ def normalize_url(url: str) -> str:
 
 def psycopg_connect_args(url: str | sa.URL) -> tuple[list[Any], dict[str, Any]]:
     """The arguments SQLAlchemy passes to psycopg.connect for `url` (a rendered URL
-    would not do: libpq reads '+' in a query value as itself, not as a space)."""
+    would not do: libpq reads '+' in a query value as itself, not as a space), with the
+    default `connect_timeout` when the URL has none."""
     parsed = sa.engine.make_url(normalize_url(str(url)) if isinstance(url, str) else url)
     cargs, cparams = parsed.get_dialect()().create_connect_args(parsed)
-    return list(cargs), dict(cparams)
+    cparams = dict(cparams)
+    cparams.setdefault("connect_timeout", POSTGRES_CONNECT_TIMEOUT_S)
+    return list(cargs), cparams
+
+
+def redacted_url(url: str | sa.URL) -> str:
+    """`url` as text with its password (if any) replaced by ***."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unreadable database URL>"
 
 
 def is_sqlite(url: str) -> bool:
@@ -97,11 +113,17 @@ def create_engines(url: str, backend_pids: set[int] | None = None) -> Engines:
     if is_sqlite(url):
         return _sqlite_engines(url)
     try:
+        parsed = sa.engine.make_url(url)
+        timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
         engine = sa.create_engine(
-            url, pool_size=POOL_SIZE, max_overflow=POOL_MAX_OVERFLOW, pool_pre_ping=False
+            parsed,
+            pool_size=POOL_SIZE,
+            max_overflow=POOL_MAX_OVERFLOW,
+            pool_pre_ping=False,
+            connect_args=timeout,
         )
     except (sa.exc.ArgumentError, ImportError) as exc:
-        raise InvalidInputError(f"invalid database URL {url!r}: {exc}", field="url") from exc
+        raise InvalidInputError(f"invalid database URL {redacted_url(url)!r}: {exc}", field="url") from exc
     pids = backend_pids if backend_pids is not None else set()
 
     @sa.event.listens_for(engine, "connect")
