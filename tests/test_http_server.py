@@ -513,7 +513,8 @@ def test_lease_sweep_fails_tasks_without_heartbeat(client: HttpBackend) -> None:
     client.enqueue(task.id, "lease")
     claimed = client.claim(["lease"], "ghost", lease_s=0.3)
     assert claimed is not None and claimed.status == TaskStatus.in_progress
-    deadline = time.monotonic() + 8
+    # The server's first sweep comes one default lease (10 s) after its start.
+    deadline = time.monotonic() + 15
     while client.get_task(task.id).status == TaskStatus.in_progress and time.monotonic() < deadline:
         time.sleep(0.2)
     final = client.get_task(task.id)

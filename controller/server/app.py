@@ -13,7 +13,7 @@ SQLite and PostgreSQL alike. A 5xx (a bug, or the store unavailable) carries a g
 message and an error id that the server logs with the details and the traceback; never
 exception text or server paths. Long-polling claims wait on wake-ups fired by the
 Backend's enqueue listener (see `controller.server.waker`); a background task sweeps
-expired leases.
+expired leases, the first time one default lease after start.
 
 One path per operation: every request goes through its FastAPI route (`routes_*.py`),
 whose request body is a pydantic model of `controller.server.schemas`; the route calls
@@ -44,6 +44,7 @@ import controller
 from controller.backend import Backend
 from controller.connect import conveyor_home
 from controller.errors import ConveyorError
+from controller.models import DEFAULT_LEASE_S
 from controller.server.dashboard import (
     add_dashboard_routes,
     is_dashboard_path,
@@ -74,6 +75,10 @@ log = logging.getLogger("conveyor.server")
 API_PREFIX = "/api/v1"
 #: Seconds between two sweeps of expired leases.
 LEASE_SWEEP_S = 2.0
+#: Seconds from the server's start to its first lease sweep: one default lease, so that
+#: agents that ran tasks while the server was down (their leases lapsed meanwhile) can
+#: reconnect and renew them with a heartbeat before anything is failed as lost.
+FIRST_LEASE_SWEEP_AFTER_S = DEFAULT_LEASE_S
 #: Seconds between two polls for work enqueued by other processes (see waker.py).
 CLAIM_POLL_S = 0.1
 
@@ -111,10 +116,14 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 # ------------------------------------------------------------------- lifespan
-async def _sweep_leases(backend: Backend, every_s: float) -> None:
+async def _sweep_leases(backend: Backend, every_s: float, first_after_s: float) -> None:
+    """Fail tasks whose lease expired: first `first_after_s` after start, then every
+    `every_s`; an error is logged once per outage and the sweeping goes on."""
     failures = 0
+    wait_s = first_after_s
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(wait_s)
+        wait_s = every_s
         try:
             expired = await run_in_threadpool(backend.expire_leases)
             if expired:
@@ -131,6 +140,7 @@ def create_app(
     token: str | None = None,
     *,
     lease_sweep_s: float = LEASE_SWEEP_S,
+    first_lease_sweep_after_s: float = FIRST_LEASE_SWEEP_AFTER_S,
     claim_poll_s: float = CLAIM_POLL_S,
     max_body_bytes: int = MAX_BODY_BYTES,
     files_dir: Path | str | None = None,
@@ -144,7 +154,10 @@ def create_app(
     as `Authorization: Bearer <token>` or the cookie `conveyor_token`; `?token=` only on
     the dashboard's entry page `/`, which trades it for the cookie (see
     `controller.server.middleware.TokenAuthMiddleware`).
-    `lease_sweep_s <= 0` disables the background lease sweep.
+    Expired leases are swept every `lease_sweep_s` seconds, the first time
+    `first_lease_sweep_after_s` after start (one default lease: a restarted server
+    gives agents that kept running meanwhile time to heartbeat before their tasks
+    count as lost); `lease_sweep_s <= 0` disables the background lease sweep.
 
     The files endpoint (`controller.server.files`) stores files under `files_dir`
     (default `$CONVEYOR_HOME/files` of the server process), up to `max_file_bytes` each;
@@ -173,7 +186,8 @@ def create_app(
             registered = True
         tasks = [asyncio.create_task(waker.run_ticker(claim_poll_s))]
         if lease_sweep_s > 0:
-            tasks.append(asyncio.create_task(_sweep_leases(backend, lease_sweep_s)))
+            sweep = _sweep_leases(backend, lease_sweep_s, first_lease_sweep_after_s)
+            tasks.append(asyncio.create_task(sweep))
         try:
             yield
         finally:
