@@ -39,7 +39,7 @@ from controller.store.engine import (
     create_engines,
     init_schema,
     normalize_url,
-    unavailable_as_conveyor_error,
+    database_errors_as_conveyor_errors,
 )
 from controller.store.notify import Notifier, StatusEvent
 from controller.store.records import dumps, row_to_record
@@ -91,9 +91,9 @@ class StoreCore(Backend):
     # ------------------------------------------------------------ plumbing
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
-        """A write transaction (BEGIN IMMEDIATE on SQLite); outages raise
-        BackendUnavailableError. Status changes are published once it committed."""
-        with unavailable_as_conveyor_error(), self._engines.transactions.connect() as conn:
+        """A write transaction (BEGIN IMMEDIATE on SQLite); database errors raise
+        Conveyor errors (outages BackendUnavailableError). Status changes are published once it committed."""
+        with database_errors_as_conveyor_errors(), self._engines.transactions.connect() as conn:
             conn.info[_EVENTS] = []
             with conn.begin():
                 yield conn
@@ -104,7 +104,7 @@ class StoreCore(Backend):
     def _direct(self) -> Iterator[sa.Connection]:
         """An autocommit connection for one-statement operations (each change is
         published: it committed with its statement)."""
-        with unavailable_as_conveyor_error(), self._engines.autocommit.connect() as conn:
+        with database_errors_as_conveyor_errors(), self._engines.autocommit.connect() as conn:
             conn.info[_EVENTS] = []
             try:
                 yield conn
@@ -128,7 +128,7 @@ class StoreCore(Backend):
     @contextlib.contextmanager
     def _read(self) -> Iterator[sa.Connection]:
         """A read transaction (one snapshot), ended when the block ends."""
-        with unavailable_as_conveyor_error(), self._engines.reads.begin() as conn:
+        with database_errors_as_conveyor_errors(), self._engines.reads.begin() as conn:
             yield conn
 
     def _row(self, conn: sa.Connection, task_id: str, *, for_update: bool = False) -> sa.Row:

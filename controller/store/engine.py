@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import select
+import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from controller.errors import BackendUnavailableError, ConflictError, InvalidInputError
+from controller.errors import BackendUnavailableError, ConflictError, ConveyorError, InvalidInputError
 from controller.models import DEFAULT_QUEUES
 from controller.store import schema
 
@@ -125,6 +127,7 @@ def create_engines(url: str, backend_pids: set[int] | None = None) -> Engines:
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise InvalidInputError(f"invalid database URL {redacted_url(url)!r}: {exc}", field="url") from exc
     pids = backend_pids if backend_pids is not None else set()
+    sa.event.listen(engine, "before_cursor_execute", refuse_unstorable_parameters)
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -168,8 +171,10 @@ def _sqlite_engines(url: str) -> Engines:
             poolclass=sa.pool.QueuePool,
             pool_size=POOL_SIZE,
             max_overflow=POOL_MAX_OVERFLOW,
+            paramstyle="named",  # parameters by name, as on PostgreSQL: errors name the field
             **({"isolation_level": "AUTOCOMMIT"} if begin_sql is None else {}),
         )
+        sa.event.listen(engine, "before_cursor_execute", refuse_unstorable_parameters)
 
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -208,22 +213,91 @@ def server_hung_up(dbapi: Any) -> bool:
         return True
 
 
+def unstorable_reason(text: str) -> str | None:
+    """Why a database cannot store `text` in a text column (a NUL character, which
+    PostgreSQL refuses and SQLite would keep, or a lone UTF-16 surrogate, which neither
+    can encode), or None if it can."""
+    if "\x00" in text:
+        return "text must not contain NUL characters (\\u0000)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text must be valid Unicode (no lone surrogates such as \\ud800)"
+    return None
+
+
+#: What SQLAlchemy adds to a column's name to make a bind parameter's name
+#: (`v_status_message`, `_id`, `id_1`, `line__3`).
+_BIND_DECORATION = re.compile(r"^(?:v_|_+)|(?:_+\d+)+$")
+
+
+def refuse_unstorable_parameters(
+    _conn: sa.Connection,
+    _cursor: Any,
+    _statement: str,
+    parameters: Any,
+    _context: Any,
+    executemany: bool,
+) -> None:
+    """`before_cursor_execute` listener of every engine: InvalidInputError naming the
+    column (from the bind parameter's name) if a text parameter cannot be stored, so that
+    SQLite and PostgreSQL refuse the same input before either sees it. Text inside JSON
+    columns (the task body) is escaped by the JSON encoder, so it is always storable."""
+    for params in parameters if executemany else (parameters,):
+        if not isinstance(params, Mapping):
+            continue
+        for name, value in params.items():
+            if type(value) is str:
+                reason = unstorable_reason(value)
+                if reason:
+                    field = _BIND_DECORATION.sub("", name) or name
+                    raise InvalidInputError(f"{field}: {reason}", field=field)
+
+
 #: Database errors that mean the store cannot be used right now (lost connection, a lock
-#: held past the busy timeout), as opposed to a refused statement.
-_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError)
+#: held past the busy timeout, a full disk), as opposed to a refused statement.
+_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
+
+
+def _database_message(exc: BaseException) -> str:
+    """The database's own words for `exc` (the DBAPI error), on one line."""
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())
+
+
+def _is_statement_error(exc: sa.exc.OperationalError) -> bool:
+    """True for SQLite's generic SQLITE_ERROR (no such table or column: the database
+    does not hold Conveyor's schema), which SQLite raises as an OperationalError like
+    a lock or an I/O error, but which waiting will not cure."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(orig, sqlite3.Error) and getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_ERROR
+
+
+def conveyor_error_for(exc: sa.exc.SQLAlchemyError) -> ConveyorError:
+    """The Conveyor error a database error stands for: BackendUnavailableError for an
+    outage (retrying later may succeed), ConflictError for a violated constraint,
+    InvalidInputError for a value the database refuses, and a server-side ConveyorError
+    (HTTP 500) for anything else, e.g. a database without Conveyor's tables."""
+    message = _database_message(exc)
+    if isinstance(exc, sa.exc.OperationalError) and _is_statement_error(exc):
+        return ConveyorError(f"the Conveyor store's database refused a statement (damaged schema?): {message}")
+    if isinstance(exc, _UNAVAILABLE) or (isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated):
+        return BackendUnavailableError(f"the Conveyor store failed: {message}")
+    if isinstance(exc, sa.exc.IntegrityError):
+        return ConflictError(f"the Conveyor store refused a change that conflicts with a stored record: {message}")
+    if isinstance(exc, sa.exc.DataError):
+        return InvalidInputError(f"the Conveyor store cannot store a value: {message}")
+    return ConveyorError(f"the Conveyor store failed: {message}")
 
 
 @contextlib.contextmanager
-def unavailable_as_conveyor_error() -> Iterator[None]:
-    """Raise database outages inside the block as `BackendUnavailableError`."""
+def database_errors_as_conveyor_errors() -> Iterator[None]:
+    """Raise every SQLAlchemy error inside the block as the Conveyor error it stands for
+    (`conveyor_error_for`): no raw database exception leaves the store."""
     try:
         yield
-    except _UNAVAILABLE as exc:
-        raise BackendUnavailableError(f"the Conveyor store failed: {getattr(exc, 'orig', None) or exc}") from exc
-    except sa.exc.DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise BackendUnavailableError(f"the Conveyor store failed: {exc.orig}") from exc
-        raise
+    except sa.exc.SQLAlchemyError as exc:
+        raise conveyor_error_for(exc) from exc
 
 
 def init_schema(engine: sa.Engine) -> None:
@@ -259,11 +333,11 @@ def init_schema(engine: sa.Engine) -> None:
                 now = time.time()
                 for name in DEFAULT_QUEUES:
                     conn.execute(schema.queues.insert().values(name=name, created_at=now))
-    except sa.exc.OperationalError as exc:
-        raise BackendUnavailableError(
-            f"cannot open the Conveyor store at {engine.url.render_as_string(hide_password=True)}: "
-            f"{exc.orig}"
-        ) from exc
+    except sa.exc.SQLAlchemyError as exc:
+        error = conveyor_error_for(exc)
+        error.message = f"cannot open the Conveyor store at {redacted_url(engine.url)}: {_database_message(exc)}"
+        error.args = (error.message,)
+        raise error from exc
 
 
 def _schema_version(conn: sa.Connection) -> int | None:

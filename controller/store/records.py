@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
-from controller.errors import InvalidInputError
+from controller.errors import ConveyorError, InvalidInputError
 from controller.models import TaskRecord
 
 # Keys of TaskRecord kept in tasks.body (everything that is not a column).
@@ -91,7 +91,9 @@ def row_to_record(row: Any) -> TaskRecord:
 
     The body and the record columns are joined as JSON text and validated in one pass by
     pydantic's JSON parser (about twice as fast as json.loads + model_validate, which
-    remains the fallback for bodies the strict JSON parser refuses, such as NaN).
+    remains the fallback for bodies the strict JSON parser refuses, such as NaN). A row
+    that is no valid record (a damaged body) raises `corrupt_record_error`: the fault is
+    the store's, not the caller's.
     """
     pick = _pickers.get(row._fields)
     if pick is None:
@@ -101,9 +103,12 @@ def row_to_record(row: Any) -> TaskRecord:
     try:
         record = _validator.validate_json(columns if len(body) <= 2 else body[:-1] + b"," + columns[1:])
     except ValidationError:
-        data: dict[str, Any] = json.loads(body)
-        data.update(json.loads(columns))
-        record = TaskRecord.model_validate(data)
+        try:
+            data: dict[str, Any] = json.loads(body)
+            data.update(json.loads(columns))
+            record = TaskRecord.model_validate(data)
+        except (ValueError, TypeError, AttributeError) as exc:  # ValidationError is a ValueError
+            raise corrupt_record_error(f"task {row.id}", exc) from exc
     # Columns are the truth for these (their copies in the body may be stale). Set
     # without pydantic's __setattr__: the values come from typed columns.
     runtime = record.runtime.__dict__
@@ -116,6 +121,13 @@ def row_to_record(row: Any) -> TaskRecord:
 
 
 _validator = TaskRecord.__pydantic_validator__
+
+
+def corrupt_record_error(what: str, exc: BaseException) -> ConveyorError:
+    """The error for a stored row that cannot be read back (`what`: e.g. "task <id>"):
+    a server-side ConveyorError (HTTP 500), never a 422 blaming the caller's input."""
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ConveyorError(f"the stored record of {what} is damaged and cannot be read: {first_line}")
 
 
 def body_of(record_data: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from controller.models import (
 from controller.store import schema
 from controller.store.core import StoreCore, check_status
 from controller.store.notify import task_key
-from controller.store.records import body_of, dumps, row_to_record, validate
+from controller.store.records import body_of, corrupt_record_error, dumps, row_to_record, validate
 from controller.transitions import Operation, report_transition, transition
 
 T = schema.tasks
@@ -88,7 +88,10 @@ class TaskOperations(StoreCore):
         if row is None:
             raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
         record = row_to_record(row)
-        record.status_history = [StatusChange.model_validate(h) for h in schema.parse_history(row.history)]
+        try:
+            record.status_history = [StatusChange.model_validate(h) for h in schema.parse_history(row.history)]
+        except ValueError as exc:  # a damaged history column (ValidationError is a ValueError)
+            raise corrupt_record_error(f"task {task_id} (status history)", exc) from exc
         return record
 
     def query_tasks(

@@ -28,7 +28,7 @@ from controller.models import (
 from controller.store import schema
 from controller.store.core import StoreCore, check_lease, check_queue_name, check_worker
 from controller.store.queues import _SELECT_QUEUE, _enqueue_params, _enqueue_update
-from controller.store.records import dumps
+from controller.store.records import corrupt_record_error, dumps
 from controller.store.status import status_columns
 from controller.transitions import Operation, transition
 
@@ -208,14 +208,18 @@ class WorkerOperations(StoreCore):
             active = sa.select(T.c.worker, T.c.id).where(schema.IS_ACTIVE, T.c.worker.isnot(None))
             for r in conn.execute(active.order_by(T.c.started_at)):
                 running.setdefault(r.worker, []).append(r.id)
-        return [
-            WorkerInfo(
-                id=r.id, hostname=r.hostname, queues=json.loads(r.queues), slots=r.slots,
-                registered_at=r.registered_at, last_seen=r.last_seen,
-                resources=json.loads(r.resources), current_tasks=running.get(r.id, []),
+        return [self._worker_info_of(r, running.get(r.id, [])) for r in rows]
+
+    @staticmethod
+    def _worker_info_of(row: Any, current_tasks: list[str]) -> WorkerInfo:
+        try:
+            return WorkerInfo(
+                id=row.id, hostname=row.hostname, queues=json.loads(row.queues), slots=row.slots,
+                registered_at=row.registered_at, last_seen=row.last_seen,
+                resources=json.loads(row.resources), current_tasks=current_tasks,
             )
-            for r in rows
-        ]
+        except ValueError as exc:  # damaged JSON columns (ValidationError is a ValueError)
+            raise corrupt_record_error(f"worker {row.id}", exc) from exc
 
     def list_workers(self) -> list[WorkerInfo]:
         """Registered workers with last-seen time and current tasks."""
