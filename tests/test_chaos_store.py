@@ -10,18 +10,24 @@ line is lost.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from controller.backend import Backend
 from controller.client import HttpBackend
 from controller.connect import backend_from_url
 from controller.models import DEFAULT_LEASE_S, TaskStatus
-from tests.helpers_server import free_port
+from tests.conftest import POSTGRES_URL, _need
+from tests.helpers_server import REPO_ROOT, free_port
 from tests.test_agent_e2e import assert_all_gone, code_task, read_pids, wait_for, wait_for_line
 from tests.test_chaos_agent import Processes, kill9, wait_until
 
@@ -226,3 +232,136 @@ def test_kill_9_of_an_agent_restarted_with_the_same_id_on_postgresql(
         print(f"dead run's task ended {ended_s:.1f} s after the restart")
     finally:
         store.close()
+
+
+STEP_RUN_S = 3.0
+#: A pipeline step: prints 30 numbered lines over about 3 s (each also to its own side
+#: file), after recording its pid.
+PIPELINE_STEP = """
+import os, time
+from pathlib import Path
+name = os.environ["CONVEYOR_TASK_ID"]
+side = Path(os.environ["SIDE_DIR"]) / name
+with (Path(os.environ["SIDE_DIR"]) / "pids").open("a") as f:
+    f.write(f"{os.getpid()}\\n")
+for i in range(30):
+    print(f"{name} line {i}", flush=True)
+    with side.open("a") as f:
+        f.write(f"{name} line {i}\\n")
+    time.sleep(0.1)
+"""
+
+#: The pipeline: a -> b -> c of the base task "step", run in this process.
+CHAIN_PIPELINE = """
+from controller.automation import PipelineController
+pipe = PipelineController(name="chain", project="{project}", version="1.0.0")
+pipe.set_default_execution_queue("default")
+pipe.add_step("a", base_task_project="{project}", base_task_name="step")
+pipe.add_step("b", base_task_project="{project}", base_task_name="step", parents=["a"])
+pipe.add_step("c", base_task_project="{project}", base_task_name="step", parents=["b"])
+pipe.start_locally()
+print("pipeline finished, successful:", pipe.is_successful(), flush=True)
+"""
+
+
+@pytest.fixture
+def own_database_url() -> Iterator[tuple[str, str]]:
+    """A PostgreSQL database of the test's own, so that every connection to it can be
+    terminated without touching anyone else's: (url, database name)."""
+    try:
+        admin = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
+    except Exception as exc:  # noqa: BLE001
+        _need(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
+    name = f"conveyor_chaos_{uuid.uuid4().hex[:8]}"
+    admin.execute(f"CREATE DATABASE {name}")
+    base = POSTGRES_URL.split("?")[0].rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}", name
+    finally:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.close()
+
+
+def terminate_connections(database: str) -> int:
+    """pg_terminate_backend of every connection to `database`; returns how many."""
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchall()
+    return sum(1 for (done,) in rows if done)
+
+
+@pytest.mark.postgres
+def test_pg_terminate_backend_of_every_connection_mid_pipeline(
+    own_database_url: tuple[str, str], tmp_path: Path, processes: Processes
+) -> None:
+    """A 3-step chain run by a pipeline over `controller serve` on PostgreSQL, with an
+    agent on the same database; every connection to the database (the server's pool
+    and LISTEN connection, the agent's, its step's) is terminated twice while step b
+    runs. The pipeline completes, every task ends completed, no line is lost, no step
+    process is left."""
+    db_url, db_name = own_database_url
+    store = backend_from_url(db_url)
+    side_dir = tmp_path / "side"
+    side_dir.mkdir()
+    project = f"chaos-{uuid.uuid4().hex[:6]}"
+    try:
+        store.create_task({
+            "name": "step", "project": project, "script": {"code": PIPELINE_STEP, "entry_point": "step.py"},
+            "hyperparams": {"Environment": {"SIDE_DIR": str(side_dir)}},
+        })
+        port = free_port()
+        processes.server(db_url, port)
+        api_url = f"http://127.0.0.1:{port}"
+        processes.agent(db_url, "chaos-pg-terminate")
+        script = tmp_path / "chain.py"
+        script.write_text(CHAIN_PIPELINE.format(project=project))
+        env = {**os.environ, "CONVEYOR_API": api_url,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        pipeline_log = (tmp_path / "pipeline.log").open("wb")
+        pipeline = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path,
+                                    stdout=pipeline_log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: _running_step(store, project, "b") is not None, 60, "step b to run")
+            b_id = _running_step(store, project, "b")
+            assert b_id is not None
+            wait_for_line(store, b_id, f"{b_id} line 5")
+            terminated = terminate_connections(db_name)
+            time.sleep(0.5)
+            terminated += terminate_connections(db_name)
+            fault_over_at = time.monotonic()
+            assert pipeline.wait(60) == 0, (tmp_path / "pipeline.log").read_text() + processes.output()
+            finished_s = time.monotonic() - fault_over_at
+        finally:
+            if pipeline.poll() is None:
+                pipeline.kill()
+                pipeline.wait(10)
+            pipeline_log.close()
+        output = (tmp_path / "pipeline.log").read_text()
+        assert "pipeline finished, successful: True" in output, output
+        tasks = [t for t in store.query_tasks(project=project) if t.name != "step"]
+        assert sorted(t.name for t in tasks) == ["a", "b", "c", "chain"]
+        for task in tasks:  # every task terminal, with a true reason
+            assert task.status == TaskStatus.completed and task.status_reason == "completed", (
+                task.name, task.status, task.status_reason, task.status_message)
+        # what was left of b, then c (3 s each), within lease + 5 s of the fault
+        assert finished_s <= DEFAULT_LEASE_S + 5 + STEP_RUN_S, finished_s
+        lines = 0
+        for task in tasks:
+            if task.name != "chain":
+                lines += assert_printed_lines_logged_once(store, task.id, side_dir / task.id)
+        assert lines == 90
+        assert_all_gone([int(p) for p in (side_dir / "pids").read_text().split()])
+        print(f"terminated {terminated} connection(s) mid-pipeline; pipeline done {finished_s:.1f} s later; "
+              f"{lines} lines, 0 lost\n{processes.output()}")
+    finally:
+        store.close()
+
+
+def _running_step(store: Backend, project: str, name: str) -> str | None:
+    """The id of the pipeline step `name` of `project` once it runs (or ran)."""
+    for task in store.query_tasks(project=project, name=name):
+        if task.status != TaskStatus.created and task.status != TaskStatus.queued:
+            return task.id
+    return None
