@@ -105,7 +105,7 @@ def test_a_missing_table_is_a_conveyor_error_not_a_raw_database_error(store: Sql
 
 
 def _damage_body(store_url: str, task_id: str) -> None:
-    statement = "UPDATE tasks SET body = '{not json' WHERE id = '%s'" % task_id
+    statement = f"UPDATE tasks SET body = '{{not json' WHERE id = '{task_id}'"
     if store_url.startswith("sqlite"):
         with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
             conn.execute(statement)

@@ -37,9 +37,9 @@ from controller.models import (
 from controller.store import schema
 from controller.store.engine import (
     create_engines,
+    database_errors_as_conveyor_errors,
     init_schema,
     normalize_url,
-    database_errors_as_conveyor_errors,
 )
 from controller.store.notify import Notifier, StatusEvent
 from controller.store.records import dumps, row_to_record

@@ -37,7 +37,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from controller.errors import BackendUnavailableError, ConflictError, ConveyorError, InvalidInputError
+from controller.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    ConveyorError,
+    InvalidInputError,
+)
 from controller.models import DEFAULT_QUEUES
 from controller.store import schema
 
