@@ -239,11 +239,12 @@ def test_a_server_failure_is_500_with_an_error_id_the_log_explains(tmp_path: Pat
         stop_server(proc)
     assert answer.status_code == 500
     body = answer.json()
-    assert body["error"] == "internal" and body["error_id"] in body["message"]
+    # the store turns the database's error into a server-side ConveyorError (code "error")
+    assert body["error"] == "error" and body["error_id"] in body["message"]
     for secret in ("scalars", "sqlite", "OperationalError", "SELECT", str(tmp_path)):
         assert secret not in answer.text
     # the log has the details under that id
-    assert f"internal error {body['error_id']} on GET {API}/tasks/{task}/scalars" in log
+    assert f"error {body['error_id']} on GET {API}/tasks/{task}/scalars" in log
     assert "Traceback" in log and "no such table: scalars" in log
     assert "Exception in ASGI application" not in log  # logged once, with its id
 
