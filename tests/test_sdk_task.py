@@ -225,6 +225,29 @@ def test_create_clone_and_enqueue_a_task_from_a_local_repository(api: Backend, t
     assert draft.get_status() == "created"
 
 
+def test_a_time_limit_on_create_and_with_the_setter(api: Backend, tmp_path: Path) -> None:
+    script = write(tmp_path / "outside" / "train.py", "print('x')\n")
+    draft = Task.create(task_name="train", script=str(script), time_limit_s=90)
+    assert draft.data.execution.time_limit_s == 90
+    draft.set_time_limit(1.5)
+    assert draft.get_time_limit() == 1.5 and api.get_task(draft.id).execution.time_limit_s == 1.5
+    draft.set_time_limit(None)
+    assert draft.get_time_limit() is None
+    with pytest.raises(ValueError, match="a number of seconds > 0"):
+        draft.set_time_limit(0)
+    clone = Task.create(base_task_id=draft.id, time_limit_s=60)
+    assert clone.data.execution.time_limit_s == 60 and clone.data.script == draft.data.script
+
+
+def test_create_a_module_task(api: Backend) -> None:
+    task = Task.create(project_name="p", module="json.tool", argparse_args=[("sort-keys", True)])
+    assert task.name == "json.tool"
+    assert task.data.script.entry_point == "-m json.tool --sort-keys"
+    assert task.data.script.repository == "" and task.data.script.code == ""
+    with pytest.raises(ValueError, match="a script or a module, not both"):
+        Task.create(module="json.tool", script="x.py")
+
+
 def test_parameters_of_a_task_that_is_not_a_draft_cannot_be_changed_from_outside(api: Backend) -> None:
     record = api.create_task({"name": "running"})
     api.set_status(record.id, "in_progress")

@@ -278,65 +278,39 @@ class Task(TaskParameters):
         base_task_id: str | None = None,
         add_task_init_call: bool = True,
         force_single_script_file: bool = False,
+        module: str | None = None,
+        time_limit_s: float | None = None,
     ) -> Task:
-        """A new draft task (status created) running `script` from `repo` or a local file.
+        """A new draft task (status created) running `script` (or `module`) from `repo` or a local file.
 
         `repo` is a repository URL or a local git work tree (then pinned to its branch,
         commit and uncommitted diff unless `branch`/`commit` are given); without `repo`,
         a local `script` inside a git work tree uses that repository, and one outside
-        is stored as code. `packages` is a list of requirements, or True to detect them
-        from the script's imports; `requirements_file` is a path inside the repository,
-        or a local file whose lines become the packages. `argparse_args` pairs become
-        `--name=value` on the command line (a value of True or None: just `--name`) and
-        are shown in the "Args" section. With `base_task_id`, the base task is cloned and
+        is stored as code. `module` runs `python -m MODULE` instead of a script (from
+        `repo` if given, else a module of the task's packages). `packages` is a list of
+        requirements, or True to detect them from the script's imports; `requirements_file`
+        is a path inside the repository, or a local file whose lines become the packages.
+        `argparse_args` pairs become `--name=value` on the command line (a value of True
+        or None: just `--name`) and are shown in the "Args" section. `time_limit_s` is
+        the longest the task may run, in seconds: an agent stops it then and marks it
+        failed (see `set_time_limit`). With `base_task_id`, the base task is cloned and
         the given fields replace its own. `add_task_init_call` is not needed: the agent
         links the step to its task through `CONVEYOR_TASK_ID`.
         """
         backend = get_backend()
-        changes: dict[str, Any] = {}
-        if script or repo:
-            from controller.sdk import script_info
-
-            fields, local_script = script_info.script_for_create(
-                repo, branch, commit, script, working_directory, single_file=force_single_script_file
-            )
-            if argparse_args:
-                fields["entry_point"] += " " + " ".join(_argparse_words(argparse_args))
-            changes["script"] = fields
-            if packages is True:
-                changes["packages"] = script_info.detect_packages(local_script) if local_script else []
-        elif base_task_id is None:
-            raise ValueError("Task.create: give a script (with a repo, or a local file), or base_task_id")
-        if isinstance(packages, Sequence) and not isinstance(packages, str):
-            changes["packages"] = list(packages)
-        if requirements_file:
-            req = Path(requirements_file).expanduser()
-            if req.is_absolute() and req.is_file():
-                changes["packages"] = [
-                    line.strip() for line in req.read_text().splitlines()
-                    if line.strip() and not line.strip().startswith("#")
-                ]
-            else:
-                changes.setdefault("script", {})["requirements_file"] = str(requirements_file)
-        container = {k: v for k, v in (("image", docker), ("arguments", docker_args),
-                                       ("setup_shell_script", docker_bash_setup_script)) if v}
-        if container:
-            changes["container"] = container
-        if argparse_args:
-            changes["hyperparams"] = {"Args": {str(k).lstrip("-"): params.to_stored(v) for k, v in argparse_args}}
-        if task_name:
-            changes["name"] = task_name
-        if project_name is not None:
-            changes["project"] = project_name
-        if task_type is not None:
-            changes["type"] = _task_type(task_type)
+        changes = task_changes_for_create(
+            project_name=project_name, task_name=task_name, task_type=task_type, repo=repo,
+            branch=branch, commit=commit, script=script, working_directory=working_directory,
+            packages=packages, requirements_file=requirements_file, docker=docker,
+            docker_args=docker_args, docker_bash_setup_script=docker_bash_setup_script,
+            argparse_args=argparse_args, force_single_script_file=force_single_script_file,
+            module=module, time_limit_s=time_limit_s, based_on_a_task=base_task_id is not None,
+        )
         if base_task_id:
             record = backend.clone_task(cls._fetch(backend, base_task_id).id)
             if changes:
                 record = backend.edit_task(record.id, changes)
         else:
-            changes.setdefault("name", Path(script or "task").stem)
-            changes.setdefault("type", _task_type(task_type))
             record = backend.create_task(changes)
         return cls(record, backend)
 
@@ -391,6 +365,18 @@ class Task(TaskParameters):
         task_id = task.id if isinstance(task, Task) else str(task)
         backend = get_backend()
         return cls(backend.dequeue(task_id), backend)
+
+    def set_time_limit(self, seconds: float | None) -> None:
+        """Let an agent run this task for at most `seconds` (None: no limit); past it the
+        agent stops the task and marks it failed. A draft's setting; the task of this
+        process may change its own too (it applies from the next run)."""
+        self._record = self._backend.edit_task(
+            self.id, {"execution": {"time_limit_s": _time_limit(seconds)}}, force=self._own
+        )
+
+    def get_time_limit(self) -> float | None:
+        """The task's time limit in seconds (None: no limit)."""
+        return self.reload()._record.execution.time_limit_s
 
     # --------------------------------------------------------------- status
     def reload(self) -> Task:
@@ -518,6 +504,97 @@ class Task(TaskParameters):
     def get_logger(self) -> Logger:
         """The Logger reporting to this task."""
         return Logger._for_task(self)
+
+
+def _time_limit(seconds: float | None) -> float | None:
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+        raise ValueError(f"time limit: a number of seconds > 0 (or None), got {seconds!r}")
+    return float(seconds)
+
+
+def task_changes_for_create(
+    *,
+    project_name: str | None = None,
+    task_name: str | None = None,
+    task_type: TaskType | str | None = None,
+    repo: str | None = None,
+    branch: str | None = None,
+    commit: str | None = None,
+    script: str | None = None,
+    working_directory: str | None = None,
+    packages: Sequence[str] | bool | None = None,
+    requirements_file: str | os.PathLike[str] | None = None,
+    docker: str | None = None,
+    docker_args: str | None = None,
+    docker_bash_setup_script: str | None = None,
+    argparse_args: Sequence[tuple[str, Any]] | None = None,
+    force_single_script_file: bool = False,
+    module: str | None = None,
+    time_limit_s: float | None = None,
+    based_on_a_task: bool = False,
+) -> dict[str, Any]:
+    """The task fields `Task.create` (and `controller tasks create`) set, as a spec for
+    `Backend.create_task` (or, `based_on_a_task`, as changes to a clone for `edit_task`).
+
+    Reads the local script, repository and requirements file; ValueError (or
+    FileNotFoundError) names a missing or contradictory argument.
+    """
+    from controller.sdk import script_info
+
+    if script and module:
+        raise ValueError("Task.create: give a script or a module, not both")
+    changes: dict[str, Any] = {}
+    local_script: Path | None = None
+    if module:
+        if repo:
+            fields, _ = script_info.script_for_create(repo, branch, commit, ".", working_directory)
+        else:
+            fields = {"working_dir": Path(working_directory or ".").as_posix()}
+        fields["entry_point"] = f"-m {module}"
+        changes["script"] = fields
+    elif script or repo:
+        fields, local_script = script_info.script_for_create(
+            repo, branch, commit, script, working_directory, single_file=force_single_script_file
+        )
+        changes["script"] = fields
+    elif not based_on_a_task:
+        raise ValueError("Task.create: give a script (with a repo, or a local file), a module, or base_task_id")
+    if argparse_args and "script" in changes:
+        changes["script"]["entry_point"] += " " + " ".join(_argparse_words(argparse_args))
+    if packages is True:
+        if "script" in changes:
+            changes["packages"] = script_info.detect_packages(local_script) if local_script else []
+    elif isinstance(packages, Sequence) and not isinstance(packages, str):
+        changes["packages"] = list(packages)
+    if requirements_file:
+        req = Path(requirements_file).expanduser()
+        if req.is_absolute() and req.is_file():
+            changes["packages"] = [
+                line.strip() for line in req.read_text().splitlines()
+                if line.strip() and not line.strip().startswith("#")
+            ]
+        else:
+            changes.setdefault("script", {})["requirements_file"] = str(requirements_file)
+    container = {k: v for k, v in (("image", docker), ("arguments", docker_args),
+                                   ("setup_shell_script", docker_bash_setup_script)) if v}
+    if container:
+        changes["container"] = container
+    if argparse_args:
+        changes["hyperparams"] = {"Args": {str(k).lstrip("-"): params.to_stored(v) for k, v in argparse_args}}
+    if time_limit_s is not None:
+        changes["execution"] = {"time_limit_s": _time_limit(time_limit_s)}
+    if task_name:
+        changes["name"] = task_name
+    if project_name is not None:
+        changes["project"] = project_name
+    if task_type is not None:
+        changes["type"] = _task_type(task_type)
+    if not based_on_a_task:
+        changes.setdefault("name", Path(script or "task").stem if not module else module.split()[0])
+        changes.setdefault("type", _task_type(task_type))
+    return changes
 
 
 def _argparse_words(pairs: Sequence[tuple[str, Any]]) -> list[str]:
