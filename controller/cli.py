@@ -6,7 +6,7 @@ Errors are one line on stderr, `error: <message>`, with exit code 1 (2 for a usa
 mistake: a bad option or argument); the traceback only with `--debug`. Read-only
 commands (`queues`, `queues show`, `tasks list|show|logs`, `workers`) refuse a SQLite
 store file that does not exist instead of creating an empty one; commands that write
-create it (the embedded default on first use).
+create it (the embedded default on first use), saying so in one line on stderr.
 
 The Backend comes from `--api` (or `CONVEYOR_API`): an `http://host:port` of a
 `controller serve` process, or a database URL; by default the embedded SQLite store under
@@ -34,18 +34,28 @@ from controller.cli_format import (
     echo_log,
     echo_table,
     format_age,
+    format_pipeline,
     format_task,
     format_time,
     next_offset,
 )
 from controller.connect import backend_from_url, conveyor_home, default_api_url
-from controller.errors import BackendUnavailableError, ConflictError, ConveyorError
+from controller.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    ConveyorError,
+    NotFoundError,
+)
 from controller.models import QUEUE_NAME_RULE, TaskStatus, TaskType, is_queue_name
 
 #: Seconds between two polls of `tasks logs --follow`.
 FOLLOW_POLL_S = 0.5
 #: Log lines asked for per call.
 LOG_PAGE = 1000
+#: Exit code of `tasks logs --follow` when the task ends failed.
+EXIT_TASK_FAILED = 3
+#: Exit code of `tasks logs --follow` when the task ends stopped (aborted).
+EXIT_TASK_STOPPED = 4
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,9 +96,30 @@ class State:
             url = self.url
             if url == embedded_db_url():
                 conveyor_home().mkdir(parents=True, exist_ok=True)
+            path = sqlite_file_of(url)
+            new_store = path is not None and not path.exists()
             self._backend = backend_from_url(url, token=self.token)
             click.get_current_context().find_root().call_on_close(self._backend.close)
+            if new_store:
+                click.echo(f"conveyor: created a new store at {path} ({self.store_origin})", err=True)
         return self._backend
+
+    @property
+    def store_origin(self) -> str:
+        """Where the store's URL comes from, and how to use another one."""
+        if self.api is None:
+            return "the embedded store of CONVEYOR_HOME; set CONVEYOR_API to use another"
+        return "from --api or CONVEYOR_API"
+
+    def note_default_store(self) -> None:
+        """On stderr, which store an empty answer came from, when CONVEYOR_API was not set
+        (a forgotten CONVEYOR_API shows an empty store, not an error)."""
+        if self.api is None:
+            click.echo(
+                f"conveyor: this is the embedded store {sqlite_file_of(self.url)} "
+                "(CONVEYOR_API is not set)",
+                err=True,
+            )
 
     @property
     def reader(self) -> Backend:
@@ -162,7 +193,10 @@ class OneLineErrorGroup(click.Group):
         except Exception as err:  # noqa: BLE001 - every error becomes one line
             if ctx.find_root().params.get("debug"):
                 traceback.print_exc()
-            raise one_line_error(err, getattr(ctx.obj, "url", "")) from None
+            state = ctx.obj if isinstance(ctx.obj, State) else None
+            raise one_line_error(
+                err, state.url if state else "", default_store=bool(state and state.api is None)
+            ) from None
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         """Run as a console script: parse, invoke, print errors as one line, exit."""
@@ -182,13 +216,19 @@ class OneLineErrorGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def one_line_error(err: Exception, url: str) -> CliError:
-    """The one-line CliError for an error of a command talking to `url`."""
+def one_line_error(err: Exception, url: str, *, default_store: bool = False) -> CliError:
+    """The one-line CliError for an error of a command talking to `url`; with
+    `default_store` (CONVEYOR_API not set), "not found" names the embedded store."""
     if isinstance(err, BackendUnavailableError):
         message = _one_line(err.message)
         if url and "://" not in message:  # say which API or store, once
             message = f"cannot reach {url}: {message}"
         return CliError(message)
+    if isinstance(err, NotFoundError) and default_store:
+        return CliError(
+            f"{_one_line(err.message)} (in the embedded store {sqlite_file_of(url)}: "
+            "CONVEYOR_API is not set)"
+        )
     if isinstance(err, ConveyorError):
         return CliError(_one_line(err.message))
     if isinstance(err, ValidationError):
@@ -476,6 +516,8 @@ def tasks_list(
         for t in items
     ]
     echo_table(["ID", "NAME", "PROJECT", "STATUS", "QUEUE", "CREATED"], rows, "No tasks.")
+    if not rows:
+        state.note_default_store()
 
 
 @tasks.command("show")
@@ -483,12 +525,15 @@ def tasks_list(
 @json_option
 @pass_state
 def tasks_show(state: State, task_id: str, as_json: bool) -> None:
-    """Show every section of task ID."""
+    """Show every section of task ID; a pipeline's steps as a table (its DAG)."""
     task = state.reader.get_task(task_id)
     if as_json:
         echo_json(task)
-    else:
-        click.echo(format_task(task))
+        return
+    click.echo(format_task(task))
+    pipeline = format_pipeline(task)
+    if pipeline:
+        click.echo(pipeline)
 
 
 def _drain_log(backend: Backend, task_id: str, offset: int, as_json: bool) -> int:
@@ -518,7 +563,11 @@ def _drain_log(backend: Backend, task_id: str, offset: int, as_json: bool) -> in
 )
 @pass_state
 def tasks_logs(state: State, task_id: str, tail: int | None, follow: bool, as_json: bool) -> None:
-    """Print the output of task ID."""
+    """Print the output of task ID.
+
+    With --follow, the exit code says how the task ended: 0 completed, 3 failed,
+    4 stopped (aborted).
+    """
     backend = state.reader
     if tail is not None:
         backend.get_task(task_id)  # an unknown id is an error, not an empty log
@@ -533,13 +582,22 @@ def tasks_logs(state: State, task_id: str, tail: int | None, follow: bool, as_js
     while follow:
         # Read the status before the log: once it is terminal, the read that follows
         # holds every line the task wrote.
-        done = backend.get_task(task_id).status.is_terminal
+        status = backend.get_task(task_id).status
         before = offset
         offset = _drain_log(backend, task_id, offset, as_json)
-        if done:
-            break
+        if status.is_terminal:
+            sys.exit(follow_exit_code(status))
         if offset == before:
             time.sleep(FOLLOW_POLL_S)
+
+
+def follow_exit_code(status: TaskStatus) -> int:
+    """The exit code of `tasks logs --follow` for a task that ended in `status`."""
+    if status == TaskStatus.failed:
+        return EXIT_TASK_FAILED
+    if status == TaskStatus.stopped:
+        return EXIT_TASK_STOPPED
+    return 0
 
 
 @tasks.command("enqueue")
@@ -594,6 +652,220 @@ def tasks_reset(state: State, task_id: str, as_json: bool) -> None:
         click.echo(f"Task {task.id} reset to {task.status.value}.")
 
 
+class DurationType(click.ParamType):
+    """A length of time: seconds ("90", "90s") or with a unit ("10m", "2h", "1d")."""
+
+    name = "duration"
+    UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        """`value` in seconds (> 0); a usage error naming it otherwise."""
+        if isinstance(value, int | float):
+            seconds = float(value)
+        else:
+            text = str(value).strip().lower()
+            factor = self.UNITS_S.get(text[-1:], None)
+            try:
+                seconds = float(text[:-1] if factor else text) * (factor or 1.0)
+            except ValueError:
+                seconds = -1.0
+        if not seconds > 0:
+            self.fail(f"{value!r} is not a time limit: seconds > 0, e.g. 90, 10m, 2h", param, ctx)
+        return seconds
+
+
+DURATION = DurationType()
+
+
+def _argument_pair(text: str) -> tuple[str, Any]:
+    """`NAME=VALUE` as (NAME, VALUE); a bare `NAME` is a flag (NAME, True)."""
+    name, sep, value = text.partition("=")
+    name = name.strip().lstrip("-")
+    if not name:
+        raise click.BadParameter(f"{text!r}: use NAME=VALUE (or NAME for a flag)")
+    return (name, value) if sep else (name, True)
+
+
+def _echo_created(task: Any, verb: str, as_json: bool) -> None:
+    if as_json:
+        echo_json(task)
+        return
+    where = f", queued on {task.execution.queue}" if task.status == TaskStatus.queued else ""
+    click.echo(f"{verb} task {task.id} ({task.name}){where}.")
+
+
+@tasks.command("create")
+@click.option("--name", help="Task name. [default: the script's file name or the module]")
+@click.option("--project", default="", help="Project name.")
+@click.option(
+    "--type",
+    "task_type",
+    type=click.Choice([t.value for t in TaskType]),
+    default=TaskType.training.value,
+    show_default=True,
+    help="Task type.",
+)
+@click.option(
+    "--script",
+    metavar="PATH",
+    help="Python script to run: a local file (inside a git work tree: that repository, "
+    "pinned to its commit and uncommitted changes; else its code is stored), or with "
+    "--repo a path inside the repository.",
+)
+@click.option("--module", metavar="MODULE", help="Run 'python -m MODULE' instead of a script.")
+@click.option(
+    "--arg",
+    "args",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Command-line argument '--NAME=VALUE' (just NAME: a flag '--NAME'), also shown "
+    "as the parameter Args/NAME; repeat for several.",
+)
+@click.option("--repo", metavar="URL|PATH", help="Git repository: a URL or a local work tree.")
+@click.option("--branch", help="Branch of --repo to run. [default: a local work tree's own]")
+@click.option("--commit", help="Commit of --repo to run.")
+@click.option(
+    "--working-dir", metavar="DIR", help="Folder to run in, relative to the repository root."
+)
+@click.option(
+    "--package",
+    "packages",
+    multiple=True,
+    metavar="REQUIREMENT",
+    help="Package to install (pip requirement, e.g. numpy==1.26.4); repeat for several.",
+)
+@click.option(
+    "--requirements",
+    metavar="FILE",
+    help="Requirements file: a path inside the repository, or a local file whose lines "
+    "become the packages.",
+)
+@click.option(
+    "--queue", "-q", type=QUEUE_NAME, help="Enqueue the new task on this queue at once."
+)
+@click.option("--priority", "-p", type=int, help="Priority on --queue (higher runs first).")
+@click.option(
+    "--time-limit",
+    type=DURATION,
+    metavar="DURATION",
+    help="Longest the task may run (90, 90s, 10m, 2h); the agent then stops it and marks "
+    "it failed.",
+)
+@click.option("--docker", "docker_image", metavar="IMAGE", help="Container image to run in.")
+@click.option("--docker-args", metavar="ARGS", help="Arguments for 'docker run', e.g. '--shm-size 1g'.")
+@click.option(
+    "--docker-setup-script",
+    type=click.File("r"),
+    metavar="FILE",
+    help="Shell script run in the container before the step.",
+)
+@click.option("--tag", "tags", multiple=True, help="Tag; repeat for several.")
+@json_option
+@pass_state
+def tasks_create(
+    state: State,
+    name: str | None,
+    project: str,
+    task_type: str,
+    script: str | None,
+    module: str | None,
+    args: tuple[str, ...],
+    repo: str | None,
+    branch: str | None,
+    commit: str | None,
+    working_dir: str | None,
+    packages: tuple[str, ...],
+    requirements: str | None,
+    queue: str | None,
+    priority: int | None,
+    time_limit: float | None,
+    docker_image: str | None,
+    docker_args: str | None,
+    docker_setup_script: Any,
+    tags: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Create a task (a draft, or queued with --queue) that runs a script or a module.
+
+    \b
+    controller tasks create --script train.py --arg epochs=3 --package numpy --queue default
+    controller tasks create --repo https://github.com/me/proj.git --branch main \\
+        --script src/train.py --time-limit 2h --docker python:3.11
+    """
+    if not script and not module:
+        raise click.UsageError("give --script PATH or --module MODULE")
+    if script and module:
+        raise click.UsageError("give --script or --module, not both")
+    if priority is not None and not queue:
+        raise click.UsageError("--priority needs --queue")
+    from controller.sdk.task import task_changes_for_create
+
+    try:
+        spec = task_changes_for_create(
+            project_name=project,
+            task_name=name,
+            task_type=task_type,
+            repo=repo,
+            branch=branch,
+            commit=commit,
+            script=script,
+            working_directory=working_dir,
+            packages=list(packages) or None,
+            requirements_file=requirements,
+            docker=docker_image,
+            docker_args=docker_args,
+            docker_bash_setup_script=docker_setup_script.read() if docker_setup_script else None,
+            argparse_args=[_argument_pair(a) for a in args] or None,
+            module=module,
+            time_limit_s=time_limit,
+        )
+    except (ValueError, OSError) as err:
+        raise CliError(_one_line(str(err)).replace("Task.create: ", "")) from None
+    if tags:
+        spec["tags"] = list(tags)
+    backend = state.backend
+    task = backend.create_task(spec)
+    if queue:
+        task = backend.enqueue(task.id, queue, priority=priority)
+    _echo_created(task, "Created", as_json)
+
+
+@tasks.command("clone")
+@click.argument("task_id", metavar="ID")
+@click.option("--name", help="Name of the copy. [default: the task's own]")
+@click.option("--project", help="Project of the copy. [default: the task's own]")
+@click.option("--queue", "-q", type=QUEUE_NAME, help="Enqueue the copy on this queue at once.")
+@click.option("--priority", "-p", type=int, help="Priority on --queue (higher runs first).")
+@click.option(
+    "--time-limit",
+    type=DURATION,
+    metavar="DURATION",
+    help="Time limit of the copy (90, 90s, 10m, 2h). [default: the task's own]",
+)
+@json_option
+@pass_state
+def tasks_clone(
+    state: State,
+    task_id: str,
+    name: str | None,
+    project: str | None,
+    queue: str | None,
+    priority: int | None,
+    time_limit: float | None,
+    as_json: bool,
+) -> None:
+    """Copy task ID's definition into a new draft (outputs, log and runtime are not copied)."""
+    if priority is not None and not queue:
+        raise click.UsageError("--priority needs --queue")
+    backend = state.backend
+    task = backend.clone_task(task_id, name=name, project=project)
+    if time_limit is not None:
+        task = backend.edit_task(task.id, {"execution": {"time_limit_s": time_limit}})
+    if queue:
+        task = backend.enqueue(task.id, queue, priority=priority)
+    _echo_created(task, f"Cloned {task_id} as", as_json)
+
+
 @tasks.command("delete")
 @click.argument("task_id", metavar="ID")
 @click.option("--force", is_flag=True, help="Delete even if it (or a step of it) is active.")
@@ -605,7 +877,12 @@ def tasks_delete(state: State, task_id: str, force: bool) -> None:
     steps = backend.query_tasks(parent=task.id, limit=1000)
     local = not state.url.startswith(("http://", "https://"))
     for record in [*steps, task]:
-        backend.delete_task(record.id, force=force)  # the server removes a task's files
+        try:
+            backend.delete_task(record.id, force=force)  # the server removes a task's files
+        except ConflictError as err:
+            if force:
+                raise
+            raise CliError(f"{_one_line(err.message)} (use --force to delete it anyway)") from None
         if local:  # embedded or database store: the files area is this machine's
             from controller.sdk.storage import files_dir
             from controller.server.files import remove_task_files
@@ -716,6 +993,8 @@ def workers(state: State, as_json: bool) -> None:
     echo_table(
         ["ID", "HOSTNAME", "QUEUES", "SLOTS", "LAST SEEN", "TASKS"], rows, "No workers.", right=[3]
     )
+    if not rows:
+        state.note_default_store()
 
 
 def main() -> None:

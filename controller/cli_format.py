@@ -17,6 +17,10 @@ from pydantic import BaseModel
 
 from controller.models import LogLine, TaskRecord
 
+#: Key of a pipeline's run state in `runtime`.
+PIPELINE_KEY = "pipeline"
+#: Key of a pipeline's definition in `configuration`.
+PIPELINE_DEFINITION_KEY = "Pipeline"
 #: Widest a table cell may be before it is cut with "…".
 MAX_CELL_CHARS = 48
 #: Lines of a long text field (code, diff, setup script) `tasks show` prints.
@@ -172,7 +176,12 @@ def format_task(task: TaskRecord, now: float | None = None) -> str:
         for key, value in sorted(params.items())
     ]
     out += _section("Hyperparameters", hp_lines or ["  (none)"])
-    out += _section("Configuration", _fields(sorted(task.configuration.items())))
+    configuration = dict(task.configuration)
+    definition = configuration.get(PIPELINE_DEFINITION_KEY)
+    if isinstance(definition, dict) and isinstance(definition.get("steps"), dict):
+        steps = definition["steps"]  # shown as the Pipeline table
+        configuration[PIPELINE_DEFINITION_KEY] = f"(the pipeline's definition, {len(steps)} steps: see --json)"
+    out += _section("Configuration", _fields(sorted(configuration.items())))
 
     execution = task.execution
     limit = format_duration(execution.time_limit_s) if execution.time_limit_s else ""
@@ -187,6 +196,8 @@ def format_task(task: TaskRecord, now: float | None = None) -> str:
         ),
     )
     runtime = task.runtime.model_dump()
+    if isinstance(runtime.get(PIPELINE_KEY), dict):  # shown as the Pipeline table
+        runtime.pop(PIPELINE_KEY)
     if runtime.get("exit_code") is not None:
         runtime["exit_code"] = str(runtime["exit_code"])
     runtime["attempt"] = str(runtime["attempt"]) if runtime.get("attempt") else ""
@@ -240,6 +251,53 @@ def format_task(task: TaskRecord, now: float | None = None) -> str:
     )
     out += _section("Status history", hist_lines)
     return "\n".join(out)
+
+
+def pipeline_run_state(task: TaskRecord) -> dict[str, Any] | None:
+    """The run state a pipeline controller records on its task (`runtime.pipeline`), if any."""
+    state = (task.runtime.model_extra or {}).get(PIPELINE_KEY)
+    return state if isinstance(state, dict) and isinstance(state.get("nodes"), dict) else None
+
+
+def _step_duration(node: dict[str, Any], now: float) -> str:
+    started, ended = node.get("started"), node.get("ended")
+    if not isinstance(started, int | float):
+        return NONE
+    if isinstance(ended, int | float):
+        return format_duration(ended - started)
+    return format_duration(now - started) + " (running)"
+
+
+def format_pipeline(task: TaskRecord, now: float | None = None) -> str:
+    """A pipeline's steps as a table (step, status, task id, parents, duration), with the
+    pipeline's status and when it last changed; "" for a task that is not a pipeline."""
+    state = pipeline_run_state(task)
+    if state is None:
+        return ""
+    now = time.time() if now is None else now
+    rows = [
+        [
+            name,
+            str(node.get("status") or NONE),
+            node.get("task_id") or NONE,
+            ", ".join(node.get("parents") or []) or NONE,
+            _step_duration(node, now),
+        ]
+        for name, node in state["nodes"].items()
+        if isinstance(node, dict)
+    ]
+    title = f"Pipeline {state.get('name') or task.name}"
+    if state.get("version"):
+        title += f" v{state['version']}"
+    title += f": {state.get('status') or NONE}"
+    if isinstance(state.get("updated"), int | float):
+        title += f" (updated {format_age(state['updated'], now)})"
+    table = (
+        format_table(["STEP", "STATUS", "TASK", "PARENTS", "DURATION"], rows)
+        if rows
+        else "(no steps)"
+    )
+    return "\n".join(_section(title, ["  " + line for line in table.splitlines()]))
 
 
 # ------------------------------------------------------------------------- printing

@@ -249,6 +249,202 @@ def test_tasks_logs_follow_until_terminal(tmp_path: Path, store) -> None:
     assert out.splitlines() == ["before", "during 1", "during 2", "last"]
 
 
+def _follow(home: Path, task_id: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "tasks", "logs", task_id, "--follow"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(home),
+    )
+
+
+@pytest.mark.parametrize(
+    "ending, code", [("failed", 3), ("stopped", 4), ("completed", 0)]
+)
+def test_tasks_logs_follow_exit_code_says_how_the_task_ended(
+    tmp_path: Path, store, ending: str, code: int
+) -> None:
+    task = store.create_task({"name": "job"})
+    store.set_status(task.id, "in_progress")
+    proc = _follow(tmp_path, task.id)
+    try:
+        store.append_log(task.id, ["working"])
+        time.sleep(1.0)
+        assert proc.poll() is None
+        store.set_status(task.id, ending)
+        out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert out.splitlines() == ["working"]
+    assert err == ""
+
+
+# ------------------------------------------------------ tasks create/clone/delete
+
+
+def test_tasks_create_from_a_local_script_and_enqueue_it(tmp_path: Path, store) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    script = outside / "train.py"
+    script.write_text("print('train')\n")
+    (outside / "requirements.txt").write_text("numpy==1.26.4\n# a comment\nrequests\n")
+    out = ok(tmp_path, "tasks", "create", "--script", str(script), "--name", "train-1",
+             "--project", "vision", "--arg", "epochs=3", "--arg", "fast",
+             "--requirements", str(outside / "requirements.txt"), "--time-limit", "10m",
+             "--queue", "default", "--priority", "5", "--tag", "nightly")
+    task_id = out.split()[2]
+    assert out.strip() == f"Created task {task_id} (train-1), queued on default."
+    task = store.get_task(task_id)
+    assert (task.name, task.project, task.tags, task.status) == (
+        "train-1", "vision", ["nightly"], TaskStatus.queued)
+    assert task.script.code == "print('train')\n"
+    assert task.script.entry_point == "train.py --epochs=3 --fast"
+    assert task.hyperparams["Args"] == {"epochs": "3", "fast": True}
+    assert task.packages == ["numpy==1.26.4", "requests"]
+    assert (task.execution.time_limit_s, task.execution.priority) == (600, 5)
+    shown = ok(tmp_path, "tasks", "show", task_id)
+    assert "time limit: 10m 00s" in shown
+
+
+def test_tasks_create_from_a_repository_with_a_container_as_json(tmp_path: Path, store) -> None:
+    setup = tmp_path / "setup.sh"
+    setup.write_text("apt-get install -y git\n")
+    data = json.loads(ok(
+        tmp_path, "tasks", "create", "--repo", "https://example.com/team/proj.git",
+        "--branch", "main", "--script", "src/train.py", "--working-dir", "src",
+        "--package", "torch==2.3.0", "--package", "pandas", "--docker", "python:3.11",
+        "--docker-args", "--shm-size 1g", "--docker-setup-script", str(setup),
+        "--time-limit", "90", "--type", "data_processing", "--json",
+    ))
+    assert data["status"] == "created" and data["name"] == "train"
+    assert data["type"] == "data_processing"
+    assert data["script"]["repository"] == "https://example.com/team/proj.git"
+    assert (data["script"]["branch"], data["script"]["working_dir"], data["script"]["entry_point"]) == (
+        "main", "src", "train.py")
+    assert data["packages"] == ["torch==2.3.0", "pandas"]
+    assert data["container"] == {"image": "python:3.11", "arguments": "--shm-size 1g",
+                                 "setup_shell_script": "apt-get install -y git\n"}
+    assert data["execution"]["time_limit_s"] == 90
+
+
+def test_tasks_create_a_module_task(tmp_path: Path, store) -> None:
+    out = ok(tmp_path, "tasks", "create", "--module", "json.tool", "--arg", "sort-keys")
+    task = store.get_task(out.split()[2])
+    assert (task.name, task.script.entry_point) == ("json.tool", "-m json.tool --sort-keys")
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        ((), "give --script PATH or --module MODULE"),
+        (("--script", "a.py", "--module", "m"), "not both"),
+        (("--module", "m", "--time-limit", "2x"), "'2x' is not a time limit"),
+        (("--module", "m", "--time-limit", "0"), "'0' is not a time limit"),
+        (("--module", "m", "--priority", "3"), "--priority needs --queue"),
+        (("--module", "m", "--queue", "no queue"), "is not a queue name"),
+    ],
+)
+def test_tasks_create_usage_mistakes(tmp_path: Path, store, args: tuple[str, ...], problem: str) -> None:
+    proc = run_cli(tmp_path, "tasks", "create", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert problem in proc.stderr and "Traceback" not in proc.stderr
+    assert store.query_tasks() == []
+
+
+def test_tasks_create_of_a_missing_script_is_one_line(tmp_path: Path, store) -> None:
+    line = fails(tmp_path, "tasks", "create", "--script", str(tmp_path / "nope.py"))
+    assert line == f"error: no such script: {tmp_path / 'nope.py'}"
+
+
+def test_tasks_clone_with_overrides_and_delete(tmp_path: Path, store) -> None:
+    task = store.create_task({"name": "train", "project": "p", "execution": {"time_limit_s": 60}})
+    out = ok(tmp_path, "tasks", "clone", task.id)
+    plain = store.get_task(out.split()[4])
+    assert out.startswith(f"Cloned {task.id} as task {plain.id} (train)")
+    assert (plain.name, plain.execution.time_limit_s, plain.status) == ("train", 60, TaskStatus.created)
+
+    data = json.loads(ok(tmp_path, "tasks", "clone", task.id, "--name", "train-2", "--project", "q",
+                         "--time-limit", "2h", "--queue", "default", "--json"))
+    assert (data["name"], data["project"], data["status"]) == ("train-2", "q", "queued")
+    assert data["execution"]["time_limit_s"] == 7200 and data["execution"]["queue"] == "default"
+
+    assert ok(tmp_path, "tasks", "delete", plain.id).strip() == f"Deleted task {plain.id}."
+    assert fails(tmp_path, "tasks", "show", plain.id).startswith(f"error: no task with id {plain.id!r}")
+
+
+def test_tasks_delete_of_a_running_task_needs_force(tmp_path: Path, store) -> None:
+    task = store.create_task({"name": "busy"})
+    store.set_status(task.id, "in_progress")
+    line = fails(tmp_path, "tasks", "delete", task.id)
+    assert "in_progress" in line and "use --force" in line
+    assert store.get_task(task.id).status == TaskStatus.in_progress
+    assert "Deleted task" in ok(tmp_path, "tasks", "delete", task.id, "--force")
+    assert store.query_tasks() == []
+
+
+# ------------------------------------------------------------- pipelines
+
+
+def test_tasks_show_of_a_pipeline_prints_its_dag_as_a_table(tmp_path: Path, store) -> None:
+    step = store.create_task({"name": "train"})
+    now = time.time()
+    nodes = {
+        "prepare": {"name": "prepare", "status": "completed", "task_id": "t-prepare", "parents": [],
+                    "started": now - 75, "ended": now - 63, "parameters": {"x": "y" * 500}},
+        "train": {"name": "train", "status": "running", "task_id": step.id,
+                  "parents": ["prepare"], "started": now - 30, "ended": None},
+        "report": {"name": "report", "status": "pending", "task_id": None,
+                   "parents": ["prepare", "train"], "started": None, "ended": None},
+    }
+    pipeline = store.create_task({
+        "name": "nightly", "type": "controller",
+        "configuration": {"Pipeline": {"steps": {n: {} for n in nodes}}, "other": {"a": 1}},
+    })
+    store.edit_task(pipeline.id, {"runtime": {"pipeline": {
+        "name": "nightly", "version": "1.0.2", "status": "running", "updated": now, "nodes": nodes}}})
+    out = ok(tmp_path, "tasks", "show", pipeline.id)
+    assert "\nPipeline nightly v1.0.2: running (updated " in out
+    assert row_of(out, "STEP") == ["STEP", "STATUS", "TASK", "PARENTS", "DURATION"]
+    assert row_of(out, "prepare") == ["prepare", "completed", "t-prepare", "-", "12s"]
+    assert row_of(out, "train")[:4] == ["train", "running", step.id, "prepare"]
+    assert row_of(out, "train")[4].endswith("(running)")
+    assert row_of(out, "report") == ["report", "pending", "-", "prepare, train", "-"]
+    assert "y" * 100 not in out  # the recorded state is not dumped as JSON
+    assert "Pipeline: (the pipeline's definition, 3 steps: see --json)" in out
+    assert '{"a": 1}' in out
+    data = json.loads(ok(tmp_path, "tasks", "show", pipeline.id, "--json"))
+    assert data["runtime"]["pipeline"]["nodes"]["prepare"]["parameters"] == {"x": "y" * 500}
+
+
+# ------------------------------------------------------------- which store
+
+
+def test_the_cli_says_when_it_creates_a_new_store_and_which_store_answered_empty(tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, "queues", "create", "gpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == (
+        f"conveyor: created a new store at {tmp_path / 'conveyor.db'} (the embedded store of "
+        "CONVEYOR_HOME; set CONVEYOR_API to use another)"
+    )
+    again = run_cli(tmp_path, "queues", "create", "cpu")
+    assert again.returncode == 0 and again.stderr == ""
+
+    empty = run_cli(tmp_path, "tasks", "list")
+    assert empty.stdout.strip() == "No tasks."
+    assert empty.stderr.strip() == (
+        f"conveyor: this is the embedded store {tmp_path / 'conveyor.db'} (CONVEYOR_API is not set)"
+    )
+    line = fails(tmp_path, "tasks", "show", "t-42")
+    assert line == (f"error: no task with id 't-42' (in the embedded store {tmp_path / 'conveyor.db'}: "
+                    "CONVEYOR_API is not set)")
+    other = tmp_path / "other.db"
+    proc = run_cli(tmp_path, "queues", "create", "gpu", CONVEYOR_API=f"sqlite:///{other}")
+    assert proc.stderr.strip() == f"conveyor: created a new store at {other} (from --api or CONVEYOR_API)"
+    listed = run_cli(tmp_path, "tasks", "list", CONVEYOR_API=f"sqlite:///{other}")
+    assert listed.stdout.strip() == "No tasks." and listed.stderr == ""
+
+
 # ----------------------------------------------------------------- workers
 
 
