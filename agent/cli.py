@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -29,10 +30,17 @@ from agent.daemon import (
 )
 from agent.executor import DEFAULT_STOP_GRACE_S, ExecutionSettings
 from controller import __version__
+from controller.backend import Backend
 from controller.cli import QUEUE_NAME, OneLineErrorGroup
+from controller.cli_format import format_duration, next_offset
 from controller.connect import backend_from_url, conveyor_home, default_api_url
 from controller.errors import ConveyorError
-from controller.models import DEFAULT_LEASE_S, StatusReason, TaskStatus
+from controller.models import DEFAULT_LEASE_S, LogLine, StatusReason, TaskStatus
+
+#: Seconds between two reads of the task log by `agent execute` (it echoes the step's output).
+ECHO_POLL_S = 0.25
+#: Seconds between two progress lines of `agent stop`.
+STOP_PROGRESS_EVERY_S = 5.0
 
 
 def _fail(message: str) -> None:
@@ -243,7 +251,7 @@ def daemon(
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(json.dumps({
         "worker_id": worker_id, "pid": os.getpid(), "queues": queue_names, "api": api,
-        "started": time.time(), "log_file": str(log_file),
+        "started": time.time(), "log_file": str(log_file), "shutdown_grace_s": shutdown_grace,
     }))
     if not foreground and not detached:
         click.echo(f"agent {worker_id} on queue(s) {', '.join(queue_names)}; log: {log_file}", err=True)
@@ -264,16 +272,22 @@ def daemon(
               help="The task is already in_progress, held by --worker-id (a pipeline running its "
               "steps locally starts each step, then runs it with this command): run it as it is.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("--output/--no-output", "echo_output", default=True, show_default=True,
+              help="Print the step's output (and the agent's lines about it, on stderr) while "
+              "it runs, as it is written to the task log.")
 @docker_options
 @api_option
 @token_option
 def execute(task_id: str, worker_id: str | None, stop_grace: float, started: bool, verbose: bool,
-            docker: str | None, allow_privileged: bool, gpus: str | None,
+            echo_output: bool, docker: str | None, allow_privileged: bool, gpus: str | None,
             api: str | None, token: str | None) -> None:
     """Run one task in the foreground (same code path as the daemon).
 
-    The step stops on SIGTERM/SIGINT, on an abort (seen in the heartbeat answer) and at
-    its time limit; the exit code is 0 if it completed, else 1.
+    The step's output is printed as it runs (stdout on stdout; its stderr and the
+    agent's own lines, such as the checkout and venv build, on stderr), and recorded in
+    the task log as under a daemon. The step stops on SIGTERM/SIGINT, on an abort (seen
+    in the heartbeat answer) and at its time limit; the exit code is 0 if it completed,
+    else 1.
     """
     _setup_logging(None, verbose)
     api = api or default_api_url()
@@ -301,12 +315,66 @@ def execute(task_id: str, worker_id: str | None, stop_grace: float, started: boo
                                       message=f"run by agent execute on {worker_id}", worker_id=worker_id)
         signal.signal(signal.SIGTERM, lambda *_: _abort_execute(agent))
         signal.signal(signal.SIGINT, lambda *_: _abort_execute(agent))
-        status = agent.run_one(task)
+        echo = LogEcho(backend, task_id) if echo_output else None
+        try:
+            status = agent.run_one(task)
+        finally:
+            if echo is not None:
+                echo.stop()
     except ConveyorError as exc:
         _fail(exc.message)
     final = backend.get_task(task_id)
     click.echo(f"task {task_id}: {final.status.value} ({final.status_message})")
     sys.exit(0 if status == TaskStatus.completed else 1)
+
+
+class LogEcho:
+    """Prints the lines a task's log gets from now on, read from the store on a thread
+    (the one path to a task's output): step stdout on stdout, the rest on stderr."""
+
+    def __init__(self, backend: Backend, task_id: str) -> None:
+        """Start echoing the lines written to task `task_id`'s log after this call."""
+        self._backend = backend
+        self._task_id = task_id
+        self._offset = next_offset(backend.get_log(task_id, tail=1), 0)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="log-echo", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Print what is left of the log and stop."""
+        self._done.set()
+        self._thread.join(timeout=30)
+
+    def _follow(self) -> None:
+        while True:
+            finished = self._done.is_set()  # read before the log: the last read gets every line
+            try:
+                self._print_new_lines()
+            except ConveyorError as exc:
+                click.echo(f"agent: cannot read the task log: {exc.message}", err=True)
+            if finished:
+                return
+            self._done.wait(ECHO_POLL_S)
+
+    def _print_new_lines(self) -> None:
+        while True:
+            lines = self._backend.get_log(self._task_id, offset=self._offset, limit=1000)
+            for line in lines:
+                _echo_log_line(line)
+            self._offset = next_offset(lines, self._offset)
+            if len(lines) < 1000:
+                return
+
+
+def _echo_log_line(line: LogLine) -> None:
+    text = line.line.rstrip("\n")
+    if line.stream == "stdout":
+        click.echo(text)
+    elif line.stream == "stderr":
+        click.echo(text, err=True)
+    else:
+        click.echo(f"[{line.stream}] {text}", err=True)
 
 
 def _abort_execute(agent: AgentDaemon) -> None:
@@ -333,8 +401,14 @@ def list_agents(as_json: bool) -> None:
 @click.option("--timeout", type=float, default=DEFAULT_SHUTDOWN_GRACE_S + 30, show_default=True,
               help="Seconds to wait for the daemon to exit.")
 @click.option("--now", is_flag=True, help="Stop running tasks at once (sends the signal twice).")
-def stop(worker_id: str | None, timeout: float, now: bool) -> None:
-    """Stop a running daemon of this machine (the only one, or WORKER_ID)."""
+@token_option
+def stop(worker_id: str | None, timeout: float, now: bool, token: str | None) -> None:
+    """Stop a running daemon of this machine (the only one, or WORKER_ID).
+
+    The daemon takes no new task and lets the running ones finish within its
+    --shutdown-grace (default 30 s), then stops them. Every few seconds this prints
+    which tasks it still waits for and how much of the grace is left.
+    """
     agents = local_agents(conveyor_home())
     if worker_id:
         agents = [a for a in agents if a["worker_id"] == worker_id]
@@ -351,11 +425,56 @@ def stop(worker_id: str | None, timeout: float, now: bool) -> None:
         time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
     click.echo(f"stopping agent {target['worker_id']} (pid {target['pid']})...", err=True)
+    grace_s = 0.0 if now else float(target.get("shutdown_grace_s") or DEFAULT_SHUTDOWN_GRACE_S)
+    asked_at = time.monotonic()
+    backend = _open_quietly(target.get("api"), token)
     try:
-        proc.wait(timeout=timeout)
-    except psutil.TimeoutExpired:
-        _fail(f"agent {target['worker_id']} is still running after {timeout:.0f} s")
+        while True:
+            waited_s = time.monotonic() - asked_at
+            try:
+                proc.wait(timeout=max(min(STOP_PROGRESS_EVERY_S, timeout - waited_s), 0.0))
+                break
+            except psutil.TimeoutExpired:
+                waited_s = time.monotonic() - asked_at
+                if waited_s >= timeout:
+                    _fail(f"agent {target['worker_id']} is still running after {timeout:.0f} s")
+                click.echo(_stop_progress(backend, target["worker_id"], grace_s - waited_s), err=True)
+    finally:
+        if backend is not None:
+            backend.close()
     click.echo(f"agent {target['worker_id']} stopped")
+
+
+def _open_quietly(api: str | None, token: str | None) -> Backend | None:
+    """The Backend a daemon's pid file names, or None if it cannot be opened (progress
+    lines then name no tasks)."""
+    try:
+        return backend_from_url(api, token=token) if api else None
+    except (ConveyorError, OSError):
+        return None
+
+
+def _stop_progress(backend: Backend | None, worker_id: str, grace_left_s: float) -> str:
+    """One progress line of `agent stop`: the tasks the daemon still runs, the grace left."""
+    names: list[str] | None = None  # None: unknown (the store cannot be read)
+    if backend is not None:
+        try:
+            worker = next((w for w in backend.list_workers() if w.id == worker_id), None)
+            names = []
+            for task_id in worker.current_tasks if worker else []:
+                try:
+                    names.append(f"{task_id} ({backend.get_task(task_id).name})")
+                except ConveyorError:
+                    names.append(task_id)
+        except (ConveyorError, OSError):
+            names = None
+    if names == []:
+        return f"waiting for agent {worker_id} to exit (no task running)"
+    tasks = f"{len(names)} running task(s): {', '.join(names)}" if names else "its running tasks"
+    if grace_left_s > 0:
+        return (f"waiting for {tasks}; {format_duration(grace_left_s)} of shutdown grace left, "
+                "then they are stopped")
+    return f"waiting for {tasks} to stop (shutdown grace over)"
 
 
 if __name__ == "__main__":

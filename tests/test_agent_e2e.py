@@ -367,15 +367,30 @@ def test_two_daemons_run_each_of_100_tasks_exactly_once(
 def test_agent_execute_runs_one_task_in_the_foreground(
     backend: Backend, api_url: str, agent_home: Path, wheelhouse: Path
 ) -> None:
-    task = backend.create_task({"name": "one", "script": {"code": "print('executed')\n", "entry_point": "one.py"}})
+    code = "import sys\nprint('executed')\nprint('a warning', file=sys.stderr)\n"
+    task = backend.create_task({"name": "one", "script": {"code": code, "entry_point": "one.py"}})
     result = subprocess.run(
         [sys.executable, "-m", "agent.cli", "execute", "--id", task.id, "--api", api_url],
         env={**os.environ, "CONVEYOR_HOME": str(agent_home)}, capture_output=True, text=True,
         timeout=120, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
-    assert "completed" in result.stdout
-    assert "executed" in log_text(backend, task.id)
+    # The step's output on the terminal as it runs (stdout, then the final line), its
+    # stderr and the agent's own lines on stderr; all of it in the task log too.
+    assert result.stdout.splitlines() == ["executed", f"task {task.id}: completed (exited with code 0)"]
+    assert "a warning" in result.stderr.splitlines()
+    assert "[agent] worker" in result.stderr and "[agent] running: " in result.stderr
+    assert "executed" in log_text(backend, task.id) and "a warning" in log_text(backend, task.id)
+
+    quiet = backend.clone_task(task.id)
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "execute", "--id", quiet.id, "--api", api_url, "--no-output"],
+        env={**os.environ, "CONVEYOR_HOME": str(agent_home)}, capture_output=True, text=True,
+        timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"task {quiet.id}: completed (exited with code 0)"]
+    assert "executed" in log_text(backend, quiet.id)
 
 
 def test_daemon_refuses_an_unknown_queue_with_a_clear_error(api_url: str, agent_home: Path) -> None:
@@ -425,6 +440,35 @@ def test_a_second_sigterm_stops_running_steps_at_once(
     stopped = backend.get_task(task.id)
     assert stopped.status == TaskStatus.stopped and stopped.status_reason == "agent_shutdown"
     assert_all_gone(pids)
+
+
+def test_agent_stop_says_which_tasks_it_waits_for_and_the_grace_left(
+    backend: Backend, api_url: str, tmp_path: Path
+) -> None:
+    home = tmp_path / "home-stop"
+    env = {**os.environ, "CONVEYOR_HOME": str(home)}
+
+    def agent(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent.cli", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    started = agent("daemon", "--queue", "default", "--detached", "--api", api_url,
+                    "--worker-id", "box:8", "--shutdown-grace", "8")
+    assert started.returncode == 0, started.stderr
+    try:
+        task = code_task(backend, "import time\nprint('long step', flush=True)\ntime.sleep(120)\n")
+        wait_for_line(backend, task.id, "long step")
+        stopped = agent("stop", "box:8")
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout.strip() == "agent box:8 stopped"
+        lines = stopped.stderr.splitlines()
+        assert lines[0].startswith("stopping agent box:8 (pid ")
+        assert f"waiting for 1 running task(s): {task.id} (step); " in lines[1]
+        assert lines[1].endswith("s of shutdown grace left, then they are stopped"), lines
+        ended = backend.get_task(task.id)
+        assert (ended.status, ended.status_reason) == (TaskStatus.stopped, "agent_shutdown")
+    finally:
+        agent("stop", "box:8", "--now", "--timeout", "10")
 
 
 def test_a_detached_daemon_is_listed_and_stopped_with_agent_stop(
