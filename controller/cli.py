@@ -3,7 +3,8 @@
 Each command parses its arguments, calls one Backend method and prints the answer: a
 fixed-width table (or readable sections) by default, the records as JSON with `--json`.
 Errors are one line on stderr, `error: <message>`, with exit code 1 (2 for a usage
-mistake: a bad option or argument); the traceback only with `--debug`. Read-only
+mistake: a bad option or argument; `tasks logs --follow` exits 3 when the task ended
+failed, 4 when it ended stopped); the traceback only with `--debug`. Read-only
 commands (`queues`, `queues show`, `tasks list|show|logs`, `workers`) refuse a SQLite
 store file that does not exist instead of creating an empty one; commands that write
 create it (the embedded default on first use), saying so in one line on stderr.
@@ -455,7 +456,7 @@ def queues_delete(state: State, name: str, force: bool) -> None:
 
 @cli.group(context_settings=CONTEXT_SETTINGS)
 def tasks() -> None:
-    """List, inspect and control tasks."""
+    """Create, list, inspect and control tasks."""
 
 
 @tasks.command("list")
@@ -686,9 +687,19 @@ def _argument_pair(text: str) -> tuple[str, Any]:
     return (name, value) if sep else (name, True)
 
 
-def _echo_created(task: Any, verb: str, as_json: bool) -> None:
+def id_only_option(func: F) -> F:
+    """Add `--id-only`: print only the new task's id (for scripts)."""
+    return click.option(
+        "--id-only", is_flag=True, help="Print only the new task's id (for scripts)."
+    )(func)
+
+
+def _echo_created(task: Any, verb: str, as_json: bool, id_only: bool) -> None:
     if as_json:
         echo_json(task)
+        return
+    if id_only:
+        click.echo(task.id)
         return
     where = f", queued on {task.execution.queue}" if task.status == TaskStatus.queued else ""
     click.echo(f"{verb} task {task.id} ({task.name}){where}.")
@@ -711,6 +722,11 @@ def _echo_created(task: Any, verb: str, as_json: bool) -> None:
     help="Python script to run: a local file (inside a git work tree: that repository, "
     "pinned to its commit and uncommitted changes; else its code is stored), or with "
     "--repo a path inside the repository.",
+)
+@click.option(
+    "--single-file",
+    is_flag=True,
+    help="Store the local --script's code in the task even inside a git work tree.",
 )
 @click.option("--module", metavar="MODULE", help="Run 'python -m MODULE' instead of a script.")
 @click.option(
@@ -748,8 +764,8 @@ def _echo_created(task: Any, verb: str, as_json: bool) -> None:
     "--time-limit",
     type=DURATION,
     metavar="DURATION",
-    help="Longest the task may run (90, 90s, 10m, 2h); the agent then stops it and marks "
-    "it failed.",
+    help="Longest the task may run (90, 90s, 10m, 2h); the agent then stops it (status "
+    "stopped, reason time_limit).",
 )
 @click.option("--docker", "docker_image", metavar="IMAGE", help="Container image to run in.")
 @click.option("--docker-args", metavar="ARGS", help="Arguments for 'docker run', e.g. '--shm-size 1g'.")
@@ -760,6 +776,7 @@ def _echo_created(task: Any, verb: str, as_json: bool) -> None:
     help="Shell script run in the container before the step.",
 )
 @click.option("--tag", "tags", multiple=True, help="Tag; repeat for several.")
+@id_only_option
 @json_option
 @pass_state
 def tasks_create(
@@ -768,6 +785,7 @@ def tasks_create(
     project: str,
     task_type: str,
     script: str | None,
+    single_file: bool,
     module: str | None,
     args: tuple[str, ...],
     repo: str | None,
@@ -783,6 +801,7 @@ def tasks_create(
     docker_args: str | None,
     docker_setup_script: Any,
     tags: tuple[str, ...],
+    id_only: bool,
     as_json: bool,
 ) -> None:
     """Create a task (a draft, or queued with --queue) that runs a script or a module.
@@ -798,6 +817,8 @@ def tasks_create(
         raise click.UsageError("give --script or --module, not both")
     if priority is not None and not queue:
         raise click.UsageError("--priority needs --queue")
+    if single_file and (not script or repo):
+        raise click.UsageError("--single-file applies to a local --script (without --repo)")
     from controller.sdk.task import task_changes_for_create
 
     try:
@@ -818,6 +839,7 @@ def tasks_create(
             argparse_args=[_argument_pair(a) for a in args] or None,
             module=module,
             time_limit_s=time_limit,
+            force_single_script_file=single_file,
         )
     except (ValueError, OSError) as err:
         raise CliError(_one_line(str(err)).replace("Task.create: ", "")) from None
@@ -827,7 +849,7 @@ def tasks_create(
     task = backend.create_task(spec)
     if queue:
         task = backend.enqueue(task.id, queue, priority=priority)
-    _echo_created(task, "Created", as_json)
+    _echo_created(task, "Created", as_json, id_only)
 
 
 @tasks.command("clone")
@@ -842,6 +864,7 @@ def tasks_create(
     metavar="DURATION",
     help="Time limit of the copy (90, 90s, 10m, 2h). [default: the task's own]",
 )
+@id_only_option
 @json_option
 @pass_state
 def tasks_clone(
@@ -852,6 +875,7 @@ def tasks_clone(
     queue: str | None,
     priority: int | None,
     time_limit: float | None,
+    id_only: bool,
     as_json: bool,
 ) -> None:
     """Copy task ID's definition into a new draft (outputs, log and runtime are not copied)."""
@@ -863,7 +887,7 @@ def tasks_clone(
         task = backend.edit_task(task.id, {"execution": {"time_limit_s": time_limit}})
     if queue:
         task = backend.enqueue(task.id, queue, priority=priority)
-    _echo_created(task, f"Cloned {task_id} as", as_json)
+    _echo_created(task, f"Cloned {task_id} as", as_json, id_only)
 
 
 @tasks.command("delete")

@@ -328,6 +328,25 @@ def test_tasks_create_from_a_repository_with_a_container_as_json(tmp_path: Path,
     assert data["execution"]["time_limit_s"] == 90
 
 
+def test_tasks_create_from_a_git_work_tree_pins_it_unless_single_file(tmp_path: Path, store) -> None:
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "job.py").write_text("print('job')\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@e"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "job"], cwd=repo, check=True)
+    pinned = store.get_task(ok(tmp_path, "tasks", "create", "--script", str(repo / "src" / "job.py"),
+                               "--id-only").strip())
+    assert (pinned.script.repository, pinned.script.branch) == (str(repo), "main")
+    assert (pinned.script.entry_point, pinned.script.code) == ("src/job.py", "")
+    single = store.get_task(ok(tmp_path, "tasks", "create", "--script", str(repo / "src" / "job.py"),
+                               "--single-file", "--id-only").strip())
+    assert (single.script.repository, single.script.code) == ("", "print('job')\n")
+    copy = ok(tmp_path, "tasks", "clone", single.id, "--id-only").strip()
+    assert store.get_task(copy).script.code == "print('job')\n"
+
+
 def test_tasks_create_a_module_task(tmp_path: Path, store) -> None:
     out = ok(tmp_path, "tasks", "create", "--module", "json.tool", "--arg", "sort-keys")
     task = store.get_task(out.split()[2])
@@ -343,6 +362,7 @@ def test_tasks_create_a_module_task(tmp_path: Path, store) -> None:
         (("--module", "m", "--time-limit", "0"), "'0' is not a time limit"),
         (("--module", "m", "--priority", "3"), "--priority needs --queue"),
         (("--module", "m", "--queue", "no queue"), "is not a queue name"),
+        (("--module", "m", "--single-file"), "--single-file applies to a local --script"),
     ],
 )
 def test_tasks_create_usage_mistakes(tmp_path: Path, store, args: tuple[str, ...], problem: str) -> None:

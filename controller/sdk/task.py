@@ -292,8 +292,8 @@ class Task(TaskParameters):
         is a path inside the repository, or a local file whose lines become the packages.
         `argparse_args` pairs become `--name=value` on the command line (a value of True
         or None: just `--name`) and are shown in the "Args" section. `time_limit_s` is
-        the longest the task may run, in seconds: an agent stops it then and marks it
-        failed (see `set_time_limit`). With `base_task_id`, the base task is cloned and
+        the longest the task may run, in seconds: an agent stops it then (status
+        stopped, reason time_limit; see `set_time_limit`). With `base_task_id`, the base task is cloned and
         the given fields replace its own. `add_task_init_call` is not needed: the agent
         links the step to its task through `CONVEYOR_TASK_ID`.
         """
@@ -368,7 +368,7 @@ class Task(TaskParameters):
 
     def set_time_limit(self, seconds: float | None) -> None:
         """Let an agent run this task for at most `seconds` (None: no limit); past it the
-        agent stops the task and marks it failed. A draft's setting; the task of this
+        agent stops the task (status stopped, reason time_limit). A draft's setting; the task of this
         process may change its own too (it applies from the next run)."""
         self._record = self._backend.edit_task(
             self.id, {"execution": {"time_limit_s": _time_limit(seconds)}}, force=self._own
