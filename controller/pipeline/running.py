@@ -436,6 +436,7 @@ class PipelineRunner:
                 if deadline is not None and time.monotonic() >= deadline:
                     self._fail(f"pipeline time limit of {pipe._time_limit_s / 60:g} min exceeded")
                     self.abort_running("the pipeline time limit was exceeded")
+                    pipe._stop_event.set()  # local steps' processes are stopped too
                     break
                 self._skip_unreachable()
                 self._launch_ready()
@@ -731,7 +732,9 @@ class PipelineRunner:
 
     def _run_locally(self, node: Node, task: TaskRecord) -> None:
         """Start the step as the worker `local:...` and run it through `agent execute`."""
-        worker = f"local:{self.pipe._local_worker_id}:{node.name}"
+        # One worker id per attempt: the follower of a failed attempt must not take the
+        # next attempt (same task, in_progress again) for its own unreported run.
+        worker = f"local:{self.pipe._local_worker_id}:{node.name}" + (f"#{node.retries}" if node.retries else "")
         # registered before it takes the task (registering a worker ends what it held)
         self.backend.register_worker(worker, hostname=socket.gethostname())
         self.backend.set_status(task.id, TaskStatus.in_progress, reason="started",
@@ -756,13 +759,26 @@ class PipelineRunner:
             node.retries += 1
             log.info("step %s failed (%s): retry %d", node.name, record.status_message, node.retries)
             try:
-                self._through_outage(f"retry step '{node.name}'", lambda: self.backend.enqueue(record.id))
+                self._through_outage(f"retry step '{node.name}'", lambda: self._retry(node, record))
                 self._set(node, QUEUED, f"retry {node.retries} after: {record.status_message}")
                 return
             except ConveyorError as exc:
                 self._finish(node, FAILED, f"cannot retry: {exc}")
                 return
         self._finish(node, status, record.status_message or record.status_reason)
+
+    def _retry(self, node: Node, record: TaskRecord) -> None:
+        """Run a failed step's task again: on this machine for local steps (reset to
+        created, then started here as the first attempt was), else on its queue."""
+        node.task_status = None
+        if not self.pipe._run_steps_locally:
+            self.backend.enqueue(record.id)
+            return
+        self.backend.set_status(record.id, TaskStatus.created, reason="retry",
+                                message=f"retry {node.retries} after: {record.status_message}")
+        self.backend.append_log(record.id, [
+            f"pipeline: attempt {node.retries} failed ({record.status_message}); retrying locally"])
+        self._run_locally(node, self.backend.get_task(record.id))
 
     def _should_retry(self, node: Node) -> bool:
         rule = node.retry_on_failure if node.retry_on_failure is not None else self.pipe._retry_on_failure
