@@ -271,6 +271,9 @@ def daemon(
 @click.option("--started", is_flag=True,
               help="The task is already in_progress, held by --worker-id (a pipeline running its "
               "steps locally starts each step, then runs it with this command): run it as it is.")
+@click.option("--own-environment", is_flag=True,
+              help="Run the step with this agent's own Python and environment, without a venv of "
+              "the task's packages (a pipeline's local steps run in the pipeline's environment).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--output/--no-output", "echo_output", default=True, show_default=True,
               help="Print the step's output (and the agent's lines about it, on stderr) while "
@@ -278,8 +281,8 @@ def daemon(
 @docker_options
 @api_option
 @token_option
-def execute(task_id: str, worker_id: str | None, stop_grace: float, started: bool, verbose: bool,
-            echo_output: bool, docker: str | None, allow_privileged: bool, gpus: str | None,
+def execute(task_id: str, worker_id: str | None, stop_grace: float, started: bool, own_environment: bool,
+            verbose: bool, echo_output: bool, docker: str | None, allow_privileged: bool, gpus: str | None,
             api: str | None, token: str | None) -> None:
     """Run one task in the foreground (same code path as the daemon).
 
@@ -308,6 +311,7 @@ def execute(task_id: str, worker_id: str | None, stop_grace: float, started: boo
         elif task.status.is_terminal:
             _fail(f"task {task_id} is {task.status.value}: reset it first (controller tasks reset {task_id})")
         settings = _settings(api, token, worker_id, stop_grace, docker, allow_privileged, gpus)
+        settings.own_environment = own_environment
         agent = AgentDaemon(backend, settings, [])
         if not started:  # with --started, whoever started the task registered the worker
             agent.register()

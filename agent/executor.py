@@ -16,6 +16,7 @@ ends loses nothing; a restarted daemon replays the outbox before claiming.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -71,6 +72,10 @@ class ExecutionSettings:
     gpus: str | None = None
     #: Set when the agent runs container steps (`--docker`); None: it does not.
     docker: DockerSettings | None = None
+    #: Run host steps with `python` itself, in this process's environment, instead of a
+    #: venv of the task's packages (`agent execute --own-environment`: a pipeline's
+    #: local steps run in the pipeline's own interpreter and environment).
+    own_environment: bool = False
 
     @property
     def env_cache(self) -> Path:
@@ -208,9 +213,9 @@ def execute_task(
             outcome = run_in_container(backend, task, image, work_dir, checkout.path_to_run_in,
                                        settings, task_log, should_abort, step_output)
         else:
-            with prepare_environment(task, checkout.path_to_run_in, settings, task_log.agent) as venv:
-                argv = build_argv(task, venv.python_path)
-                env = build_env(task, settings, venv.path)
+            with own_or_prepared_environment(task, checkout.path_to_run_in, settings, task_log.agent) as venv:
+                argv = build_argv(task, venv.python_path if venv else Path(settings.python))
+                env = build_env(task, settings, venv.path if venv else None)
                 task_log.agent(f"running: {shlex.join(argv)} (in {checkout.path_to_run_in})")
                 task_log.flush()
                 outcome = run_step(
@@ -271,6 +276,16 @@ def requirements_file_for(task: TaskRecord, run_dir: Path) -> Path | None:
     if not task.packages and (run_dir / "requirements.txt").is_file():
         return run_dir / "requirements.txt"
     return None
+
+
+def own_or_prepared_environment(
+    task: TaskRecord, run_dir: Path, settings: ExecutionSettings, say: Callable[[str], None]
+) -> Any:
+    """A context giving the task's venv, or None with `settings.own_environment`."""
+    if settings.own_environment:
+        say(f"running in this environment ({settings.python}); the task's packages are not installed")
+        return contextlib.nullcontext(None)
+    return prepare_environment(task, run_dir, settings, say)
 
 
 def prepare_environment(

@@ -2,8 +2,10 @@
 
 The pipeline does not run the step itself: it starts it as the worker `local:...`
 (status in_progress, so the loop follows it like any other step) and hands it to the
-agent's process boundary, `python -m agent.cli execute --id TASK --worker-id W --started`,
-with the same store URL and token in its environment. That process is the agent's
+agent's process boundary, `python -m agent.cli execute --id TASK --worker-id W --started
+--own-environment`, with the same store URL and token in its environment: the step runs
+with this interpreter in this environment (no venv of its packages), as the reference
+says of local steps. That process is the agent's
 one-task path (checkout → environment → supervisor → report): the step's output goes to
 the task log, its time limit and aborts (seen in its heartbeat answers) stop its process
 tree, and it reports the final status, which the pipeline sees as a status change.
@@ -46,9 +48,11 @@ _PRIVATE_VARIABLES = ("CONVEYOR_TASK_ID", "CONVEYOR_WORKER_ID")
 
 
 def agent_execute_argv(task_id: str, worker_id: str) -> list[str]:
-    """The command that runs a started task through the agent (see the module doc)."""
+    """The command that runs a started task through the agent (see the module doc), in
+    this interpreter and environment (`--own-environment`: no venv of the step's packages,
+    as the reference says of local steps)."""
     return [sys.executable, "-m", "agent.cli", "execute", "--id", task_id, "--worker-id", worker_id,
-            "--started"]
+            "--started", "--own-environment", "--no-output"]
 
 
 class LocalStep:
