@@ -120,6 +120,7 @@ class PipelineController(DefinitionMixin, RunningMixin, PipelineStateMixin):
         self._local_worker_id = f"{os.uname().nodename}:{os.getpid()}"
         self._state_lock = threading.Lock()
         self._status: str = "draft"
+        self._status_message = ""
         # PipelineDecorator: steps are added while the pipeline runs, until it is closed.
         self._dynamic = False
         self._definition_open = False

@@ -17,7 +17,8 @@ Modes (decisions where the reference is vague):
 - `PipelineDecorator.run_locally()`: the logic here, each step as a local subprocess,
   data passed exactly as in remote mode (through artifacts).
 - `PipelineDecorator.debug_pipeline()`: components are plain function calls, serially,
-  and no task is created.
+  with no task of their own; the pipeline task is recorded as in every mode (parameters,
+  return value, logger, artifacts and models reported through the class API).
 
 A component whose step failed raises PipelineStepError (naming the step and the reason)
 where its result is used, unless its continue behaviour lets the pipeline go on, in
@@ -39,6 +40,7 @@ from controller.pipeline.launch import ArtifactInput
 from controller.pipeline.lazy import LazyResult, PipelineStepError, resolve_value
 from controller.pipeline.node import CACHED, COMPLETED
 from controller.pipeline.running import PipelineRunner
+from controller.pipeline.state import set_pipeline_of_this_thread
 
 _local = threading.local()
 
@@ -55,8 +57,13 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-class PipelineDecorator:
-    """Pipelines from functions: `@PipelineDecorator.pipeline` and `@PipelineDecorator.component`."""
+class PipelineDecorator(PipelineController):
+    """Pipelines from functions: `@PipelineDecorator.pipeline` and `@PipelineDecorator.component`.
+
+    A subclass of PipelineController, as in the reference: the class-level API
+    (get_logger, upload_artifact, upload_model, get, enqueue, ...) is inherited. The
+    pipeline a decorated function runs is a PipelineController instance.
+    """
 
     _mode = "remote"  # remote | local | debug
     _default_queue: str | None = None
@@ -71,7 +78,8 @@ class PipelineDecorator:
 
     @classmethod
     def debug_pipeline(cls) -> None:
-        """Run components as plain functions, serially, creating no tasks."""
+        """Run components as plain functions, serially, creating no step tasks (the
+        pipeline task is recorded as in every mode)."""
         cls._mode = "debug"
 
     @classmethod
@@ -207,8 +215,6 @@ class PipelineDecorator:
                 bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
                 arguments = dict(bound.arguments)
-                if cls._mode == "debug":
-                    return function(**arguments)
                 job = functools.partial(
                     _run_pipeline, function, arguments, sections, controller_options, return_value,
                     default_queue, pipeline_execution_queue, start_controller_locally,
@@ -237,13 +243,6 @@ class PipelineDecorator:
             results.append(result.get("value"))
         return results
 
-    # --------------------------------------------------- pipeline task outputs
-    get_logger = PipelineController.get_logger
-    upload_artifact = PipelineController.upload_artifact
-    upload_model = PipelineController.upload_model
-    get = PipelineController.get
-    enqueue = PipelineController.enqueue
-
 
 def _run_pipeline(
     function: Callable[..., Any],
@@ -264,6 +263,8 @@ def _run_pipeline(
         pipe._parameters[f"{section}/{arg}"] = value if _jsonable(value) else repr(value)
     under_agent = bool(os.environ.get("CONVEYOR_TASK_ID"))
     mode = PipelineDecorator._mode
+    if mode == "debug":
+        return _debug_pipeline(pipe, function, arguments, return_value)
     if mode == "remote" and not under_agent and execution_queue and not start_locally:
         pipe.start(queue=execution_queue)  # records, enqueues and ends this process
     pipe._begin(run_steps_locally=(mode == "local"))
@@ -279,6 +280,7 @@ def _run_pipeline(
     loop = threading.Thread(target=runner.run, name="pipeline-loop", daemon=True)
     loop.start()
     _local.pipeline = pipe
+    set_pipeline_of_this_thread(pipe._task_id)
     error: BaseException | None = None
     result: Any = None
     try:
@@ -289,9 +291,16 @@ def _run_pipeline(
         pipe._stop_event.set()
     finally:
         _local.pipeline = None
+        set_pipeline_of_this_thread(None)
         pipe._definition_open = False
         runner._launches.put(("", None))
         loop.join()
+    return _end_pipeline(pipe, runner, result, error, return_value)
+
+
+def _end_pipeline(pipe: PipelineController, runner: PipelineRunner, result: Any, error: BaseException | None,
+                  return_value: str | None) -> Any:
+    """Store the return value, record how the pipeline ended, raise the logic's error."""
     if error is None and return_value and pipe._task_id:
         try:
             from controller.sdk.task import Task
@@ -302,7 +311,30 @@ def _run_pipeline(
     pipe._finish()
     if error is not None:
         raise error
+    pipe._exit_if_failed_under_agent()
     return result
+
+
+def _debug_pipeline(pipe: PipelineController, function: Callable[..., Any], arguments: dict[str, Any],
+                    return_value: str | None) -> Any:
+    """debug_pipeline(): the pipeline task is recorded as in every mode; the components
+    are plain function calls, serially, with no task of their own (as the reference says)."""
+    pipe._begin(run_steps_locally=True)
+    runner = PipelineRunner(pipe)  # never run: it only records how the logic ended
+    pipe._runner = runner
+    _local.pipeline = pipe
+    set_pipeline_of_this_thread(pipe._task_id)
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = function(**arguments)
+    except BaseException as exc:  # noqa: BLE001 - recorded on the pipeline, then raised
+        error = exc
+        runner._fail(f"the pipeline function raised {type(exc).__name__}: {exc}")
+    finally:
+        _local.pipeline = None
+        set_pipeline_of_this_thread(None)
+    return _end_pipeline(pipe, runner, result, error, return_value)
 
 
 def _launch_component(

@@ -30,6 +30,7 @@ launches only what never started.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import queue
@@ -55,6 +56,7 @@ from controller.pipeline.launch import (
     KWARGS_ARTIFACTS_SECTION,
     KWARGS_SECTION,
     Resolver,
+    ResolvedStep,
     StepLaunchError,
     cache_key,
     create_step_task,
@@ -210,6 +212,7 @@ class RunningMixin:
             self._stop_on_sigterm()
             if wait:
                 self._run_loop()
+                self._exit_if_failed_under_agent()
             else:
                 self._thread = threading.Thread(target=self._run_loop, name="pipeline", daemon=True)
                 self._thread.start()
@@ -333,11 +336,18 @@ class RunningMixin:
                                           on_abort=self._stop_on_lost_lease)
             self._lease.start()
         self._status = "running"
+        self._mark_running_here()
         self._record_state()
 
     def _stop_on_lost_lease(self) -> None:
         self._stop_mark_aborted = True
         self._stop_event.set()
+
+    def _exit_if_failed_under_agent(self) -> None:
+        """Under an agent, end this process with exit code 1 and the pipeline's message
+        when the pipeline failed (the agent then reports the task failed)."""
+        if os.environ.get("CONVEYOR_TASK_ID") and self._status == "failed":
+            sys.exit(f"pipeline {self._name} failed: {self._status_message}")
 
     def _stop_on_sigterm(self) -> None:
         """Under an agent, SIGTERM (an abort, a time limit, agent shutdown) stops the
@@ -370,12 +380,16 @@ class RunningMixin:
         else:
             self._status, status, reason = "completed", TaskStatus.completed, "completed"
         message = (runner.failure_message if runner and runner.failed else "") or self._status
+        self._status_message = message
         self._record_state()
         if self._state_unsaved:
             retry_through_outage("record the pipeline's final state", self._record_state_or_raise)
         under_agent = bool(os.environ.get("CONVEYOR_TASK_ID"))
-        # Under an agent, success is reported by the agent when this process exits 0.
-        if self._task_id and (not under_agent or status != TaskStatus.completed):
+        # Under an agent, the agent reports how this process ended: exit 0 (completed) or
+        # non-zero with the pipeline's message as the log's last line (failed, see
+        # _exit_if_failed_under_agent). Setting the status here would make the agent
+        # abort this process (a task it no longer holds): only a stop is recorded here.
+        if self._task_id and (not under_agent or status == TaskStatus.stopped):
             try:
                 retry_through_outage("record the pipeline's final status",
                                      lambda: self._set_final_status(status, reason, message))
@@ -657,7 +671,7 @@ class PipelineRunner:
                     task.id, {"tags": tags}, force=not node.clone_task))
         node.job = StepJob(self.backend, task.id)
         if node.pre_execute_callback is not None:
-            keep = node.pre_execute_callback(pipe, node, dict(resolved.parameters))
+            keep = node.pre_execute_callback(pipe, node, callback_parameters(resolved))
             if keep is False:
                 self._abort_quietly(task.id, "skipped by its pre_execute_callback")
                 self._set(node, SKIPPED, "skipped by its pre_execute_callback")
@@ -770,7 +784,7 @@ class PipelineRunner:
     def _retry(self, node: Node, record: TaskRecord) -> None:
         """Run a failed step's task again: on this machine for local steps (reset to
         created, then started here as the first attempt was), else on its queue."""
-        node.task_status = None
+        node.task_status = ""
         if not self.pipe._run_steps_locally:
             self.backend.enqueue(record.id)
             return
@@ -820,6 +834,9 @@ class PipelineRunner:
     def _set(self, node: Node, status: str, message: str = "") -> None:
         with self._lock:
             previous = node.set_status(status, message)
+            # What the status change callback gets: the node as of this change (its
+            # status does not move on while the event waits for the callback thread).
+            event_node = copy.copy(node)
         if previous == status:
             return
         if node.is_finished:
@@ -829,7 +846,7 @@ class PipelineRunner:
         self.pipe._record_state()
         callback = node.status_change_callback
         if callback is not None:
-            self._callback(callback, self.pipe, node, previous)
+            self._callback(callback, self.pipe, event_node, previous)
 
     def _callback(self, function: Callable[..., Any], *args: Any) -> None:
         def call() -> None:
@@ -898,6 +915,16 @@ class PipelineRunner:
                     self.backend.report_scalars(pipe_task, scalars)
         except (ConveyorError, ValueError, TypeError, IndexError) as exc:
             log.warning("cannot copy monitored outputs of step %s: %s", node.name, exc)
+
+
+def callback_parameters(resolved: ResolvedStep) -> dict[str, Any]:
+    """The parameters a pre_execute / step_task_created callback gets: the step's resolved
+    parameter overrides and, for a function step, its resolved arguments as
+    "kwargs/<name>" (another step's returned object as "kwargs_artifacts/<name>")."""
+    parameters = dict(resolved.parameters)
+    parameters.update({f"{KWARGS_SECTION}/{k}": v for k, v in resolved.kwargs.items()})
+    parameters.update({f"{KWARGS_ARTIFACTS_SECTION}/{k}": v for k, v in resolved.kwargs_artifacts.items()})
+    return parameters
 
 
 def _model_matches(name: str, pattern: str) -> bool:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -110,6 +112,23 @@ def call_key_of(node: Node) -> str:
                 "kwargs": spec.get("kwargs") or {}}
     blob = json.dumps(material, sort_keys=True, default=lambda v: getattr(v, "marker", repr(v)))
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class _RunningHere(threading.local):
+    """The pipeline whose logic runs in this thread (PipelineDecorator's logic thread)."""
+
+    task_id: str | None = None
+
+
+#: Pipeline task ids running in this process: the one of this thread, else the last one
+#: started here (callbacks and launches run on other threads of the same pipeline).
+_running_in_thread = _RunningHere()
+_last_started_here: list[str] = []
+
+
+def set_pipeline_of_this_thread(task_id: str | None) -> None:
+    """Name the pipeline task whose logic runs in this thread (None: none)."""
+    _running_in_thread.task_id = task_id
 
 
 class PipelineStateMixin:
@@ -238,6 +257,7 @@ class PipelineStateMixin:
                 "name": self._name,
                 "version": self._version,
                 "status": self._status,
+                "message": self._status_message,
                 "started": self._started_at,
                 "updated": time.time(),
                 "nodes": nodes,
@@ -432,6 +452,11 @@ class PipelineStateMixin:
         return {"queued": 1, "updated": 1, "fields": {"status": queued.status.value,
                                                       "execution.queue": queued.execution.queue}}
 
+    def _mark_running_here(self) -> None:
+        """Make this pipeline's task the one the class-level API reports to from this process."""
+        if self._task_id:
+            _last_started_here.append(self._task_id)
+
     @classmethod
     def resume(cls, pipeline_id: str, queue_name: str | None = None) -> TaskRecord:
         """Resume a failed, stopped or lost pipeline from its record on an agent of
@@ -440,9 +465,17 @@ class PipelineStateMixin:
 
     @classmethod
     def _pipeline_task(cls) -> Any:
+        """The pipeline task: of the pipeline whose logic runs in this thread; under an
+        agent, the task run (or the parent of a step); else the last pipeline started in
+        this process (its callbacks, start_locally, run_locally, debug_pipeline)."""
         from controller.sdk.task import Task
 
-        current = Task.current_task()
+        if _running_in_thread.task_id:
+            return Task.get_task(task_id=_running_in_thread.task_id)
+        current = Task.current_task() if os.environ.get("CONVEYOR_TASK_ID") else None
+        if current is None and _last_started_here:
+            return Task.get_task(task_id=_last_started_here[-1])
+        current = current or Task.current_task()
         if current is None:
             raise ValueError("no pipeline task found: call this from a pipeline or one of its steps")
         record = get_backend().get_task(current.id)
