@@ -331,3 +331,66 @@ def test_a_failed_pipeline_run_by_an_agent_exits_non_zero_with_its_message(
     assert controller.status_message == "exited with code 1", controller.status_message
     assert "pipeline failing failed: step 'broken' failed" in log
     assert "stopped: aborted" not in log
+
+
+WRAPPED_SCRIPT = r"""
+import sys
+from controller import Task
+from controller.automation import PipelineController
+from controller.automation.controller import PipelineDecorator
+
+
+def log_calls(func):
+    def function_wrapper(*args, **kwargs):
+        print("calling", func.__name__, flush=True)
+        return func(*args, **kwargs)
+    return function_wrapper
+
+
+def times(n):
+    def decorate(func):
+        def again(*args, **kwargs):
+            return func(*args, **kwargs) * n
+        return again
+    return decorate
+
+
+@times(3)
+@log_calls
+def plus_one(x: int = 1):
+    return x + 1
+
+
+@PipelineDecorator.component(return_values=["value"], packages=[])
+@log_calls
+def doubled(x: int = 1):
+    return 2 * x
+
+
+@PipelineDecorator.pipeline(name="wrapped", project=sys.argv[1], version="1.0.0", return_value="result")
+def logic(x: int = 1):
+    return int(doubled(x))
+
+
+pipe = PipelineController(name="wrapped", project=sys.argv[1], version="1.0.0")
+pipe.add_function_step("plus", plus_one, function_kwargs={"x": 4}, function_return=["value"], packages=[])
+pipe.start_locally(run_pipeline_steps_locally=True)
+assert pipe.is_successful(), {n: node.status_message for n, node in pipe.get_pipeline_dag().items()}
+print("function step:", Task.get_task(task_id=pipe.get_pipeline_dag()["plus"].executed).artifacts["value"].get())
+PipelineDecorator.run_locally()
+print("component:", logic(x=5))
+"""
+
+
+def test_a_step_wrapped_in_the_users_decorators_runs_as_written(backend: Backend, store: str, tmp_path: Path) -> None:
+    script = tmp_path / "wrapped.py"
+    script.write_text(WRAPPED_SCRIPT)
+    project = f"wrapped-{uuid.uuid4().hex[:6]}"
+    done = run_script(script, store, project)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "function step: 15" in done.stdout  # (4 + 1) * 3, through both decorators
+    assert "component: 10" in done.stdout
+    steps = {t.name for t in backend.query_tasks(project=project) if t.type != "controller"}
+    assert steps == {"plus", "doubled"}, steps  # the component keeps the function's name
+    logs = {t.name: log_of(backend, t.id) for t in backend.query_tasks(project=project) if t.type != "controller"}
+    assert "calling plus_one" in logs["plus"] and "calling doubled" in logs["doubled"]

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from controller.pipeline.controller import PipelineController
+from controller.pipeline.function_step import innermost_function
 from controller.pipeline.launch import ArtifactInput
 from controller.pipeline.lazy import LazyResult, PipelineStepError, resolve_value
 from controller.pipeline.node import CACHED, COMPLETED
@@ -143,7 +144,7 @@ class PipelineDecorator(PipelineController):
         )
 
         def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
-            step_name = name or function.__name__
+            step_name = name or innermost_function(function).__name__
 
             @functools.wraps(function)
             def call(*args: Any, **kwargs: Any) -> Any:
@@ -347,7 +348,7 @@ def _launch_component(
     kwargs: dict[str, Any],
 ) -> Any:
     """Add a component call as a function step, launch it, return its lazy results."""
-    signature = inspect.signature(function)
+    signature = inspect.signature(innermost_function(function))
     bound = signature.bind_partial(*args, **kwargs).arguments
     name = _unique_name(pipe, step_name)
     function_kwargs: dict[str, Any] = {}

@@ -2,7 +2,9 @@
 
 The task's code is the function's source, the sources of its helper functions and
 (unless `skip_global_imports`) the import statements of its module, each wrapped so a
-missing optional import does not stop the step. The function's arguments become the
+missing optional import does not stop the step. A function wrapped in the user's own
+decorators travels with them: each closure is rebuilt by a factory taking its closure
+variables (`closure_sources`), and the step keeps the innermost function's name. The function's arguments become the
 hyperparameter section "kwargs"; arguments that receive another step's returned object
 are listed in "kwargs_artifacts" and fetched from that step's artifact when the step
 runs (`controller.pipeline.function_runner`). Return values are stored as artifacts
@@ -38,6 +40,107 @@ def function_source(function: Callable[..., Any]) -> str:
         lines = source.splitlines()
         source = "\n".join(lines[node.lineno - 1:]) + "\n"  # drop the decorator lines
     return source
+
+
+def _code_source(function: Callable[..., Any]) -> str:
+    """The source of this very function (not of what it wraps), decorators dropped."""
+    code = getattr(function, "__code__", None)
+    try:
+        source = textwrap.dedent(inspect.getsource(code if code is not None else function))
+    except (OSError, TypeError) as exc:
+        raise ValueError(f"cannot read the source of {getattr(function, '__name__', function)!r}: {exc}") from None
+    node = ast.parse(source).body[0]
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.decorator_list:
+        source = "\n".join(source.splitlines()[node.lineno - 1:]) + "\n"
+    return source
+
+
+def _function_cells(function: Callable[..., Any]) -> dict[str, Any]:
+    """The closure variables of `function` (name → value)."""
+    names = getattr(getattr(function, "__code__", None), "co_freevars", ())
+    cells = getattr(function, "__closure__", None) or ()
+    values = {}
+    for name, cell in zip(names, cells, strict=False):
+        try:
+            values[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            raise ValueError(f"closure variable {name!r} of {function.__name__}() has no value") from None
+    return values
+
+
+def _is_function(value: Any) -> bool:
+    return inspect.isfunction(value)
+
+
+def is_wrapped(function: Callable[..., Any]) -> bool:
+    """True if the function is a closure (typically made by a decorator of the user's)."""
+    return bool(_function_cells(function)) if _is_function(function) else False
+
+
+def innermost_function(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The function a chain of decorators wraps: through `__wrapped__`, else through the
+    one function-valued closure variable of each wrapper."""
+    seen = set()
+    current = function
+    while id(current) not in seen:
+        seen.add(id(current))
+        wrapped = getattr(current, "__wrapped__", None)
+        if callable(wrapped):
+            current = wrapped
+            continue
+        inner = [v for v in _function_cells(current).values() if _is_function(v)] if _is_function(current) else []
+        if len(inner) != 1:
+            break
+        current = inner[0]
+    return current
+
+
+def closure_sources(function: Callable[..., Any], bind_as: str) -> tuple[list[str], list[Callable[..., Any]]]:
+    """Code that rebuilds `function` with its closure (the decorators of the user's that
+    wrap it, and the function they wrap) and binds it to `bind_as`; and every function
+    whose source it carries (for imports and packages).
+
+    Each function becomes a factory taking its closure variables; a variable holding a
+    function is rebuilt the same way, a literal is written as such, a module imported.
+    """
+    parts: list[str] = []
+    carried: list[Callable[..., Any]] = []
+    made: dict[int, str] = {}
+
+    def render(fn: Callable[..., Any]) -> str:
+        if id(fn) in made:
+            return made[id(fn)]
+        cells = _function_cells(fn)
+        arguments = []
+        for name, value in cells.items():
+            if _is_function(value):
+                arguments.append(render(value))
+            elif inspect.ismodule(value):
+                arguments.append(f"__import__({value.__name__!r}, fromlist=['_'])")
+            else:
+                text = repr(value)
+                try:
+                    if ast.literal_eval(text) != value:
+                        raise ValueError
+                except (ValueError, SyntaxError):
+                    raise ValueError(
+                        f"closure variable {name!r} of {fn.__name__}() is a {type(value).__name__}, which a "
+                        "function step cannot carry (functions, modules and literals can)") from None
+                arguments.append(text)
+        factory = f"_conveyor_closure_{len(made) + 1}"
+        made[id(fn)] = factory
+        source = _code_source(fn)
+        parts.append(
+            f"def {factory}({', '.join(cells)}):\n{textwrap.indent(source, '    ')}"
+            f"    return {fn.__code__.co_name}\n\n"
+            f"{factory} = {factory}({', '.join(arguments)})\n"
+        )
+        carried.append(fn)
+        return factory
+
+    top = render(function)
+    parts.append(f"{bind_as} = {top}\n")
+    return ["\n".join(parts)], carried
 
 
 def module_imports(function: Callable[..., Any]) -> list[str]:
@@ -83,11 +186,13 @@ def build_function_spec(
     artifact_deserialization_function: Callable[[bytes], Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to create the step's task (see the module docstring)."""
-    signature = inspect.signature(function)
+    inner = innermost_function(function)
+    function_name = inner.__name__
+    signature = inspect.signature(inner)
     given = dict(function_kwargs or {})
     unknown = [k for k in given if k not in signature.parameters]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
-        raise ValueError(f"function_kwargs names argument(s) {unknown} that {function.__name__}() does not take")
+        raise ValueError(f"function_kwargs names argument(s) {unknown} that {function_name}() does not take")
     kwargs: dict[str, Any] = {}
     for name, param in signature.parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
@@ -97,20 +202,25 @@ def build_function_spec(
         elif param.default is not param.empty:
             kwargs[name] = param.default
         else:
-            raise ValueError(f"argument {name!r} of {function.__name__}() has no default: "
+            raise ValueError(f"argument {name!r} of {function_name}() has no default: "
                              "give it in function_kwargs")
     kwargs.update({k: v for k, v in given.items() if k not in kwargs})
     returns = list(function_return or [])
     for name in returns:
         if not isinstance(name, str) or not name or "/" in name or ".." in name:
             raise ValueError(f"function_return name {name!r} cannot be an artifact name")
-    main_source = function_source(function)
+    if is_wrapped(function):  # the user's decorators travel with the function
+        sources, carried = closure_sources(function, function_name)
+        main_source = sources[0]
+    else:
+        main_source, carried = function_source(function), [function]
     helper_sources = [function_source(h) for h in (helper_functions or [])]
     extra_functions = [f for f in (artifact_serialization_function, artifact_deserialization_function) if f]
     extra_sources = [function_source(f) for f in extra_functions]
-    imports = [] if skip_global_imports else module_imports(function)
+    imports = [] if skip_global_imports else list(dict.fromkeys(
+        statement for fn in carried for statement in module_imports(fn)))
     code = render_step_code(
-        function.__name__, main_source, helper_sources + extra_sources, imports, returns,
+        function_name, main_source, helper_sources + extra_sources, imports, returns,
         artifact_serialization_function.__name__ if artifact_serialization_function else None,
         artifact_deserialization_function.__name__ if artifact_deserialization_function else None,
     )
@@ -127,7 +237,7 @@ def build_function_spec(
     entry = f"step_{_SAFE_NAME.sub('_', step_name)}.py"
     return {
         "kwargs": kwargs,
-        "function_name": function.__name__,
+        "function_name": function_name,
         "task_spec": {
             "script": {"code": code, "entry_point": entry, "working_dir": "."},
             "packages": package_list,
