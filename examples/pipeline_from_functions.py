@@ -2,7 +2,9 @@
 
 Run it with an agent on "default": `python examples/pipeline_from_functions.py`. The
 pipeline logic runs in this process (`start_locally`); `--local` runs the steps as
-local subprocesses too (no agent needed).
+local subprocesses too (no agent needed). `score` imports nothing: its packages come
+from its inputs (the pickled model needs scikit-learn). The script exits 1 if the
+pipeline failed.
 """
 
 import sys
@@ -44,3 +46,4 @@ if __name__ == "__main__":
     for name, node in pipe.get_pipeline_dag().items():
         print(f"{name:<8} {node.status:<10} task {node.executed}")
     print("successful:", pipe.is_successful())
+    sys.exit(0 if pipe.is_successful() else 1)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from controller import Task
 from controller.automation.controller import PipelineDecorator
 from controller.backend import Backend
 from controller.connect import backend_from_url
@@ -269,3 +270,21 @@ def test_components_from_another_module(backend: Backend) -> None:
         return f"{mean}/{spread}"
 
     assert make_pipeline(uses_other_module, f"mod-{uuid.uuid4().hex[:6]}")(values=[2, 4, 9]) == "5/7"
+
+
+@pytest.mark.parametrize("where", ["agent", "local"])
+def test_the_function_steps_example_runs_and_its_last_step_gets_what_its_inputs_need(
+    backend: Backend, store: str, where: str
+) -> None:
+    """examples/pipeline_from_functions.py: `score` imports nothing, yet unpickles a sklearn
+    model (on an agent its venv gets scikit-learn from the model artifact's metadata)."""
+    args = ["--local"] if where == "local" else []
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "pipeline_from_functions.py"), *args],
+                          env={**os.environ, "CONVEYOR_API": store}, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "successful: True" in done.stdout
+    score_id = next(line.split()[-1] for line in done.stdout.splitlines() if line.startswith("score "))
+    score = backend.get_task(score_id)
+    assert any(p.lower().startswith("scikit-learn==") for p in score.packages), score.packages
+    assert 0.8 <= Task.get_task(task_id=score_id).artifacts["accuracy"].get() <= 1.0

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from controller.pipeline.controller import PipelineController
-from controller.pipeline.function_step import innermost_function
+from controller.pipeline.function_step import OBJECT_MODULES_KEY, innermost_function, object_modules
 from controller.pipeline.launch import ArtifactInput
 from controller.pipeline.lazy import LazyResult, PipelineStepError, resolve_value
 from controller.pipeline.node import CACHED, COMPLETED
@@ -391,7 +391,8 @@ def _upload_input(pipe: PipelineController, step: str, arg: str, value: Any) -> 
 
     artifact = f"{step}.{arg}"
     Task.get_task(task_id=pipe._task_id).upload_artifact(
-        artifact, value, serialization_function=pipe._artifact_serialization_function)
+        artifact, value, metadata={OBJECT_MODULES_KEY: object_modules(value)},
+        serialization_function=pipe._artifact_serialization_function)
     return ArtifactInput(f"{pipe._task_id}.{artifact}")
 
 

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from controller.pipeline.function_step import OBJECT_MODULES_KEY, object_modules
 from controller.pipeline.launch import KWARGS_ARTIFACTS_SECTION, KWARGS_SECTION
 
 
@@ -41,5 +42,6 @@ def run_function_step(
             f"{function.__name__}() returned {len(values)} value(s) for function_return {list(return_names)}"
         )
     for name, value in zip(return_names, values, strict=True):
-        task.upload_artifact(name, value, serialization_function=serialization_function)
+        task.upload_artifact(name, value, metadata={OBJECT_MODULES_KEY: object_modules(value)},
+                             serialization_function=serialization_function)
     return result

@@ -8,8 +8,10 @@ variables (`closure_sources`), and the step keeps the innermost function's name.
 hyperparameter section "kwargs"; arguments that receive another step's returned object
 are listed in "kwargs_artifacts" and fetched from that step's artifact when the step
 runs (`controller.pipeline.function_runner`). Return values are stored as artifacts
-named by `function_return`. Packages come from `packages`, else from the imports
-inside the function (and its helpers), pinned to the versions installed here.
+named by `function_return` (with the modules of their classes in the metadata).
+Packages come from `packages`, else from the imports inside the function (and its
+helpers) and, at launch, from what its inputs need (the modules of the returned
+objects it receives, pandas for a DataFrame), pinned to the versions installed here.
 """
 
 from __future__ import annotations
@@ -173,6 +175,57 @@ def function_packages(sources: Sequence[str]) -> list[str]:
     return packages_for_modules(modules)
 
 
+#: Artifact metadata of a function step's return value: the top-level modules of the
+#: classes in the stored object (what unpickling it needs).
+OBJECT_MODULES_KEY = "python_modules"
+#: Artifact types whose loading needs a module whatever the object's classes.
+ARTIFACT_TYPE_MODULES = {"pandas": "pandas", "numpy": "numpy", "image": "PIL"}
+#: How many objects `object_modules` looks at inside containers.
+MAX_OBJECTS_LOOKED_AT = 500
+
+
+def object_modules(value: Any) -> list[str]:
+    """Top-level modules of the classes of `value` and of what its lists, tuples, sets
+    and dicts hold ("sklearn" for a fitted estimator, "pandas" for a DataFrame)."""
+    modules: set[str] = set()
+    pending = [value]
+    looked_at = 0
+    while pending and looked_at < MAX_OBJECTS_LOOKED_AT:
+        item = pending.pop()
+        looked_at += 1
+        modules.add(type(item).__module__.split(".")[0])
+        if isinstance(item, list | tuple | set | frozenset):
+            pending.extend(list(item)[:MAX_OBJECTS_LOOKED_AT])
+        elif isinstance(item, dict):
+            pending.extend(list(item.keys())[:MAX_OBJECTS_LOOKED_AT])
+            pending.extend(list(item.values())[:MAX_OBJECTS_LOOKED_AT])
+    modules.discard("builtins")
+    return sorted(modules)
+
+
+def input_packages(artifacts: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Pinned distributions that loading these artifacts (records: type, metadata) needs."""
+    modules: set[str] = set()
+    for artifact in artifacts:
+        modules.update((artifact.get("metadata") or {}).get(OBJECT_MODULES_KEY) or [])
+        if artifact.get("type") in ARTIFACT_TYPE_MODULES:
+            modules.add(ARTIFACT_TYPE_MODULES[artifact["type"]])
+    try:
+        from controller.sdk.script_info import packages_for_modules
+    except ImportError:  # pragma: no cover
+        return []
+    return packages_for_modules(modules)
+
+
+def merge_packages(packages: Sequence[str], more: Sequence[str]) -> list[str]:
+    """`packages` plus those of `more` whose distribution it does not name yet."""
+    def name_of(requirement: str) -> str:
+        return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+    named = {name_of(p) for p in packages}
+    return [*packages, *(p for p in more if name_of(p) not in named)]
+
+
 def build_function_spec(
     step_name: str,
     function: Callable[..., Any],
@@ -238,6 +291,8 @@ def build_function_spec(
     return {
         "kwargs": kwargs,
         "function_name": function_name,
+        # Packages from the imports: the step also gets those its inputs need (launch).
+        "packages_inferred": packages is None,
         "task_spec": {
             "script": {"code": code, "entry_point": entry, "working_dir": "."},
             "packages": package_list,

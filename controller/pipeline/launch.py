@@ -19,7 +19,7 @@ from controller.backend import Backend
 from controller.errors import NotFoundError
 from controller.models import TaskRecord, TaskStatus
 from controller.pipeline import references
-from controller.pipeline.function_step import repository_fields
+from controller.pipeline.function_step import input_packages, merge_packages, repository_fields
 from controller.pipeline.node import Node
 
 #: ClearML-style task_overrides keys mapped onto our task record.
@@ -185,6 +185,22 @@ def create_step_task(
     if tags:
         clone = backend.edit_task(clone.id, {"tags": [*clone.tags, *tags]})
     return clone
+
+
+def packages_for_inputs(backend: Backend, node: Node, kwargs_artifacts: Mapping[str, str],
+                        packages: list[str]) -> list[str] | None:
+    """A function step's packages with those its artifact inputs need added (None: no
+    change; only when its packages were inferred from its imports, not given)."""
+    if not node.function_spec or not node.function_spec.get("packages_inferred") or not kwargs_artifacts:
+        return None
+    artifacts = []
+    for marker in kwargs_artifacts.values():
+        task_id, _, name = str(marker).partition(".")
+        artifact = backend.get_task(task_id).artifacts.get(name)
+        if artifact is not None:
+            artifacts.append(artifact.model_dump(mode="json"))
+    merged = merge_packages(packages, input_packages(artifacts))
+    return merged if merged != packages else None
 
 
 def hyperparams_from_overrides(parameters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -61,6 +61,7 @@ from controller.pipeline.launch import (
     cache_key,
     create_step_task,
     hyperparams_from_overrides,
+    packages_for_inputs,
     task_override_changes,
 )
 from controller.pipeline.local_step import LocalStep
@@ -650,6 +651,9 @@ class PipelineRunner:
             changes["hyperparams"] = hyperparams
         if resolved.configurations:
             changes["configuration"] = resolved.configurations
+        packages = packages_for_inputs(self.backend, node, resolved.kwargs_artifacts, list(task.packages))
+        if packages is not None:  # what unpickling its inputs needs (a DataFrame: pandas)
+            changes["packages"] = packages
         if resolved.task_overrides:
             changes.update(task_override_changes(task, resolved.task_overrides))
         execution = {"queue": node.queue or pipe._default_queue or "default"}
