@@ -394,3 +394,32 @@ def test_a_step_wrapped_in_the_users_decorators_runs_as_written(backend: Backend
     assert steps == {"plus", "doubled"}, steps  # the component keeps the function's name
     logs = {t.name: log_of(backend, t.id) for t in backend.query_tasks(project=project) if t.type != "controller"}
     assert "calling plus_one" in logs["plus"] and "calling doubled" in logs["doubled"]
+
+
+def one(x: int = 1):
+    return x
+
+
+def test_accepted_but_unsupported_arguments_warn_once(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    from controller.automation import PipelineController
+    from controller.pipeline import definition
+
+    definition._warned.clear()  # other tests of this process may have warned already
+    caplog.set_level("WARNING", logger="conveyor.pipeline")
+    project = f"warned-{uuid.uuid4().hex[:6]}"
+    for _ in range(2):
+        pipe = PipelineController(name="warned", project=project, version="1.0.0", pool_frequency=1.0,
+                                  auto_version_bump=True, always_create_from_code=False)
+        pipe.add_parameter("rows", 3, description="how many rows", param_type="int")
+        pipe.add_function_step("step", one, draft=True, auto_connect_frameworks={"sklearn": False},
+                               function_return=["x"], packages=[])
+    warned = sorted(r.getMessage().split()[2] for r in caplog.records
+                    if "accepted but not supported" in r.getMessage())
+    assert warned == ["always_create_from_code=False", "auto_connect_frameworks", "auto_version_bump",
+                      "draft", "pool_frequency"], warned
+    pipe.create_draft()
+    definition_recorded = backend.get_task(pipe.id).configuration["Pipeline"]
+    assert definition_recorded["parameter_descriptions"] == {"rows": "how many rows"}
+    assert definition_recorded["parameter_types"] == {"rows": "int"}

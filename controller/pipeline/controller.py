@@ -12,8 +12,10 @@ where the reference is vague:
   (`CONVEYOR_TASK_ID` set) the controller attaches to that task, so a pipeline can
   also be a step of another pipeline: the outer step ends when the inner pipeline does.
 - Step time limits are in seconds (`time_limit`), the pipeline's in minutes
-  (`set_pipeline_execution_time_limit`), as documented; `pool_frequency` is accepted but
-  not needed (the loop wakes on status changes).
+  (`set_pipeline_execution_time_limit`), as documented. Arguments accepted but not
+  supported (`pool_frequency`: the loop wakes on status changes; `auto_version_bump`;
+  `always_create_from_code=False`; a step's `draft`, `auto_connect_*`) are listed in
+  docs/pipelines.md and log a warning once when given.
 - The pipeline state (each node's status, task id, parents, resolved overrides,
   timings) is recorded on the controller task's `runtime.pipeline` after every
   transition, and its definition in `configuration["Pipeline"]`.
@@ -35,10 +37,13 @@ from typing import Any
 from controller.backend import Backend
 from controller.connect import get_backend
 from controller.pipeline.dag import PipelineDefinitionError
-from controller.pipeline.definition import DefinitionMixin
+from controller.pipeline.definition import DefinitionMixin, warn_not_supported
 from controller.pipeline.node import Node
 from controller.pipeline.running import PipelineRunner, RunningMixin
 from controller.pipeline.state import PipelineStateMixin
+
+#: The reference's default pool_frequency (minutes); another value logs a warning.
+DEFAULT_POOL_FREQUENCY = 0.2
 
 
 class PipelineController(DefinitionMixin, RunningMixin, PipelineStateMixin):
@@ -51,7 +56,7 @@ class PipelineController(DefinitionMixin, RunningMixin, PipelineStateMixin):
         name: str = "Pipeline",
         project: str = "",
         version: str | None = None,
-        pool_frequency: float = 0.2,
+        pool_frequency: float = DEFAULT_POOL_FREQUENCY,
         add_pipeline_tags: bool = False,
         target_project: str | bool | None = True,
         auto_version_bump: bool | None = None,
@@ -104,6 +109,13 @@ class PipelineController(DefinitionMixin, RunningMixin, PipelineStateMixin):
         self._nodes: dict[str, Node] = {}
         self._parameters: dict[str, Any] = {}
         self._parameter_descriptions: dict[str, str] = {}
+        self._parameter_types: dict[str, str] = {}
+        if pool_frequency != DEFAULT_POOL_FREQUENCY:
+            warn_not_supported("pool_frequency")
+        if auto_version_bump is not None:
+            warn_not_supported("auto_version_bump")
+        if not always_create_from_code:
+            warn_not_supported("always_create_from_code=False")
         self._configurations: dict[str, Any] = {}
         self._tags: list[str] = []
         self._time_limit_s: float | None = None

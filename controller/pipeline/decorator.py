@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from controller.pipeline.controller import PipelineController
+from controller.pipeline.definition import warn_unsupported_step_options
 from controller.pipeline.function_step import OBJECT_MODULES_KEY, innermost_function, object_modules
 from controller.pipeline.launch import ArtifactInput
 from controller.pipeline.lazy import LazyResult, PipelineStepError, resolve_value
@@ -131,6 +132,7 @@ class PipelineDecorator(PipelineController):
     ) -> Any:
         """Decorate a function as a pipeline component (see the module docstring)."""
         returns = [return_values] if isinstance(return_values, str) else list(return_values or [])
+        warn_unsupported_step_options(False, auto_connect_frameworks, auto_connect_arg_parser)
         options = dict(
             cache_executed_step=cache, packages=packages, parents=parents, execution_queue=execution_queue,
             continue_on_fail=continue_on_fail, docker=docker, docker_args=docker_args,

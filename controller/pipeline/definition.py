@@ -8,6 +8,7 @@ when the pipeline starts.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,39 @@ from controller.pipeline.node import ContinueBehaviour, Node, to_json_value
 
 STEP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 
+log = logging.getLogger("conveyor.pipeline")
+
+#: Arguments accepted for compatibility with the reference that do nothing here (see the
+#: table in docs/pipelines.md), and why.
+NOT_SUPPORTED = {
+    "draft": "steps are always created to run",
+    "auto_version_bump": "a new version is always the last one + 1 (deprecated in the reference)",
+    "always_create_from_code=False": "the pipeline is always built from its code",
+    "auto_connect_frameworks": "no framework hooks",
+    "auto_connect_arg_parser": "no argparse hooks",
+    "pool_frequency": "the loop wakes on status changes, it does not poll",
+}
+_warned: set[str] = set()
+
+
+def warn_not_supported(argument: str) -> None:
+    """Log once per process that an accepted argument is not supported (NOT_SUPPORTED)."""
+    if argument in _warned:
+        return
+    _warned.add(argument)
+    log.warning("pipeline argument %s is accepted but not supported: %s (see docs/pipelines.md)",
+                argument, NOT_SUPPORTED[argument])
+
+
+def warn_unsupported_step_options(draft: bool, auto_connect_frameworks: Any, auto_connect_arg_parser: Any) -> None:
+    """The one-time warnings for a step's accepted-not-supported options that were given."""
+    if draft:
+        warn_not_supported("draft")
+    if auto_connect_frameworks is not None:
+        warn_not_supported("auto_connect_frameworks")
+    if auto_connect_arg_parser is not None:
+        warn_not_supported("auto_connect_arg_parser")
+
 
 class DefinitionMixin:
     """add_parameter, add_step, add_function_step and the other definition calls."""
@@ -38,6 +72,8 @@ class DefinitionMixin:
         self._parameters[name] = default
         if description:
             self._parameter_descriptions[name] = description
+        if param_type:
+            self._parameter_types[name] = str(param_type)
 
     def get_parameters(self) -> dict[str, Any]:
         """The pipeline parameters (name → value)."""
@@ -166,6 +202,7 @@ class DefinitionMixin:
         """Add a step made from a Python function: its source, helpers and imports become a
         standalone task, its kwargs parameters, its return values artifacts."""
         self._check_new_step(name)
+        warn_unsupported_step_options(draft, auto_connect_frameworks, auto_connect_arg_parser)
         if not callable(function):
             raise step_error(name, "function", f"{function!r} is not callable")
         node = self._make_node(
@@ -214,6 +251,8 @@ class DefinitionMixin:
             "version": version or self._version or "",
             "steps": {n.name: {**n.state(), "status": "pending", "task_id": None} for n in self._nodes.values()},
             "parameters": {k: to_json_value(v) for k, v in self._parameters.items()},
+            "parameter_descriptions": dict(self._parameter_descriptions),
+            "parameter_types": dict(self._parameter_types),
             "abort_on_failure": self._abort_on_failure,
             "time_limit_s": self._time_limit_s,
         }
