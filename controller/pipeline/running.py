@@ -787,13 +787,13 @@ class PipelineRunner:
 
     def _retry(self, node: Node, record: TaskRecord) -> None:
         """Run a failed step's task again: on this machine for local steps (reset to
-        created, then started here as the first attempt was), else on its queue."""
+        created, its previous attempt's outputs cleared, then started here as the first
+        attempt was), else on its queue."""
         node.task_status = ""
         if not self.pipe._run_steps_locally:
             self.backend.enqueue(record.id)
             return
-        self.backend.set_status(record.id, TaskStatus.created, reason="retry",
-                                message=f"retry {node.retries} after: {record.status_message}")
+        self.backend.reset_task(record.id)  # not enqueued: no agent may take it
         self.backend.append_log(record.id, [
             f"pipeline: attempt {node.retries} failed ({record.status_message}); retrying locally"])
         self._run_locally(node, self.backend.get_task(record.id))
