@@ -55,8 +55,8 @@ from controller.models import DEFAULT_LEASE_S, TaskRecord, TaskStatus
 from controller.pipeline.launch import (
     KWARGS_ARTIFACTS_SECTION,
     KWARGS_SECTION,
-    Resolver,
     ResolvedStep,
+    Resolver,
     StepLaunchError,
     cache_key,
     create_step_task,
