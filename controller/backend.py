@@ -9,6 +9,7 @@ contract tests: same results, same errors. This module imports neither;
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,19 @@ from controller.models import (
 MAX_CLAIM_WAIT_S = 60.0
 #: Most tasks one `wait_for_status_change` call may follow.
 MAX_WATCHED_TASKS = 2000
+#: Longest caller-chosen id of a log chunk (`append_log(..., batch_id=...)`).
+MAX_LOG_BATCH_ID_CHARS = 64
+_LOG_BATCH_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,%d}$" % MAX_LOG_BATCH_ID_CHARS)
+
+
+def check_log_batch_id(batch_id: str) -> str:
+    """Return `batch_id` if it is a usable log batch id, else raise ValueError."""
+    if not isinstance(batch_id, str) or not _LOG_BATCH_ID_RE.match(batch_id):
+        raise ValueError(
+            f"invalid log batch id {batch_id!r}: 1-{MAX_LOG_BATCH_ID_CHARS} characters "
+            "from A-Z a-z 0-9 _ . : -"
+        )
+    return batch_id
 
 _UNSET: Any = object()
 
@@ -125,8 +139,21 @@ class Backend(abc.ABC):
 
     # ----------------------------------------------------------- logs/metrics
     @abc.abstractmethod
-    def append_log(self, task_id: str, lines: Sequence[LogLine | Mapping[str, Any] | str]) -> int:
-        """Append lines to a task's log; returns the log's new length in lines."""
+    def append_log(
+        self,
+        task_id: str,
+        lines: Sequence[LogLine | Mapping[str, Any] | str],
+        *,
+        batch_id: str | None = None,
+    ) -> int:
+        """Append lines to a task's log; returns the log's new length in lines.
+
+        `batch_id` is a caller-chosen id of this chunk (1-64 characters from
+        A-Z a-z 0-9 _ . : -, `check_log_batch_id`): a second call with the same task and
+        batch id appends nothing and returns the log's current length, so a caller that
+        did not get the answer can send the chunk again without doubling it. Without a
+        batch id every call appends. Batch ids are forgotten with the log (reset, delete).
+        """
 
     @abc.abstractmethod
     def get_log(

@@ -319,11 +319,22 @@ class HttpBackend(Backend):
         )
 
     # ----------------------------------------------------------- logs/metrics
-    def append_log(self, task_id: str, lines: Sequence[LogLine | Mapping[str, Any] | str]) -> int:
-        """Append lines to a task's log; returns the log's new length in lines."""
+    def append_log(
+        self,
+        task_id: str,
+        lines: Sequence[LogLine | Mapping[str, Any] | str],
+        *,
+        batch_id: str | None = None,
+    ) -> int:
+        """Append lines to a task's log; returns the log's new length in lines.
+
+        A chunk resent with the same `batch_id` is appended once (`Backend.append_log`).
+        """
         if isinstance(lines, (str, bytes)):
             lines = [lines]
-        body = {"lines": [self._plain(line) for line in lines]}
+        body: dict[str, Any] = {"lines": [self._plain(line) for line in lines]}
+        if batch_id is not None:
+            body["batch_id"] = batch_id
         reply = self._call("POST", f"/tasks/{_p(task_id)}/log", body)
         return int(pydantic_core.from_json(reply)["length"])
 

@@ -247,6 +247,48 @@ def test_log_lines_append_in_batches_and_read_by_offset_or_tail(backend: Backend
     assert backend.get_log(task.id, tail=1)[0].line == long_line
 
 
+def test_log_chunk_resent_with_the_same_batch_id_is_appended_once(backend: Backend) -> None:
+    task = backend.create_task({"name": "t"})
+    assert backend.append_log(task.id, ["a", "b"], batch_id="chunk-1") == 2
+    assert backend.append_log(task.id, ["a", "b"], batch_id="chunk-1") == 2
+    assert backend.append_log(task.id, ["c"], batch_id="chunk-2") == 3
+    assert backend.append_log(task.id, ["a", "b"], batch_id="chunk-1") == 3
+    assert [x.line for x in backend.get_log(task.id)] == ["a", "b", "c"]
+    # the same id on another task is another chunk
+    other = backend.create_task({"name": "u"})
+    assert backend.append_log(other.id, ["z"], batch_id="chunk-1") == 1
+
+
+def test_log_without_batch_id_appends_every_time(backend: Backend) -> None:
+    task = backend.create_task({"name": "t"})
+    assert backend.append_log(task.id, ["a"]) == 1
+    assert backend.append_log(task.id, ["a"]) == 2
+    assert [x.line for x in backend.get_log(task.id)] == ["a", "a"]
+
+
+def test_log_batch_ids_are_forgotten_with_the_log(backend: Backend) -> None:
+    task_id = _running(backend)
+    backend.append_log(task_id, ["x"], batch_id="b1")
+    backend.set_status(task_id, "completed")
+    backend.reset_task(task_id)
+    assert backend.append_log(task_id, ["x"], batch_id="b1") == 1
+    assert [x.line for x in backend.get_log(task_id)] == ["x"]
+
+
+@pytest.mark.parametrize("batch_id", ["", "x" * 65, "has space", "a/b"])
+def test_log_batch_id_must_be_short_and_plain(backend: Backend, batch_id: str) -> None:
+    task = backend.create_task({"name": "t"})
+    with pytest.raises(InvalidInputError):
+        backend.append_log(task.id, ["x"], batch_id=batch_id)
+    assert backend.get_log(task.id) == []
+    assert backend.append_log(task.id, ["x"], batch_id="x" * 64) == 1
+
+
+def test_log_with_batch_id_of_unknown_task_is_not_found(backend: Backend) -> None:
+    with pytest.raises(NotFoundError):
+        backend.append_log("missing", ["x"], batch_id="b1")
+
+
 def test_log_of_unknown_task_is_not_found(backend: Backend) -> None:
     with pytest.raises(NotFoundError):
         backend.append_log("missing", ["x"])

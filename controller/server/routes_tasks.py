@@ -123,7 +123,7 @@ def add_task_routes(
         summary="Append log lines",
     )
     def append_log(task_id: str, body: LogAppendRequest) -> Response:
-        length = backend.append_log(task_id, body.lines)
+        length = backend.append_log(task_id, body.lines, batch_id=body.batch_id)
         return encode.record(LogAppendReply(length=length))
 
     @r.post(

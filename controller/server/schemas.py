@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from controller.backend import MAX_CLAIM_WAIT_S, MAX_WATCHED_TASKS
+from controller.backend import MAX_CLAIM_WAIT_S, MAX_WATCHED_TASKS, check_log_batch_id
 from controller.models import (
     DEFAULT_LEASE_S,
     LogLine,
@@ -24,6 +24,7 @@ from controller.models import (
 )
 
 WorkerId = Annotated[str, AfterValidator(check_worker_id)]
+LogBatchId = Annotated[str, AfterValidator(check_log_batch_id)]
 #: Longest lease a claim or heartbeat may ask for (a day).
 MAX_LEASE_S = 86_400.0
 LeaseSeconds = Annotated[float, Field(gt=0, le=MAX_LEASE_S)]
@@ -68,9 +69,11 @@ LogLineInput = Annotated[
 
 
 class LogAppendRequest(_Body):
-    """POST /tasks/{id}/log: lines to append (records or plain strings)."""
+    """POST /tasks/{id}/log: lines to append (records or plain strings); a `batch_id`
+    already appended to this task appends nothing (a resent chunk)."""
 
     lines: list[LogLineInput]
+    batch_id: LogBatchId | None = None
 
 
 class LogAppendReply(BaseModel):

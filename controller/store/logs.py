@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from controller.backend import check_log_batch_id
 from controller.errors import (
     InvalidInputError,
     NotFoundError,
@@ -24,13 +25,24 @@ from controller.store.core import StoreCore
 from controller.store.records import validate
 
 T = schema.tasks
+B = schema.log_batches
 
 
 class LogOperations(StoreCore):
     """A task's log lines and reported scalars."""
 
-    def append_log(self, task_id: str, lines: Sequence[LogLine | Mapping[str, Any] | str]) -> int:
-        """Append lines to a task's log; returns the log's new length in lines."""
+    def append_log(
+        self,
+        task_id: str,
+        lines: Sequence[LogLine | Mapping[str, Any] | str],
+        *,
+        batch_id: str | None = None,
+    ) -> int:
+        """Append lines to a task's log; returns the log's new length in lines.
+
+        With `batch_id`, a chunk already appended under that id appends nothing and
+        returns the current length (see `Backend.append_log`).
+        """
         if isinstance(lines, str | bytes) or not isinstance(lines, Sequence):
             raise InvalidInputError("lines must be a list", field="lines")
         if len(lines) > MAX_LOG_LINES_PER_CALL:
@@ -38,12 +50,32 @@ class LogOperations(StoreCore):
                 f"at most {MAX_LOG_LINES_PER_CALL} log lines per call, got {len(lines)}",
                 field="lines",
             )
+        if batch_id is not None:
+            try:
+                check_log_batch_id(batch_id)
+            except ValueError as exc:
+                raise InvalidInputError(str(exc), field="batch_id") from exc
         now = time.time()
         parsed = [
             validate(LogLine, {"line": item} if isinstance(item, str) else item, what=f"lines.{i}")
             for i, item in enumerate(lines)
         ]
         with self._write() as conn:
+            if batch_id is not None:
+                # Lock the task's row first (SQLite: the write transaction already
+                # serializes writers), so the check and the insert of the batch id cannot
+                # race a concurrent append of the same chunk.
+                length = conn.execute(
+                    sa.select(T.c.log_lines).where(T.c.id == task_id).with_for_update()
+                ).scalar()
+                if length is None:
+                    raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+                seen = conn.execute(
+                    sa.select(B.c.batch_id).where(B.c.task_id == task_id, B.c.batch_id == batch_id)
+                ).first()
+                if seen is not None:
+                    return int(length)
+                conn.execute(B.insert().values(task_id=task_id, batch_id=batch_id))
             total = conn.execute(
                 T.update()
                 .where(T.c.id == task_id)

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from controller.store.records import dumps
 
 #: Version of the schema this code writes. Bump it and add a migration on change.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: PostgreSQL channel carrying every status change: {"schema", "id", "status", "queue"} as
 #: JSON (channels are per database: the schema tells stores in one database apart).
@@ -151,6 +151,15 @@ log_lines = sa.Table(
     sa.Column("line", sa.Text, nullable=False),
 )
 
+# The caller-chosen ids of the log chunks appended to a task (`append_log(batch_id=...)`):
+# a chunk whose id is here was appended already. Cleared with `log_lines`.
+log_batches = sa.Table(
+    "log_batches",
+    metadata,
+    sa.Column("task_id", sa.String(64), primary_key=True),
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+)
+
 scalars = sa.Table(
     "scalars",
     metadata,
@@ -263,5 +272,12 @@ def _migrate_2_to_3(conn: sa.Connection) -> None:
     create_triggers(conn)
 
 
+def _migrate_3_to_4(conn: sa.Connection) -> None:
+    """Version 4 remembers the ids of appended log chunks: add `log_batches`."""
+    log_batches.create(conn, checkfirst=True)
+
+
 #: from-version → function upgrading a connection in a transaction to from-version + 1.
-MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
+    1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4,
+}

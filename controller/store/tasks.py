@@ -215,7 +215,7 @@ class TaskOperations(StoreCore):
                     f"task {task_id} is {row.status}: abort it first, or delete with force",
                     field="status",
                 )
-            for table in (schema.task_tags, schema.log_lines, schema.scalars):
+            for table in (schema.task_tags, schema.log_lines, schema.log_batches, schema.scalars):
                 conn.execute(table.delete().where(table.c.task_id == task_id))
             conn.execute(T.delete().where(T.c.id == task_id))
             self._deleted(conn, task_id)
@@ -271,7 +271,7 @@ class TaskOperations(StoreCore):
             body["runtime"] = {}
             body["artifacts"] = {}
             body.setdefault("models", {})["output"] = []
-            for table in (schema.log_lines, schema.scalars):
+            for table in (schema.log_lines, schema.log_batches, schema.scalars):
                 conn.execute(table.delete().where(table.c.task_id == row.id))
             row = self._change_status(conn, row.id, step, StatusReason.reset, "reset", body=body)
             return row_to_record(row)
