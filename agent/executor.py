@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any
 from agent.checkout import CheckoutError, checkout_task_code
 from agent.environments.errors import ContainerError
 from agent.environments.venv import EnvironmentBuildError, ensure_venv, find_uv
-from agent.outbox import Outbox, make_report
-from agent.output import chunk_batch
+from agent.outbox import Outbox, form_chunks, make_report
 from agent.supervisor import LastExceptionLine, StepOutcome, run_step, with_exception
 from controller.backend import Backend
 from controller.connect import conveyor_home
@@ -100,13 +99,15 @@ class TaskLog:
     from the supervisor's delivery thread. While the control plane is unreachable,
     lines stay here in order (a new attempt at most every few seconds, with backoff),
     and whatever is still unsent when the task ends goes into its final report
-    (`take_unsent`), so no line is lost to an outage.
+    (`take_unsent`), so no line is lost to an outage. Every chunk carries a batch id
+    fixed when it is formed, so a chunk resent after a lost answer is not doubled.
     """
 
     def __init__(self, backend: Backend, task_id: str) -> None:
         self._backend = backend
         self._task_id = task_id
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []  # lines not yet formed into chunks
+        self._chunks: list[dict[str, Any]] = []  # formed chunks not yet delivered
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._last_flush = time.monotonic()
@@ -127,48 +128,64 @@ class TaskLog:
         self.flush()
 
     def flush(self) -> None:
-        """Send what is buffered (unless the last attempt failed moments ago)."""
+        """Send what is buffered (unless the last attempt failed moments ago).
+
+        Buffered lines are formed into chunks with a batch id each (`form_chunks`) when
+        they are first sent; a chunk that could not be sent (or whose answer was lost) is
+        retried as it is, with the same id, so the store appends it once.
+        """
         with self._send_lock:
             with self._lock:
                 self._last_flush = time.monotonic()
-                if not self._pending or self._last_flush < self._retry_at:
+                if not (self._pending or self._chunks) or self._last_flush < self._retry_at:
                     return
-                batch = list(self._pending)
-            sent = self._send(batch)
+                if self._pending:
+                    self._chunks.extend(form_chunks(self._pending))
+                    self._pending = []
+                chunks = list(self._chunks)
+            done = self._send(chunks)
             with self._lock:
-                del self._pending[:sent]
+                del self._chunks[:done]
 
     def take_unsent(self) -> list[dict[str, Any]]:
-        """The lines not delivered yet; they are no longer this buffer's to send."""
+        """The chunks not delivered yet (`{"batch_id", "lines"}`, oldest first); they are
+        no longer this buffer's to send."""
         with self._send_lock, self._lock:
-            unsent, self._pending = self._pending, []
+            unsent = self._chunks + form_chunks(self._pending)
+            self._chunks, self._pending = [], []
         return unsent
 
-    def _send(self, batch: list[dict[str, Any]]) -> int:
-        """Deliver `batch` in chunks; how many lines (from the start) are done with."""
-        sent = 0
-        for chunk in chunk_batch(batch):
+    def _send(self, chunks: list[dict[str, Any]]) -> int:
+        """Deliver `chunks` in order; how many (from the start) are done with."""
+        done = 0
+        for chunk in chunks:
             try:
-                self._backend.append_log(self._task_id, chunk)
+                self._backend.append_log(self._task_id, chunk["lines"], batch_id=chunk["batch_id"])
             except BackendUnavailableError as exc:
-                return self._retry_later(sent, len(batch), exc)
+                return self._retry_later(done, chunks, exc)
             except NotFoundError as exc:  # the task is gone: nobody can read these lines
-                log.warning("dropping %d log line(s) of task %s: %s", len(batch) - sent, self._task_id, exc)
-                return len(batch)
+                log.warning("dropping %d log line(s) of task %s: %s",
+                            _count_lines(chunks[done:]), self._task_id, exc)
+                return len(chunks)
             except ConveyorError as exc:  # refused as invalid: sending it again cannot help
-                log.warning("dropping %d log line(s) of task %s: %s", len(chunk), self._task_id, exc)
+                log.warning("dropping %d log line(s) of task %s: %s", len(chunk["lines"]), self._task_id, exc)
             except Exception as exc:  # noqa: BLE001 - e.g. a raw database error: the step goes on
-                return self._retry_later(sent, len(batch), exc)
-            sent += len(chunk)
+                return self._retry_later(done, chunks, exc)
+            done += 1
         self._retry_at, self._retry_wait_s = 0.0, LOG_FIRST_RETRY_S
-        return sent
+        return done
 
-    def _retry_later(self, sent: int, total: int, error: Exception) -> int:
+    def _retry_later(self, done: int, chunks: list[dict[str, Any]], error: Exception) -> int:
         log.warning("cannot send %d log line(s) of task %s yet (next try in %.1f s): %s: %s",
-                    total - sent, self._task_id, self._retry_wait_s, type(error).__name__, error)
+                    _count_lines(chunks[done:]), self._task_id, self._retry_wait_s,
+                    type(error).__name__, error)
         self._retry_at = time.monotonic() + self._retry_wait_s
         self._retry_wait_s = min(self._retry_wait_s * 2, LOG_MAX_RETRY_S)
-        return sent
+        return done
+
+
+def _count_lines(chunks: list[dict[str, Any]]) -> int:
+    return sum(len(chunk["lines"]) for chunk in chunks)
 
 
 def execute_task(

@@ -5,8 +5,11 @@ and the log lines not yet delivered) is written to the outbox before it is sent,
 small JSON file per task under `CONVEYOR_HOME/outbox/<worker id>/<task id>.json`
 (temp file, fsync, `os.replace`, fsync of the directory), then delivered in this order:
 
-1. the unsent log lines (`append_log`, in chunks); once acknowledged the entry is
-   rewritten without them, so a retry never sends them twice;
+1. the unsent log lines (`append_log`), in the chunks the task's log formed them in,
+   each with the batch id it got when it was formed (`form_chunks`): the store appends
+   a chunk once however often it is sent, so a chunk stored by a server that died
+   before it answered is not doubled by the retry; once acknowledged the entry is
+   rewritten without the chunk;
 2. the runtime figures (`edit_task(..., force=True)`, idempotent);
 3. the status, as the worker that holds the task (`set_status(..., worker_id=...)`).
 
@@ -26,6 +29,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +48,18 @@ FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 5.0
 
 
+def form_chunks(lines: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Split log lines into the chunks they will be sent in, `{"batch_id", "lines"}`.
+
+    Each chunk gets its batch id (uuid4 hex) here, once: every retry sends the same
+    lines with the same id, so the store appends the chunk once.
+    """
+    return [
+        {"batch_id": uuid.uuid4().hex, "lines": chunk}
+        for chunk in chunk_batch([dict(line) for line in lines])
+    ]
+
+
 @dataclass
 class FinalReport:
     """One task's final report as stored in the outbox."""
@@ -54,8 +70,16 @@ class FinalReport:
     reason: str
     message: str
     runtime: dict[str, Any] = field(default_factory=dict)
-    log_lines: list[dict[str, Any]] = field(default_factory=list)
+    #: Undelivered log chunks, oldest first: `{"batch_id": str, "lines": [...]}`.
+    log_chunks: list[dict[str, Any]] = field(default_factory=list)
     written_at: float = field(default_factory=time.time)
+    #: Unchunked lines of an entry written by an older agent (chunked when read).
+    log_lines: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.log_lines:
+            self.log_chunks = [*self.log_chunks, *form_chunks(self.log_lines)]
+            self.log_lines = []
 
 
 def outbox_dir(home: Path, worker_id: str) -> Path:
@@ -149,14 +173,14 @@ class Outbox:
             wait_s = min(wait_s * 2, MAX_RETRY_S)
 
     def _send(self, backend: Backend, report: FinalReport) -> TaskStatus:
-        if report.log_lines:
-            for chunk in chunk_batch(report.log_lines):
-                backend.append_log(report.task_id, chunk)
-                report.log_lines = report.log_lines[len(chunk):]
-                try:
-                    self.save(report)  # a retry must not send these lines again
-                except OSError as exc:
-                    log.error("task %s: cannot update %s: %s", report.task_id, self.path, exc)
+        while report.log_chunks:
+            chunk = report.log_chunks[0]
+            backend.append_log(report.task_id, chunk["lines"], batch_id=chunk["batch_id"])
+            report.log_chunks = report.log_chunks[1:]
+            try:
+                self.save(report)  # a retry need not send this chunk again
+            except OSError as exc:
+                log.error("task %s: cannot update %s: %s", report.task_id, self.path, exc)
         if report.runtime:
             backend.edit_task(report.task_id, {"runtime": report.runtime}, force=True)
         status = TaskStatus(report.status)
@@ -174,9 +198,10 @@ def make_report(
     reason: str,
     message: str,
     runtime: Mapping[str, Any] | None = None,
-    log_lines: Sequence[Mapping[str, Any]] = (),
+    log_chunks: Sequence[Mapping[str, Any]] = (),
 ) -> FinalReport:
-    """A FinalReport from the executor's figures."""
+    """A FinalReport from the executor's figures; `log_chunks` as `form_chunks` made them."""
     return FinalReport(task_id=task_id, worker_id=worker_id, status=status.value, reason=reason,
                        message=message, runtime=dict(runtime or {}),
-                       log_lines=[dict(line) for line in log_lines])
+                       log_chunks=[{"batch_id": c["batch_id"], "lines": [dict(x) for x in c["lines"]]}
+                                   for c in log_chunks])
