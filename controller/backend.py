@@ -31,17 +31,18 @@ MAX_CLAIM_WAIT_S = 60.0
 MAX_WATCHED_TASKS = 2000
 #: Longest caller-chosen id of a log chunk (`append_log(..., batch_id=...)`).
 MAX_LOG_BATCH_ID_CHARS = 64
-_LOG_BATCH_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,%d}$" % MAX_LOG_BATCH_ID_CHARS)
+_LOG_BATCH_ID_RE = re.compile(rf"[A-Za-z0-9_.:-]{{1,{MAX_LOG_BATCH_ID_CHARS}}}")
 
 
 def check_log_batch_id(batch_id: str) -> str:
     """Return `batch_id` if it is a usable log batch id, else raise ValueError."""
-    if not isinstance(batch_id, str) or not _LOG_BATCH_ID_RE.match(batch_id):
+    if not isinstance(batch_id, str) or not _LOG_BATCH_ID_RE.fullmatch(batch_id):
         raise ValueError(
             f"invalid log batch id {batch_id!r}: 1-{MAX_LOG_BATCH_ID_CHARS} characters "
             "from A-Z a-z 0-9 _ . : -"
         )
     return batch_id
+
 
 _UNSET: Any = object()
 

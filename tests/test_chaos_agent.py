@@ -24,6 +24,7 @@ import requests
 from agent import daemon as daemon_module
 from agent.daemon import AgentDaemon, DaemonThreadDiedError
 from agent.executor import ExecutionSettings
+from agent.outbox import Outbox, form_chunks, make_report
 from controller.backend import Backend
 from controller.connect import backend_from_url
 from controller.models import DEFAULT_LEASE_S, TaskStatus
@@ -250,6 +251,27 @@ def test_a_restarted_agent_replays_its_outbox(
     assert_every_line_once(store, task.id)
     assert "replaying 1 pending final report" in processes.output()
     assert not outbox_files(processes.home, "chaos-replay")
+
+
+def test_a_chunk_stored_before_the_answer_was_lost_is_not_appended_again(
+    store: Backend, tmp_path: Path
+) -> None:
+    """The server stored a chunk of the report and died before answering: the outbox
+    still holds that chunk, resends it with its batch id, and the log has it once."""
+    task = store.create_task({"name": "t"})
+    outbox = Outbox(tmp_path, "chaos-resend")
+    chunks = form_chunks([{"line": f"line {i}", "stream": "stdout"} for i in range(3)])
+    chunks += form_chunks([{"line": "last", "stream": "stderr"}])
+    entry = make_report(task.id, "chaos-resend", TaskStatus.completed, "completed", "", {}, chunks)
+    outbox.save(entry)
+    store.append_log(task.id, chunks[0]["lines"], batch_id=chunks[0]["batch_id"])  # stored, answer lost
+    store.enqueue(task.id)
+    store.claim(["default"], "chaos-resend")
+    (replayed,) = outbox.pending()
+    assert [c["batch_id"] for c in replayed.log_chunks] == [c["batch_id"] for c in chunks]
+    assert outbox.deliver(store, replayed) == TaskStatus.completed
+    assert [line.line for line in store.get_log(task.id)] == ["line 0", "line 1", "line 2", "last"]
+    assert outbox.pending() == []
 
 
 # ------------------------------------------------------------- daemon threads

@@ -275,7 +275,7 @@ def test_log_batch_ids_are_forgotten_with_the_log(backend: Backend) -> None:
     assert [x.line for x in backend.get_log(task_id)] == ["x"]
 
 
-@pytest.mark.parametrize("batch_id", ["", "x" * 65, "has space", "a/b"])
+@pytest.mark.parametrize("batch_id", ["", "x" * 65, "has space", "a/b", "ok\n"])
 def test_log_batch_id_must_be_short_and_plain(backend: Backend, batch_id: str) -> None:
     task = backend.create_task({"name": "t"})
     with pytest.raises(InvalidInputError):
