@@ -13,7 +13,8 @@ Read `AgentDaemon.run` top to bottom for the life of a daemon:
    running `executor.execute_task` (checkout → environment → run → report);
 3. on SIGTERM/SIGINT: stop claiming, let running tasks finish for `shutdown_grace_s`,
    then stop them with reason "agent_shutdown"; a second signal stops them at once;
-4. unregister.
+4. unregister. The fork servers (warm interpreters of the cached venvs,
+   `agent.forkserver`, started by the first Python step of each venv) stop with it.
 
 Heartbeats carry psutil resources and the current tasks: the tasks it runs, and the
 tasks whose final report is still pending (a task's thread stays until its report is
@@ -49,6 +50,7 @@ from typing import Any
 import filelock
 import psutil
 
+from agent import forkserver
 from agent.executor import ExecutionSettings, execute_task
 from agent.outbox import Outbox
 from controller.backend import Backend
@@ -291,6 +293,8 @@ class AgentDaemon:
         self._replay_outbox()
         if not self._register_until_done():
             return
+        if self.settings.fork_servers is None and forkserver.enabled():
+            self.settings.fork_servers = forkserver.ForkServers(self.settings.api_url)
         self._remove_leftover_containers()
         heartbeat = self._guarded_thread(self._heartbeat_loop, "heartbeat")
         heartbeat.start()
@@ -301,6 +305,8 @@ class AgentDaemon:
                 self._claim_and_start()
         finally:
             self._shutdown()
+            if self.settings.fork_servers is not None:
+                self.settings.fork_servers.stop_all()
             self._heartbeat_wake.set()
             heartbeat.join(timeout=5)
             self._unregister()

@@ -3,6 +3,8 @@
 `execute_task` reads top to bottom as the life of a task on a worker; each stage is one
 function of its own module (`checkout`, `environments.venv` + `supervisor` on the host,
 or `environments.docker` + `container_supervisor` for a task with a container image).
+On the host, a Python step of a daemon's task is forked by the warm interpreter of its
+venv when it can start exactly as a cold one would (`agent.forkserver`), else started cold.
 Whatever happens, the task leaves this function in a final status with a precise
 reason, unless the control plane already decided its fate (lease expired, deleted),
 which the report then leaves alone.
@@ -33,7 +35,7 @@ from agent.checkout import CheckoutError, checkout_task_code
 from agent.environments.errors import ContainerError
 from agent.environments.venv import EnvironmentBuildError, ensure_venv, find_uv
 from agent.outbox import Outbox, form_chunks, make_report
-from agent.supervisor import LastExceptionLine, StepOutcome, run_step, with_exception
+from agent.supervisor import Launcher, LastExceptionLine, StepOutcome, run_step, with_exception
 from controller.backend import Backend
 from controller.connect import conveyor_home
 from controller.errors import BackendUnavailableError, ConveyorError, NotFoundError
@@ -41,6 +43,7 @@ from controller.models import StatusReason, TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
     from agent.environments.docker import DockerSettings
+    from agent.forkserver import ForkServers
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class ExecutionSettings:
     #: venv of the task's packages (`agent execute --own-environment`: a pipeline's
     #: local steps run in the pipeline's own interpreter and environment).
     own_environment: bool = False
+    #: Warm interpreters of the cached venvs (set by the daemon); None: every step starts cold.
+    fork_servers: ForkServers | None = None
 
     @property
     def env_cache(self) -> Path:
@@ -243,6 +248,7 @@ def execute_task(
                     step_output,
                     should_abort,
                     grace_s=settings.stop_grace_s,
+                    launch=warm_launcher(settings, venv.python_path, task_log.agent),
                 )
     except (CheckoutError, EnvironmentBuildError, ContainerError) as exc:
         task_log.agent(f"error: {exc}")
@@ -258,6 +264,14 @@ def execute_task(
     runtime.update(exit_code=outcome.exit_code, duration_s=round(outcome.duration_s, 3))
     task_log.agent(f"step ended: {outcome.message}")
     return finish(outcome_status(outcome), outcome.reason, outcome.message)
+
+
+def warm_launcher(settings: ExecutionSettings, python: Path, say: Callable[[str], None]) -> Launcher | None:
+    """Start a step of the venv of `python` from its fork server (None: no fork servers)."""
+    servers = settings.fork_servers
+    if servers is None:
+        return None
+    return lambda argv, cwd, env: servers.launch(python, argv, cwd, env, say)
 
 
 def run_in_container(

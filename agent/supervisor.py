@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 import psutil
 
@@ -70,6 +70,26 @@ _SNAPSHOT_EVERY_S = 0.5
 _TRACEBACK_START = "Traceback (most recent call last):"
 #: Longest exception line kept for a status message (characters).
 MAX_EXCEPTION_LINE_CHARS = 300
+
+
+class StepProcess(Protocol):
+    """The running step as the supervisor sees it: a `subprocess.Popen` (cold start) or
+    an `agent.forkserver.ForkedStep` (forked by a warm interpreter of the venv)."""
+
+    pid: int
+    returncode: int | None
+    stdout: IO[bytes] | None
+    stderr: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+#: Starts a step another way (argv, cwd, env); None: start it as a child process here.
+Launcher = Callable[[list[str], Path, dict[str, str]], StepProcess | None]
 
 
 @dataclass(frozen=True)
@@ -238,7 +258,7 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _signal_all(proc: subprocess.Popen[bytes], tree: _Tree, sig: signal.Signals) -> None:
+def _signal_all(proc: StepProcess, tree: _Tree, sig: signal.Signals) -> None:
     tree.snapshot()
     if proc.poll() is None or _group_alive(proc.pid):  # the group id is still ours
         try:
@@ -257,11 +277,11 @@ def _signal_all(proc: subprocess.Popen[bytes], tree: _Tree, sig: signal.Signals)
             pass
 
 
-def _all_gone(proc: subprocess.Popen[bytes], tree: _Tree) -> bool:
+def _all_gone(proc: StepProcess, tree: _Tree) -> bool:
     return proc.poll() is not None and not _group_alive(proc.pid) and not tree.alive()
 
 
-def _wait_gone(proc: subprocess.Popen[bytes], tree: _Tree, seconds: float) -> bool:
+def _wait_gone(proc: StepProcess, tree: _Tree, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while not _all_gone(proc, tree):
         if time.monotonic() >= deadline:
@@ -270,7 +290,7 @@ def _wait_gone(proc: subprocess.Popen[bytes], tree: _Tree, seconds: float) -> bo
     return True
 
 
-def _stop_tree(proc: subprocess.Popen[bytes], tree: _Tree, grace_s: float) -> None:
+def _stop_tree(proc: StepProcess, tree: _Tree, grace_s: float) -> None:
     """SIGTERM everything, wait `grace_s`, SIGKILL whatever is left."""
     _signal_all(proc, tree, signal.SIGTERM)
     if _wait_gone(proc, tree, grace_s):
@@ -317,18 +337,21 @@ def run_step(
     flush_interval_s: float = 0.25,
     max_line_chars: int = MAX_LOG_LINE_CHARS,
     max_pending_chars: int = DEFAULT_MAX_PENDING_CHARS,
+    launch: Launcher | None = None,
 ) -> StepOutcome:
     """Run `argv` in `cwd` until it ends, its time limit passes or `should_abort()` says so.
 
     `env` is the step's whole environment (None: the agent's). Output goes to
     `on_output` in batches of LogLine-like dicts. Never raises for the step's own
     failures; returns a StepOutcome (reason `setup_failed` if it cannot start).
+    `launch` may start it instead (a fork server, `agent.forkserver`); when it returns
+    None the step starts as a child process of this one (a cold start).
     """
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(
+        proc = (launch(argv, cwd, child_env) if launch is not None else None) or subprocess.Popen(
             argv,
             cwd=cwd,
             env=child_env,
