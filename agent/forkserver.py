@@ -52,8 +52,10 @@ stderr), or `{"stop": true}`. Server → agent: `{"ready", "pid", "umask", "rlim
 
 from __future__ import annotations
 
+import builtins
 import gc
 import importlib
+import importlib.machinery
 import json
 import logging
 import os
@@ -67,7 +69,7 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,6 +343,8 @@ class ForkServers:
             return None
         if argv[1].startswith("-") and not (argv[1] == "-m" and len(argv) > 2):
             return None  # interpreter options: only a cold start honours them
+        if argv[1] != "-m" and not (cwd / argv[1]).is_file():
+            return None  # a directory or zip file to run: a cold start
         key = (str(python), tuple(sorted(startup_variables(env).items())))
         try:
             server = self._server(key, python, env)
@@ -528,7 +532,8 @@ def _reap(children: dict[int, socket.socket]) -> None:
 
 def _step_traceback(tb: TracebackType | None) -> TracebackType | None:
     """`tb` without the frames of this module and runpy (as a cold start shows it)."""
-    while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__):
+    ours = (__file__, runpy.__file__, "<frozen runpy>")
+    while tb is not None and tb.tb_frame.f_code.co_filename in ours:
         tb = tb.tb_next
     return tb
 
@@ -543,12 +548,21 @@ def run_step_in_child(request: StepRequest) -> None:
             runpy.run_module(args[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(args)
-            sys.path[0] = os.path.dirname(os.path.abspath(args[0]))
-            runpy.run_path(args[0], run_name="__main__")
+            path = os.path.abspath(args[0])
+            sys.path[0] = os.path.dirname(path)
+            main = types.ModuleType("__main__")
+            main.__file__ = path
+            main.__loader__ = importlib.machinery.SourceFileLoader("__main__", path)
+            main.__builtins__ = builtins
+            sys.modules["__main__"] = main
+            with open(path, "rb") as source:
+                code = compile(source.read(), path, "exec")
+            exec(code, main.__dict__)  # noqa: S102 - what `python script.py` does
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported the way the interpreter would
-        sys.excepthook(type(exc), exc, _step_traceback(exc.__traceback__))
+        trimmed = _step_traceback(exc.__traceback__)
+        sys.excepthook(type(exc), exc.with_traceback(trimmed), trimmed)
         raise SystemExit(1) from None
 
 
