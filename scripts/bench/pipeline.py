@@ -1,28 +1,52 @@
-"""Benchmarks of pipelines (issue: PipelineController).
+"""Benchmarks of pipelines (issues: PipelineController, 17), cold and warm step starts side by side.
 
-1. DAG edge latency: parent completed → child running (task finished_at → the child's
-   started_at, both recorded by the store), in a chain of 20 trivial function steps on
-   one agent. p50/p95 over all edges of several runs.
-2. Wall time of that chain, and of a 50-step fan-out/fan-in with --concurrency 2.
+Every figure is taken twice: with a cold start of every step (the agent started with
+`CONVEYOR_FORK_SERVER=0`: a new interpreter per step) and with the warm path (the
+default: the step forked by its venv's fork server, `agent.forkserver`). p50/p95.
 
-Usage: python scripts/bench/pipeline.py [--runs R] [--chain N] [--fan N] [--http]
+1. Chain of `--chain` trivial function steps on one agent (`PipelineController` started
+   locally, steps on queue "default"): wall time, per step (wall / steps), DAG edge
+   (parent finished → child started, both recorded by the store) and the CPU time of
+   the agent's process tree (agent, fork server, steps) per step.
+2. One function step, phase by phase, run by the agent: a probe doing what
+   `run_function_step` does with a clock between the phases (`steps.STEP_PROBE`):
+   start (claimed → the script's first line: checkout, venv lookup, spawn or fork,
+   interpreter start), import, store open, init (`Task.init`), inputs (the parent's
+   artifact), function, outputs (`upload_artifact`), report (a scalar), and end (last
+   line → the task finished: exit, atexit flushes, the agent's report). CPU time per
+   phase and the step process's whole CPU time at its last line.
+3. Dispatch of a script step: enqueue → the step's first line (`agent.py`'s figure).
+4. Optionally (`--fan N`) the wall time of an N-step fan-out/fan-in with --concurrency 2.
+
+`--http` runs everything against a `controller serve` process instead of the embedded
+store. The machine may be loaded: compare CPU times as well as wall times.
+
+Usage: python scripts/bench/pipeline.py [--runs R] [--chain N] [--probes N] [--fan N] [--http]
+                                        [--mode both|cold|warm]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench.stats import show  # noqa: E402
 from tests.helpers_server import start_server, stop_server  # noqa: E402
+
+FORK_SERVER_VARIABLE = "CONVEYOR_FORK_SERVER"
 
 
 def noop(value: int = 0):
@@ -34,8 +58,50 @@ def start_agent(home: Path, concurrency: int = 2) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "daemon", "--queue", "default", "--concurrency", str(concurrency),
          "--foreground"],
-        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=open(home / "agent.log", "wb"), cwd=ROOT,  # noqa: SIM115
+        env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=open(home / "agent.log", "ab"), cwd=ROOT,  # noqa: SIM115
     )
+
+
+@contextmanager
+def fork_servers(warm: bool) -> Iterator[None]:
+    """Agents started inside use fork servers (warm) or start every step cold."""
+    previous = os.environ.get(FORK_SERVER_VARIABLE)
+    os.environ[FORK_SERVER_VARIABLE] = "1" if warm else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORK_SERVER_VARIABLE, None)
+        else:
+            os.environ[FORK_SERVER_VARIABLE] = previous
+
+
+@contextmanager
+def agent_running(home: Path, concurrency: int = 2) -> Iterator[subprocess.Popen[bytes]]:
+    """An agent (see `start_agent`), stopped at the end."""
+    agent = start_agent(home, concurrency)
+    try:
+        yield agent
+    finally:
+        agent.terminate()
+        agent.wait(60)
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process, its live descendants and every child they reaped."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 def run_pipeline(kind: str, size: int) -> tuple[float, list[float]]:
@@ -73,12 +139,79 @@ def run_pipeline(kind: str, size: int) -> tuple[float, list[float]]:
     return wall, edges
 
 
+def chain_figures(agent: subprocess.Popen[bytes], size: int, runs: int, label: str) -> None:
+    """Figure 1 for one agent."""
+    run_pipeline("chain", 2)  # warm up: the steps' venv (and its fork server)
+    walls, edges, cpu = [], [], []
+    for _ in range(runs):
+        cpu_before = tree_cpu_s(agent.pid)
+        wall, latencies = run_pipeline("chain", size)
+        cpu.append((tree_cpu_s(agent.pid) - cpu_before) / size * 1000)
+        walls.append(wall)
+        edges.extend(latencies)
+    show(f"[{label}] wall time, chain of {size} function steps", walls, "s")
+    show(f"[{label}]   per step (wall / steps)", [w / size * 1000 for w in walls], "ms")
+    show(f"[{label}]   DAG edge (parent finished → child started)", edges, "ms")
+    show(f"[{label}]   CPU per step, agent + fork server + steps", cpu, "ms")
+
+
+def probe_figures(probes: int, label: str) -> None:
+    """Figure 2 for the running agent: the probe step, phase by phase."""
+    from controller import Task
+    from controller.connect import get_backend
+    from scripts.bench.steps import HEAVY_MODULES, STEP_PROBE
+
+    backend = get_backend()
+    code = STEP_PROBE.format(heavy=HEAVY_MODULES)
+    phases: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    whole_cpu: list[float] = []
+    for run in range(probes + 1):
+        source = backend.create_task({"name": "source", "project": "bench"})
+        Task(source, backend).upload_artifact("out", 1)
+        step = backend.create_task({
+            "name": "probe", "project": "bench", "script": {"code": code, "entry_point": "probe.py"},
+            "hyperparams": {"kwargs": {}, "kwargs_artifacts": {"value": f"{source.id}.out"}},
+        })
+        backend.enqueue(step.id)
+        deadline = time.monotonic() + 120
+        while not (record := backend.get_task(step.id)).status.is_terminal:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"probe {step.id} did not finish")
+            time.sleep(0.005)
+        lines = [x.line for x in backend.get_log(step.id) if x.line.startswith('{"first_line"')]
+        assert record.status.value == "completed" and lines, (record.status, record.status_message)
+        if run == 0:
+            continue  # the first one may start the fork server
+        last = json.loads(lines[-1])
+        phases.setdefault("start (claimed → first line)", []).append(
+            (last["first_line"] - record.started_at) * 1000)
+        for name, ms in last["phases"].items():
+            phases.setdefault(name, []).append(ms)
+            cpu.setdefault(name, []).append(last["cpu"][name])
+        phases.setdefault("end (last line → finished: exit + report)", []).append(
+            (record.finished_at - last["last_line"]) * 1000)
+        phases.setdefault("whole (claimed → finished)", []).append(
+            (record.finished_at - record.started_at) * 1000)
+        whole_cpu.append(last["cpu_at_last_line"])
+    print(f"[{label}] one function step run by the agent, phase by phase, wall time:")
+    for name, values in phases.items():
+        show(f"[{label}]   {name}", values, "ms")
+    print(f"[{label}]   CPU time of the step process:")
+    for name, values in cpu.items():
+        show(f"[{label}]   {name}", values, "ms")
+    show(f"[{label}]   step process CPU at its last line (start included)", whole_cpu, "ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="chains per mode")
     parser.add_argument("--chain", type=int, default=20)
-    parser.add_argument("--fan", type=int, default=50)
+    parser.add_argument("--probes", type=int, default=7, help="probe steps per mode (0: skip)")
+    parser.add_argument("--samples", type=int, default=20, help="script-step dispatch samples per mode (0: skip)")
+    parser.add_argument("--fan", type=int, default=0, help="fan-out/fan-in width (0: skip)")
     parser.add_argument("--http", action="store_true", help="agent and controller over a controller serve process")
+    parser.add_argument("--mode", choices=("both", "cold", "warm"), default="both")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="conveyor-bench-pipeline-"))
     os.environ["CONVEYOR_HOME"] = str(home)
@@ -88,27 +221,32 @@ def main() -> None:
     if args.http:
         server, api = start_server(db)
     os.environ["CONVEYOR_API"] = api
-    agent = start_agent(home)
+    where = "HTTP" if args.http else "embedded SQLite"
+    print(f"store: {where}; load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} CPUs", flush=True)
+    modes = {"both": (False, True), "cold": (False,), "warm": (True,)}[args.mode]
     try:
-        run_pipeline("chain", 2)  # warm up: builds the steps' venv once
-        walls, edges = [], []
-        for _ in range(args.runs):
-            wall, lat = run_pipeline("chain", args.chain)
-            walls.append(wall)
-            edges.extend(lat)
-        where = "HTTP" if args.http else "embedded SQLite"
-        show(f"DAG edge latency, chain of {args.chain} ({where})", edges, "ms")
-        show(f"wall time, chain of {args.chain} function steps", walls, "s")
-        fan_walls, joins = [], []
-        for _ in range(args.runs):
-            wall, lat = run_pipeline("fan", args.fan)
-            fan_walls.append(wall)
-            joins.extend(lat)
-        show(f"wall time, fan-out/fan-in of {args.fan} (--concurrency 2)", fan_walls, "s")
-        show("fan-in edge latency (last parent → sink running)", joins, "ms")
+        for warm in modes:
+            label = "warm" if warm else "cold"
+            with fork_servers(warm), agent_running(home) as agent:
+                chain_figures(agent, args.chain, args.runs, label)
+                if args.probes:
+                    probe_figures(args.probes, label)
+                if args.fan:
+                    fan_walls, joins = [], []
+                    for _ in range(args.runs):
+                        wall, lat = run_pipeline("fan", args.fan)
+                        fan_walls.append(wall)
+                        joins.extend(lat)
+                    show(f"[{label}] wall time, fan-out/fan-in of {args.fan} (--concurrency 2)", fan_walls, "s")
+                    show(f"[{label}]   fan-in edge latency (last parent → sink running)", joins, "ms")
+            if args.samples:
+                from scripts.bench.agent import dispatch_latencies
+
+                with fork_servers(warm):
+                    latencies = dispatch_latencies(api, home, args.samples)
+                show(f"[{label}] dispatch of a script step, enqueue → first line", latencies, "ms")
     finally:
-        agent.terminate()
-        agent.wait(60)
         if server is not None:
             stop_server(server)
 
