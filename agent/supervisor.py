@@ -349,7 +349,6 @@ def run_step(
     """
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
-    started = time.monotonic()
     try:
         proc = (launch(argv, cwd, child_env) if launch is not None else None) or subprocess.Popen(
             argv,
@@ -370,6 +369,7 @@ def run_step(
             0.0,
         )
     assert proc.stdout is not None and proc.stderr is not None
+    started = time.monotonic()  # the time limit counts from here (not a fork server's own start)
 
     output = PendingLines(max_pending_chars)
     stop_reading, reader_done = threading.Event(), threading.Event()
