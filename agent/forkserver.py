@@ -152,6 +152,8 @@ class ForkedStep:
     def __init__(self, pid: int, reply: socket.socket, stdout: IO[bytes], stderr: IO[bytes]) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        #: CPU seconds (user + system) the step's process used, once it ended.
+        self.cpu_s: float | None = None
         self.stdout = stdout
         self.stderr = stderr
         self._reply = reply
@@ -169,7 +171,9 @@ class ForkedStep:
             except OSError:
                 message = b""
             if message:
-                self.returncode = int(json.loads(message).get("exit", -signal.SIGKILL))
+                status = json.loads(message)
+                self.returncode = int(status.get("exit", -signal.SIGKILL))
+                self.cpu_s = status.get("cpu_s")
             else:  # the server died without telling: the child went with it (PDEATHSIG)
                 self.returncode = -signal.SIGKILL
             self._reply.close()
@@ -519,14 +523,14 @@ def _fork(message: dict[str, Any], fds: list[int], children: dict[int, socket.so
 def _reap(children: dict[int, socket.socket]) -> None:
     while children:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
         reply = children.pop(pid, None)
         if reply is not None:
-            _send(reply, {"exit": os.waitstatus_to_exitcode(status)})
+            _send(reply, {"exit": os.waitstatus_to_exitcode(status), "cpu_s": usage.ru_utime + usage.ru_stime})
             reply.close()
 
 

@@ -87,21 +87,26 @@ def agent_running(home: Path, concurrency: int = 2) -> Iterator[subprocess.Popen
         agent.wait(60)
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of a process, its live descendants and every child they reaped."""
-    total = 0.0
+def tree_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the agent `pid` itself and of the rest of its tree
+    (fork servers, watchdog, and every step they or the agent reaped)."""
+    split = {"agent": 0.0, "steps": 0.0}
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0.0
+        return split
     for proc in processes:
         try:
             times = proc.cpu_times()
         except psutil.Error:
             continue
-        total += times.user + times.system + times.children_user + times.children_system
-    return total
+        if proc.pid == pid:
+            split["agent"] += times.user + times.system
+            split["steps"] += times.children_user + times.children_system
+        else:
+            split["steps"] += times.user + times.system + times.children_user + times.children_system
+    return split
 
 
 def run_pipeline(kind: str, size: int) -> tuple[float, list[float]]:
@@ -142,17 +147,22 @@ def run_pipeline(kind: str, size: int) -> tuple[float, list[float]]:
 def chain_figures(agent: subprocess.Popen[bytes], size: int, runs: int, label: str) -> None:
     """Figure 1 for one agent."""
     run_pipeline("chain", 2)  # warm up: the steps' venv (and its fork server)
-    walls, edges, cpu = [], [], []
+    walls, edges, agent_cpu, steps_cpu, own_cpu = [], [], [], [], []
     for _ in range(runs):
-        cpu_before = tree_cpu_s(agent.pid)
+        cpu_before, own_before = tree_cpu_s(agent.pid), time.process_time()
         wall, latencies = run_pipeline("chain", size)
-        cpu.append((tree_cpu_s(agent.pid) - cpu_before) / size * 1000)
+        cpu_after = tree_cpu_s(agent.pid)
+        own_cpu.append((time.process_time() - own_before) / size * 1000)
+        agent_cpu.append((cpu_after["agent"] - cpu_before["agent"]) / size * 1000)
+        steps_cpu.append((cpu_after["steps"] - cpu_before["steps"]) / size * 1000)
         walls.append(wall)
         edges.extend(latencies)
     show(f"[{label}] wall time, chain of {size} function steps", walls, "s")
     show(f"[{label}]   per step (wall / steps)", [w / size * 1000 for w in walls], "ms")
     show(f"[{label}]   DAG edge (parent finished → child started)", edges, "ms")
-    show(f"[{label}]   CPU per step, agent + fork server + steps", cpu, "ms")
+    show(f"[{label}]   CPU per step: the agent daemon", agent_cpu, "ms")
+    show(f"[{label}]   CPU per step: step processes (+ fork server, watchdog)", steps_cpu, "ms")
+    show(f"[{label}]   CPU per step: the pipeline controller (this process)", own_cpu, "ms")
 
 
 def probe_figures(probes: int, label: str) -> None:
