@@ -321,6 +321,9 @@ class ForkServer:
         except OSError:
             pass
         self.control.close()
+        from agent.watchdog import release_process
+
+        release_process(self.process.pid)
         if wait_s:
             try:
                 self.process.wait(wait_s)
@@ -425,13 +428,15 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
         pass
 
 
-def _become_step(request: StepRequest, fds: list[int]) -> None:
+def _become_step(request: StepRequest, fds: list[int], server_pid: int) -> None:
     """In the child: the process a cold start of the step would have been."""
     os.setsid()
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != server_pid:  # the server died before prctl took effect
+            os._exit(1)
     for target, fd in zip((0, 1, 2), fds, strict=True):
         os.dup2(fd, target)
     for fd in fds:
@@ -440,11 +445,13 @@ def _become_step(request: StepRequest, fds: list[int]) -> None:
     os.chdir(request.cwd)
     os.environ.clear()
     os.environ.update(request.env)
+    time.tzset()  # TZ as the step's environment says
 
 
 def serve(control_fd: int, modules: list[str]) -> StepRequest | None:
     """The fork server's loop. Returns only in a forked child, with the step to run."""
     control = socket.socket(fileno=control_fd)
+    server_pid = os.getpid()
     loaded, failed = _preload(modules)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_read, False)
@@ -486,7 +493,7 @@ def serve(control_fd: int, modules: list[str]) -> StepRequest | None:
                     os.close(wake_write)
                     for reply in children.values():
                         reply.close()
-                    _become_step(request, fds[1:])
+                    _become_step(request, fds[1:], server_pid)
                     return request
             else:
                 try:
