@@ -35,7 +35,7 @@ from agent.checkout import CheckoutError, checkout_task_code
 from agent.environments.errors import ContainerError
 from agent.environments.venv import EnvironmentBuildError, ensure_venv, find_uv
 from agent.outbox import Outbox, form_chunks, make_report
-from agent.supervisor import Launcher, LastExceptionLine, StepOutcome, run_step, with_exception
+from agent.supervisor import LastExceptionLine, Launcher, StepOutcome, run_step, with_exception
 from controller.backend import Backend
 from controller.connect import conveyor_home
 from controller.errors import BackendUnavailableError, ConveyorError, NotFoundError
