@@ -16,6 +16,11 @@ Decisions:
   After a normal exit, leftovers (group members or known descendants still running)
   are stopped the same way, so nothing of a step outlives it, and no background child
   can keep its pipes open forever.
+- **Warm start.** `run_step(launch=...)` lets a launcher start the step instead (the
+  fork server of its venv, `agent.forkserver`); it returns a `StepProcess` (pid, poll,
+  wait, send_signal, returncode, stdout/stderr pipes) or None, and then the step starts
+  cold as above. Everything below is the same for both; the time limit counts from the
+  moment the step's process exists.
 - **Output.** One reader thread multiplexes stdout and stderr (selectors, non-blocking
   reads), so it can be stopped even if an unknown process still holds a pipe. Splitting
   into lines, progress-bar folding and batched delivery (every 0.25 s) are
