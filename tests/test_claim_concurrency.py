@@ -6,8 +6,6 @@ import multiprocessing
 import time
 from typing import Any
 
-import pytest
-
 from controller.backend import Backend
 from controller.connect import backend_from_url
 
