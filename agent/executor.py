@@ -248,7 +248,7 @@ def execute_task(
                     step_output,
                     should_abort,
                     grace_s=settings.stop_grace_s,
-                    launch=warm_launcher(settings, venv.python_path, task_log.agent),
+                    launch=warm_launcher(settings, venv.python_path, task_log.agent) if venv else None,
                 )
     except (CheckoutError, EnvironmentBuildError, ContainerError) as exc:
         task_log.agent(f"error: {exc}")
