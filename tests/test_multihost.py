@@ -184,7 +184,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             proc = subprocess.Popen(argv, env=_env(root / f"{name}-home", api), cwd=ROOT,
                                     stdout=open(logs[name], "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
             stack.callback(_stop, proc)
+        _wait_for_queues(far_api, ("near", "far"), cluster)  # made by the agents at start
         yield cluster
+
+
+def _wait_for_queues(api: str, names: tuple[str, ...], cluster: Cluster) -> None:
+    """Wait until the agents created their queues (a pipeline launched before would fail)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    for name in names:
+        while True:
+            try:
+                answer = requests.get(f"{api}/api/v1/queues/{name}",
+                                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=1)
+                if answer.ok:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"queue {name!r} was not created by its agent:\n{cluster.logs_text()}")
+            time.sleep(0.1)
 
 
 def _wait_healthy(api: str, server: subprocess.Popen, cluster: Cluster) -> None:
@@ -421,6 +439,7 @@ def test_a_docker_step_between_hosts_reads_and_writes_by_reference(
     )
     cluster.logs["agent-docker"] = log
     try:
+        _wait_for_queues(cluster.far_api, ("docker",), cluster)
         project = f"multihost-docker-{uuid.uuid4().hex[:6]}"
         pipe = PipelineController(name="across-docker", project=project, version="1.0.0")
         pipe.add_function_step("make", make_data, function_kwargs={"rows": 2}, function_return=["data"],
