@@ -104,8 +104,11 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def delete_task(self, task_id: str, *, force: bool = False) -> None:
-        """Delete a task with its log and scalars. An active task needs `force`."""
+    def delete_task(self, task_id: str, *, force: bool = False) -> list[TaskRecord]:
+        """Delete a task with its log and scalars; a pipeline with its steps (the tasks
+        whose parent it is), all or none. An active task or step needs `force`.
+
+        Returns the records deleted: the steps first, the task last."""
 
     @abc.abstractmethod
     def set_status(

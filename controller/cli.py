@@ -896,22 +896,17 @@ def tasks_clone(
 @pass_state
 def tasks_delete(state: State, task_id: str, force: bool) -> None:
     """Delete task ID with its log and files; a pipeline with its steps."""
-    backend = state.backend
-    task = backend.get_task(task_id)
-    steps = backend.query_tasks(parent=task.id, limit=1000)
-    local = not state.url.startswith(("http://", "https://"))
-    for record in [*steps, task]:
-        try:
-            backend.delete_task(record.id, force=force)  # the server removes a task's files
-        except ConflictError as err:
-            if force:
-                raise
-            raise CliError(f"{_one_line(err.message)} (use --force to delete it anyway)") from None
-        if local:  # embedded or database store: the files area is this machine's
-            from controller.sdk.storage import files_dir
-            from controller.server.files import remove_task_files
+    try:  # the server removes the files of what it deletes
+        deleted = state.backend.delete_task(task_id, force=force)
+    except ConflictError as err:
+        raise CliError(f"{_one_line(err.message)} (use --force to delete it anyway)") from None
+    if not state.url.startswith(("http://", "https://")):  # the files area is this machine's
+        from controller.sdk.storage import files_dir
+        from controller.server.files import remove_task_files
 
+        for record in deleted:
             remove_task_files(files_dir(), record)
+    task, steps = deleted[-1], deleted[:-1]
     extra = f" and its {len(steps)} step(s)" if steps else ""
     click.echo(f"Deleted task {task.id}{extra}.")
 

@@ -292,11 +292,13 @@ class HttpBackend(Backend):
             self._call("POST", f"/tasks/{_p(task_id)}/clone", body)
         )
 
-    def delete_task(self, task_id: str, *, force: bool = False) -> None:
-        """Delete a task with its log and scalars. An active task needs `force`."""
-        self._call(
+    def delete_task(self, task_id: str, *, force: bool = False) -> list[TaskRecord]:
+        """Delete a task with its log and scalars; a pipeline with its steps. An active
+        task or step needs `force`. Returns the records deleted (steps first)."""
+        body = self._call(
             "DELETE", f"/tasks/{_p(task_id)}", params={"force": "true" if force else "false"}
         )
+        return _TASKS.validate_json(body)
 
     def set_status(
         self,

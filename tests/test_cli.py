@@ -393,6 +393,20 @@ def test_tasks_clone_with_overrides_and_delete(tmp_path: Path, store) -> None:
     assert fails(tmp_path, "tasks", "show", plain.id).startswith(f"error: no task with id {plain.id!r}")
 
 
+def test_tasks_delete_of_a_pipeline_deletes_its_steps(tmp_path: Path, store) -> None:
+    pipeline = store.create_task({"name": "pipe", "type": "controller"})
+    steps = [store.create_task({"name": f"s{i}", "parent": pipeline.id}) for i in range(2)]
+    busy = store.create_task({"name": "busy", "parent": pipeline.id})
+    store.set_status(busy.id, "in_progress")
+    line = fails(tmp_path, "tasks", "delete", pipeline.id)
+    assert busy.id in line and "use --force" in line
+    assert len(store.query_tasks()) == 4  # all or nothing
+    store.set_status(busy.id, "completed")
+    out = ok(tmp_path, "tasks", "delete", pipeline.id).strip()
+    assert out == f"Deleted task {pipeline.id} and its 3 step(s)."
+    assert store.query_tasks() == [] and len(steps) == 2
+
+
 def test_tasks_delete_of_a_running_task_needs_force(tmp_path: Path, store) -> None:
     task = store.create_task({"name": "busy"})
     store.set_status(task.id, "in_progress")

@@ -159,6 +159,33 @@ def test_delete_of_a_running_task_needs_force(backend: Backend) -> None:
     assert _task_count(backend) == 0
 
 
+def test_delete_of_a_pipeline_takes_its_steps_along(backend: Backend) -> None:
+    pipeline = backend.create_task({"name": "p", "type": "controller"})
+    steps = [backend.create_task({"name": f"s{i}", "parent": pipeline.id}) for i in range(2)]
+    backend.append_log(steps[0].id, ["a step's line"])
+    other = backend.create_task({"name": "not a step"})
+    deleted = backend.delete_task(pipeline.id)
+    assert [r.id for r in deleted] == [steps[0].id, steps[1].id, pipeline.id]
+    for gone in [*steps, pipeline]:
+        with pytest.raises(NotFoundError):
+            backend.get_task(gone.id)
+    with pytest.raises(NotFoundError):
+        backend.get_log(steps[0].id)
+    assert backend.get_task(other.id).name == "not a step"
+
+
+def test_delete_of_a_pipeline_with_a_running_step_needs_force(backend: Backend) -> None:
+    pipeline = backend.create_task({"name": "p", "type": "controller"})
+    step_id = _running(backend, parent=pipeline.id)
+    with pytest.raises(ConflictError) as refused:
+        backend.delete_task(pipeline.id)
+    assert step_id in refused.value.message and "in_progress" in refused.value.message
+    assert backend.get_task(pipeline.id).id == pipeline.id  # nothing deleted
+    assert backend.get_task(step_id).status == TaskStatus.in_progress
+    assert len(backend.delete_task(pipeline.id, force=True)) == 2
+    assert _task_count(backend) == 0
+
+
 # ----------------------------------------------------------------------- statuses
 def test_status_follows_the_legal_path(backend: Backend) -> None:
     task_id = _running(backend)

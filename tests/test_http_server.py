@@ -546,7 +546,7 @@ def test_agent_cycle(server: str) -> None:
     clone = backend.clone_task(task.id, name="again", parent=None)
     assert clone.parent is None and clone.tags == ["a", "b"]
     assert backend.query_tasks(name="again")[0].id == clone.id
-    assert backend.delete_task(clone.id) is None
+    assert [record.id for record in backend.delete_task(clone.id)] == [clone.id]
     assert backend.expire_leases() == []
     backend.unregister_worker("cycle-w")
     assert all(w.id != "cycle-w" for w in backend.list_workers())

@@ -235,15 +235,14 @@ def add_task_routes(
     @r.delete(
         P + "/tasks/{task_id}",
         tags=TAGS,
-        status_code=204,
-        responses=NO_CONTENT,
-        summary="Delete a task",
+        response_model=list[TaskRecord],
+        summary="Delete a task (a pipeline with its steps)",
     )
     def delete_task(task_id: str, force: bool = False) -> Response:
-        record = backend.get_task(task_id)
-        backend.delete_task(task_id, force=force)
-        on_deleted(record)
-        return encode.no_content()
+        deleted = backend.delete_task(task_id, force=force)
+        for record in deleted:
+            on_deleted(record)
+        return encode.records(deleted, TaskRecord)
 
     @r.get(
         P + "/tasks/{task_id}/log",

@@ -206,19 +206,34 @@ class TaskOperations(StoreCore):
             data["parent"] = parent
         return self.create_task(data)
 
-    def delete_task(self, task_id: str, *, force: bool = False) -> None:
-        """Delete a task with its log, scalars and queue entry."""
+    def delete_task(self, task_id: str, *, force: bool = False) -> list[TaskRecord]:
+        """Delete a task with its log, scalars and queue entry; a pipeline with its steps.
+
+        One transaction: the task and every task whose parent it is go together, or none
+        does (an active one among them without `force`). Returns the records deleted, the
+        steps first and the task last."""
         with self._write() as conn:
             row = self._row(conn, task_id, for_update=True)
-            if TaskStatus(row.status).is_active and not force:
-                raise ConflictError(
-                    f"task {task_id} is {row.status}: abort it first, or delete with force",
-                    field="status",
-                )
+            steps_of = sa.select(*schema.RECORD_COLUMNS).where(T.c.parent == task_id)
+            if self.dialect == "postgresql":
+                steps_of = steps_of.with_for_update()
+            steps = conn.execute(steps_of.order_by(T.c.created_at, T.c.id)).all()
+            rows = [*steps, row]
+            if not force:
+                for each in rows:
+                    if TaskStatus(each.status).is_active:
+                        what = "task" if each.id == task_id else f"step {each.id} of task {task_id}"
+                        raise ConflictError(
+                            f"{what} is {each.status}: abort it first, or delete with force",
+                            field="status",
+                        )
+            ids = [each.id for each in rows]
             for table in (schema.task_tags, schema.log_lines, schema.log_batches, schema.scalars):
-                conn.execute(table.delete().where(table.c.task_id == task_id))
-            conn.execute(T.delete().where(T.c.id == task_id))
-            self._deleted(conn, task_id)
+                conn.execute(table.delete().where(table.c.task_id.in_(ids)))
+            conn.execute(T.delete().where(T.c.id.in_(ids)))
+            for each in ids:
+                self._deleted(conn, each)
+        return [row_to_record(each) for each in rows]
 
     def set_status(
         self,
