@@ -8,10 +8,6 @@ line the step printed, and no step process left behind.
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +15,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-import requests
 
 from agent import daemon as daemon_module
 from agent.daemon import AgentDaemon, DaemonThreadDiedError
@@ -28,7 +23,8 @@ from agent.outbox import Outbox, form_chunks, make_report
 from controller.backend import Backend
 from controller.connect import backend_from_url
 from controller.models import DEFAULT_LEASE_S, TaskStatus
-from tests.helpers_server import REPO_ROOT, STARTUP_TIMEOUT_S, free_port
+from tests.helpers_processes import Processes, kill9, started_processes, wait_until
+from tests.helpers_server import free_port
 from tests.test_agent_e2e import (
     assert_all_gone,
     code_task,
@@ -77,62 +73,6 @@ ALL_LINES = [f"line {i}" for i in range(60)] + ["to stderr"]
 
 
 # ------------------------------------------------------------------------ helpers
-class Processes:
-    """Agents and servers a test starts; none outlives it."""
-
-    def __init__(self, home: Path, log_dir: Path) -> None:
-        self.home = home
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def _start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "CONVEYOR_HOME": str(self.home)}
-        env.pop("CONVEYOR_API_TOKEN", None)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        log_file = open(self.log_dir / f"{len(self.procs):02d}-{name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        self.procs.append(proc)
-        return proc
-
-    def agent(self, api_url: str, worker_id: str, *args: str) -> subprocess.Popen[bytes]:
-        """An `agent daemon` on queue `default` with an explicit worker id."""
-        return self._start("agent", [
-            sys.executable, "-m", "agent.cli", "daemon", "--queue", "default", "--foreground",
-            "--api", api_url, "--worker-id", worker_id, "--stop-grace", "2", *args])
-
-    def server(self, db_url: str, port: int) -> subprocess.Popen[bytes]:
-        """`controller serve` on a fixed loopback port (so agents reconnect to it), once healthy."""
-        proc = self._start("server", [
-            sys.executable, "-m", "controller.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), "--db", db_url])
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"the server exited:\n{self.output()}"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).ok:
-                    return proc
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, f"the server did not come up:\n{self.output()}"
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted(self.log_dir.glob("*.log")))
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
-def kill9(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL and reap."""
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def agent_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One CONVEYOR_HOME (venv and git caches) for the agents of this module."""
@@ -141,11 +81,7 @@ def agent_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def processes(agent_home: Path, tmp_path: Path) -> Iterator[Processes]:
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-    started = Processes(agent_home, log_dir)
-    yield started
-    started.stop_all()
+    yield from started_processes(agent_home, tmp_path)
 
 
 @pytest.fixture
@@ -167,12 +103,6 @@ def assert_every_line_once(backend: Backend, task_id: str) -> None:
 def outbox_files(home: Path, worker_id: str) -> list[Path]:
     return sorted((home / "outbox" / quote(worker_id, safe="")).glob("*.json"))
 
-
-def wait_until(condition: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # -------------------------------------------------------------------------- cases
@@ -223,7 +153,7 @@ def test_kill_9_of_the_server_while_a_step_ends_loses_nothing(
     assert done.status_reason == "completed" and done.runtime.exit_code == 0
     assert done.runtime.duration_s is not None and done.runtime.duration_s > 0
     assert_every_line_once(store, task.id)
-    wait_until(lambda: not outbox_files(processes.home, "chaos-outage"), 5, "the outbox to empty")
+    processes.wait_until(lambda: not outbox_files(processes.home, "chaos-outage"), 5, "the outbox to empty")
 
 
 def test_a_restarted_agent_replays_its_outbox(
@@ -240,7 +170,7 @@ def test_a_restarted_agent_replays_its_outbox(
     wait_for_line(store, task.id, "line 19")
     kill9(server)
     go_file.touch()
-    wait_until(lambda: outbox_files(processes.home, "chaos-replay"), 20, "the report in the outbox")
+    processes.wait_until(lambda: outbox_files(processes.home, "chaos-replay"), 20, "the report in the outbox")
     kill9(agent)
     assert store.get_task(task.id).status == TaskStatus.in_progress
     processes.server(sqlite_url, port)

@@ -11,7 +11,6 @@ Agents use short leases (`--lease`) so a lost controller is found in seconds.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,13 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from controller.backend import Backend
 from controller.connect import backend_from_url
 from controller.errors import BackendUnavailableError
 from controller.models import TaskRecord, TaskStatus
-from tests.helpers_server import REPO_ROOT, STARTUP_TIMEOUT_S, free_port
+from tests.helpers_processes import Processes, kill9, started_processes
+from tests.helpers_server import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.chaos
 
@@ -101,66 +100,6 @@ if __name__ == "__main__":
 
 
 # ------------------------------------------------------------------------ helpers
-class Processes:
-    """Agents, servers and pipeline processes a test starts; none outlives it."""
-
-    def __init__(self, home: Path, log_dir: Path) -> None:
-        self.home = home
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, argv: list[str], api_url: str | None = None) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "CONVEYOR_HOME": str(self.home)}
-        env.pop("CONVEYOR_API_TOKEN", None)
-        if api_url:
-            env["CONVEYOR_API"] = api_url
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        log_file = open(self.log_dir / f"{len(self.procs):02d}-{name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        self.procs.append(proc)
-        return proc
-
-    def agent(self, api_url: str, worker_id: str, queue: str, *args: str) -> subprocess.Popen[bytes]:
-        """An `agent daemon` on one queue with an explicit worker id."""
-        return self.start(f"agent-{worker_id}", [
-            sys.executable, "-m", "agent.cli", "daemon", "--queue", queue, "--foreground",
-            "--api", api_url, "--worker-id", worker_id, "--stop-grace", "2", *args])
-
-    def server(self, db_url: str, port: int) -> subprocess.Popen[bytes]:
-        """`controller serve` on a fixed loopback port (so clients reconnect to it), once healthy."""
-        proc = self.start("server", [
-            sys.executable, "-m", "controller.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), "--db", db_url])
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"the server exited:\n{self.output()}"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).ok:
-                    return proc
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, f"the server did not come up:\n{self.output()}"
-            time.sleep(0.05)
-
-    def output(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-                         for p in sorted(self.log_dir.glob("*.log")))
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
-def kill9(proc: subprocess.Popen[bytes]) -> float:
-    """SIGKILL and reap; returns when (time.time()) it was killed."""
-    proc.send_signal(signal.SIGKILL)
-    killed_at = time.time()
-    proc.wait(10)
-    return killed_at
-
-
 @pytest.fixture(scope="module")
 def agent_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One CONVEYOR_HOME (venv and git caches) for the agents of this module."""
@@ -169,11 +108,7 @@ def agent_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def processes(agent_home: Path, tmp_path: Path) -> Iterator[Processes]:
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-    started = Processes(agent_home, log_dir)
-    yield started
-    started.stop_all()
+    yield from started_processes(agent_home, tmp_path)
 
 
 @pytest.fixture
@@ -191,13 +126,6 @@ def runs_dir(tmp_path: Path) -> Path:
     path = tmp_path / "runs"
     path.mkdir()
     return path
-
-
-def wait_until(condition: object, timeout_s: float, what: str, processes: Processes) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{processes.output()}"
-        time.sleep(0.05)
 
 
 def submit(processes: Processes, script: Path, api_url: str) -> None:
@@ -268,16 +196,16 @@ def test_kill_9_of_the_agent_running_a_pipeline_controller_resumes_it(
     script.write_text(CHAIN_PIPELINE.format(project=project, base=base, steps=4, sleep_s=STEP_S, cue="",
                                             launch='start(queue="services")'))
     lease = ("--lease", str(SHORT_LEASE_S))
-    processes.agent(sqlite_url, "resume-steps", "default", "--concurrency", "2", *lease)
-    services = processes.agent(sqlite_url, "resume-services-1", "services", *lease)
+    processes.agent(sqlite_url, "resume-steps", "--concurrency", "2", *lease, queue="default")
+    services = processes.agent(sqlite_url, "resume-services-1", *lease, queue="services")
     submit(processes, script, sqlite_url)
     controller = the_controller(store, project)
-    wait_until(lambda: step_is(store, controller.id, "s1", TaskStatus.in_progress), 45, "s1 running", processes)
+    processes.wait_until(lambda: step_is(store, controller.id, "s1", TaskStatus.in_progress), 45, "s1 running")
     killed_at = kill9(services)
-    processes.agent(sqlite_url, "resume-services-2", "services", *lease)
-    wait_until(lambda: store.get_task(controller.id).status.is_terminal
+    processes.agent(sqlite_url, "resume-services-2", *lease, queue="services")
+    processes.wait_until(lambda: store.get_task(controller.id).status.is_terminal
                and store.get_task(controller.id).status_reason != "lease_expired", 60,
-               "the resumed pipeline to end", processes)
+               "the resumed pipeline to end")
     done = store.get_task(controller.id)
     assert done.status == TaskStatus.completed, f"{done.status_message}\n{log_of(store, controller.id)}"
     assert_resumed_automatically(done, "lease_expired")
@@ -300,19 +228,19 @@ def test_kill_9_of_the_agent_running_a_decorator_pipeline_resumes_it(
     script = tmp_path / "decorated.py"
     script.write_text(DECORATED_PIPELINE.format(project=project, runs_dir=str(runs_dir), sleep_s=STEP_S))
     lease = ("--lease", str(SHORT_LEASE_S))
-    processes.agent(sqlite_url, "deco-steps", "default", "--concurrency", "2", *lease)
-    services = processes.agent(sqlite_url, "deco-services-1", "services", *lease)
+    processes.agent(sqlite_url, "deco-steps", "--concurrency", "2", *lease, queue="default")
+    services = processes.agent(sqlite_url, "deco-services-1", *lease, queue="services")
     submit(processes, script, sqlite_url)
     controller = the_controller(store, project)
-    wait_until(lambda: step_is(store, controller.id, "work_1", TaskStatus.in_progress), 50,
-               "the second component running", processes)
+    processes.wait_until(lambda: step_is(store, controller.id, "work_1", TaskStatus.in_progress), 50,
+               "the second component running")
     killed_at = kill9(services)
     # Restarted with the same worker id (as systemd does): registering ends the dead run's
     # task (worker_restarted) unless its lease expired first; either resumes it.
-    processes.agent(sqlite_url, "deco-services-1", "services", *lease)
-    wait_until(lambda: store.get_task(controller.id).status.is_terminal
+    processes.agent(sqlite_url, "deco-services-1", *lease, queue="services")
+    processes.wait_until(lambda: store.get_task(controller.id).status.is_terminal
                and store.get_task(controller.id).status_reason not in ("worker_restarted", "lease_expired"), 60,
-               "the resumed pipeline to end", processes)
+               "the resumed pipeline to end")
     done = store.get_task(controller.id)
     log = log_of(store, controller.id)
     assert done.status == TaskStatus.completed, f"{done.status_message}\n{log}"
@@ -342,30 +270,29 @@ def test_a_pipeline_process_killed_is_found_lost_and_resumed_by_hand(
     script = tmp_path / "chain_local.py"
     script.write_text(CHAIN_PIPELINE.format(project=project, base=base, steps=3, sleep_s=STEP_S, cue="",
                                             launch="start_locally()"))
-    processes.agent(sqlite_url, "local-steps", "default", "--lease", str(SHORT_LEASE_S))
+    processes.agent(sqlite_url, "local-steps", "--lease", str(SHORT_LEASE_S), queue="default")
     pipeline = processes.start("pipeline", [sys.executable, str(script)], api_url=sqlite_url)
-    wait_until(lambda: store.query_tasks(project=project, type="controller", status=["in_progress"]), 30,
-               "the pipeline task", processes)
+    processes.wait_until(lambda: store.query_tasks(project=project, type="controller", status=["in_progress"]), 30,
+               "the pipeline task")
     controller = the_controller(store, project)
     assert controller.runtime.worker.startswith("pipeline:"), controller.runtime.worker
-    wait_until(lambda: step_is(store, controller.id, "s1", TaskStatus.in_progress), 45, "s1 running", processes)
+    processes.wait_until(lambda: step_is(store, controller.id, "s1", TaskStatus.in_progress), 45, "s1 running")
     killed_at = kill9(pipeline)
-    wait_until(lambda: store.get_task(controller.id).status == TaskStatus.failed, 10 + 5,
-               "the lost pipeline task to fail", processes)
+    processes.wait_until(lambda: store.get_task(controller.id).status == TaskStatus.failed, 10 + 5,
+               "the lost pipeline task to fail")
     lost = store.get_task(controller.id)
     detected_s = lost.finished_at - killed_at
     assert lost.status_reason == "lease_expired" and "was lost" in lost.status_message, lost.status_message
     assert "resume" not in [h.reason for h in lost.status_history], "no automatic resume without a queue"
     print(f"a killed local pipeline process was found lost {detected_s:.1f} s after the kill")
     # Resume it by hand on an agent of "services".
-    processes.agent(sqlite_url, "local-services", "services", "--lease", str(SHORT_LEASE_S))
+    processes.agent(sqlite_url, "local-services", "--lease", str(SHORT_LEASE_S), queue="services")
     resumed = subprocess.run(
         [sys.executable, "-m", "controller.cli", "--api", sqlite_url, "pipelines", "resume", controller.id],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert resumed.returncode == 0, resumed.stderr
     assert f"Pipeline {controller.id} queued on services to resume" in resumed.stdout
-    wait_until(lambda: store.get_task(controller.id).status.is_terminal, 60, "the resumed pipeline to end",
-               processes)
+    processes.wait_until(lambda: store.get_task(controller.id).status.is_terminal, 60, "the resumed pipeline to end")
     done = store.get_task(controller.id)
     log = log_of(store, controller.id)
     assert done.status == TaskStatus.completed, f"{done.status_message}\n{log}"
@@ -395,18 +322,18 @@ def test_the_server_killed_during_a_step_launch_and_restarted_10_s_later(
     script.write_text(CHAIN_PIPELINE.format(project=project, base=base, steps=3, sleep_s=1, cue=str(cue),
                                             launch='start(queue="services")'))
     # Leases longer than the outage: this case is about the pipeline's calls, not leases.
-    processes.agent(api_url, "outage-steps", "default", "--lease", "60")
-    processes.agent(api_url, "outage-services", "services", "--lease", "60")
+    processes.agent(api_url, "outage-steps", "--lease", "60", queue="default")
+    processes.agent(api_url, "outage-services", "--lease", "60", queue="services")
     submit(processes, script, api_url)
     controller = the_controller(store, project)
-    wait_until(cue.exists, 45, "the launch of s1", processes)
+    processes.wait_until(cue.exists, 45, "the launch of s1")
     killed_at = kill9(server)
     time.sleep(10)
     assert store.get_task(controller.id).status == TaskStatus.in_progress
     s1 = step_task(store, controller.id, "s1")
     assert s1 is not None and s1.status == TaskStatus.created  # its enqueue waits for the server
     processes.server(sqlite_url, port)
-    wait_until(lambda: store.get_task(controller.id).status.is_terminal, 45, "the pipeline to end", processes)
+    processes.wait_until(lambda: store.get_task(controller.id).status.is_terminal, 45, "the pipeline to end")
     done = store.get_task(controller.id)
     log = log_of(store, controller.id)
     assert done.status == TaskStatus.completed, f"{done.status_message}\n{log}"
