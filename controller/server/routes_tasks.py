@@ -22,6 +22,7 @@ from controller.models import (
     TaskStatus,
 )
 from controller.server import encode
+from controller.server.calls import store_call
 from controller.server.schemas import (
     AbortRequest,
     CloneRequest,
@@ -84,6 +85,7 @@ def add_task_routes(
     come first.
     """
     P = prefix
+    call = store_call(backend)  # the hot one-statement routes (see controller.server.calls)
     statuses_json = status_table().model_dump_json().encode()
     status_waiters: dict[str, anyio.CapacityLimiter] = {}  # made on the event loop
 
@@ -93,8 +95,9 @@ def add_task_routes(
         response_model=TaskRecord,
         summary="Change a task's status",
     )
-    def set_status(task_id: str, body: StatusRequest) -> Response:
-        rec = backend.set_status(
+    async def set_status(task_id: str, body: StatusRequest) -> Response:
+        rec = await call(
+            backend.set_status,
             task_id,
             body.status,
             reason=body.reason,
@@ -109,9 +112,11 @@ def add_task_routes(
         response_model=TaskRecord,
         summary="Put a task on a queue",
     )
-    def enqueue(task_id: str, body: Annotated[EnqueueRequest | None, Body()] = None) -> Response:
+    async def enqueue(
+        task_id: str, body: Annotated[EnqueueRequest | None, Body()] = None
+    ) -> Response:
         body = body or EnqueueRequest()
-        rec = backend.enqueue(task_id, body.queue, priority=body.priority)
+        rec = await call(backend.enqueue, task_id, body.queue, priority=body.priority)
         if notify_enqueues:
             waker.notify_threadsafe(None)
         return encode.record(rec)
@@ -138,8 +143,8 @@ def add_task_routes(
         return encode.no_content()
 
     @r.get(P + "/tasks/{task_id}", tags=TAGS, response_model=TaskRecord, summary="Get a task")
-    def get_task(task_id: str) -> Response:
-        return encode.record(backend.get_task(task_id))
+    async def get_task(task_id: str) -> Response:
+        return encode.record(await call(backend.get_task, task_id))
 
     @r.post(
         P + "/tasks/wait",
