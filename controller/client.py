@@ -60,7 +60,6 @@ from controller.models import (
 
 #: Largest request body the server accepts (see controller.server.middleware).
 MAX_BODY_BYTES = 64 * 1024 * 1024
-_JSON_BODY = {"Content-Type": "application/json"}
 _TASKS = TypeAdapter(list[TaskRecord])
 _LOG = TypeAdapter(list[LogLine])
 _SCALARS = TypeAdapter(list[Scalar])
@@ -121,6 +120,9 @@ class HttpBackend(Backend):
         self._token_sent = bool(token)
         # One session for every thread of the process using this backend.
         self._session = build_session(self.url, token, retries=retries, backoff_s=backoff_s)
+        # Every body the API takes is JSON. Set once on the session, not per request:
+        # merging per-request headers into the session's costs ~0.1 ms of client CPU.
+        self._session.headers["Content-Type"] = "application/json"
 
     def __repr__(self) -> str:
         return f"HttpBackend({self.url!r})"
@@ -137,7 +139,6 @@ class HttpBackend(Backend):
     ) -> bytes | None:
         """Send one request; the response content, None for 204; raise mapped errors."""
         data = None
-        headers = None
         if body is not None:
             try:
                 data = pydantic_core.to_json(body)
@@ -149,7 +150,6 @@ class HttpBackend(Backend):
                     f"{MAX_BODY_BYTES // (1024 * 1024)} MiB",
                     field="body",
                 )
-            headers = _JSON_BODY
         read_timeout_s = read_timeout_s or self.timeout_s
         try:
             response = self._session.request(
@@ -157,7 +157,6 @@ class HttpBackend(Backend):
                 self._api_url + path,
                 params=params,
                 data=data,
-                headers=headers,
                 timeout=(self.connect_timeout_s, read_timeout_s),
                 allow_redirects=False,
             )
