@@ -1,9 +1,14 @@
 """Benchmarks of the control plane (issue: foundation).
 
+0. The floor of one request with this stack (`requests` client, bare FastAPI route on
+   uvicorn: `floor_app.py`): requests/s and CPU per request of client and server.
 1. Long-poll wake-up over HTTP: a claimer waits in `claim(wait_s=...)`; another client
    enqueues; time from the enqueue call to the claimer holding the task. p50/p95.
 2. Throughput of enqueue + claim + complete cycles per second: direct SQLite, HTTP over
-   SQLite, HTTP over PostgreSQL (one client; and several client processes together).
+   SQLite, HTTP over PostgreSQL (one client; and several client processes together);
+   over HTTP also the CPU time per request of the client and of the server process
+   (the primary evidence on a shared machine: wall-clock rates depend on its load, which
+   each row prints).
 3. Over PostgreSQL, two `controller serve` processes on the same database: the client
    processes split between them (throughput, and its ratio to one server), and the
    long-poll wake-up of a claimer on one server by an enqueue on the other.
@@ -19,6 +24,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,13 +33,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
+import requests
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from controller.backend import Backend  # noqa: E402
 from controller.connect import backend_from_url  # noqa: E402
 from scripts.bench.stats import percentile  # noqa: E402
-from tests.helpers_server import start_server, stop_server  # noqa: E402
+from tests.helpers_server import free_port, start_server, stop_server  # noqa: E402
 
 POSTGRES_URL = os.environ.get("CONVEYOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -64,6 +73,65 @@ def cycles_per_s(url: str, count: int) -> float:
     """Cycles per second of one client."""
     started, ended = cycles(url, count)
     return count / (ended - started)
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def cycle_cpu(url: str, server_pid: int, count: int) -> tuple[float, float, float]:
+    """One client's cycles against the server process `server_pid`: (cycles/s, client
+    CPU ms per request, server CPU ms per request); a cycle is 3 requests."""
+    backend = backend_from_url(url)
+    ids = [backend.create_task({"name": f"bench-{i}"}).id for i in range(count)]
+    worker = f"bench-{uuid.uuid4().hex[:6]}"
+    server = psutil.Process(server_pid)
+    client_0, server_0, wall_0 = time.process_time(), _cpu_s(server), time.perf_counter()
+    for task_id in ids:
+        backend.enqueue(task_id, "default")
+        task = backend.claim(["default"], worker)
+        backend.set_status(task.id, "completed", worker_id=worker)
+    wall = time.perf_counter() - wall_0
+    client_ms = (time.process_time() - client_0) * 1000 / (3 * count)
+    server_ms = (_cpu_s(server) - server_0) * 1000 / (3 * count)
+    backend.close()
+    return count / wall, client_ms, server_ms
+
+
+def floor_requests(count: int, runs: int) -> list[tuple[float, float, float]]:
+    """(requests/s, client CPU ms, server CPU ms) per run of `count` status-report-like
+    POSTs to the bare FastAPI app of `floor_app.py`, with a requests.Session."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("floor_app.py")), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        session = requests.Session()
+        for _ in range(100):
+            try:
+                session.get(url + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        server = psutil.Process(proc.pid)
+        body = b'{"status": "completed", "worker_id": "w"}'
+        headers = {"Content-Type": "application/json"}
+        results = []
+        for _ in range(runs):
+            client_0, server_0, wall_0 = time.process_time(), _cpu_s(server), time.perf_counter()
+            for _ in range(count):
+                session.post(url + "/tasks/t/status", data=body, headers=headers).raise_for_status()
+            wall = time.perf_counter() - wall_0
+            results.append((
+                count / wall,
+                (time.process_time() - client_0) * 1000 / count,
+                (_cpu_s(server) - server_0) * 1000 / count,
+            ))
+        session.close()
+        return results
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def _cycles_in_process(args: tuple[str, int, str, Any]) -> tuple[float, float]:
@@ -164,7 +232,19 @@ def main() -> None:
             "n": len(values),
         }
         r = results[name]
-        print(f"{name:<44} p50 {r['p50']:>9.2f}  p95 {r['p95']:>9.2f}  {unit}  (n={len(values)})", flush=True)
+        load = os.getloadavg()[0]
+        print(
+            f"{name:<52} p50 {r['p50']:>9.2f}  p95 {r['p95']:>9.2f}  {unit}  (n={len(values)}, load {load:.1f})",
+            flush=True,
+        )
+
+    def record_cpu(label: str, samples: list[tuple[float, float, float]], rate_unit: str) -> None:
+        record(f"{rate_unit} {label}", [s[0] for s in samples], rate_unit)
+        record(f"client CPU ms/request {label}", [s[1] for s in samples], "ms")
+        record(f"server CPU ms/request {label}", [s[2] for s in samples], "ms")
+
+    floor = floor_requests(args.http_cycles * 3, args.runs)
+    record_cpu("bare FastAPI + requests (floor)", floor, "requests/s")
 
     sqlite_url = f"sqlite:///{tmp / 'direct.db'}"
     record("cycles/s direct SQLite", [cycles_per_s(sqlite_url, args.cycles) for _ in range(args.runs)], "cycles/s")
@@ -178,7 +258,9 @@ def main() -> None:
     try:
         wake = wakeup_latencies(url, args.wakeups)
         record("long-poll wake-up over HTTP (SQLite)", [w * 1000 for w in wake], "ms")
-        record("cycles/s HTTP over SQLite", [cycles_per_s(url, args.http_cycles) for _ in range(args.runs)], "cycles/s")
+        record_cpu(
+            "HTTP over SQLite", [cycle_cpu(url, proc.pid, args.http_cycles) for _ in range(args.runs)], "cycles/s"
+        )
         record(
             "cycles/s HTTP over SQLite, 4 client processes",
             [parallel_cycles(url, args.http_cycles // 2, 4) for _ in range(args.runs)],
@@ -203,9 +285,9 @@ def main() -> None:
                     record(f"long-poll wake-up over HTTP (PostgreSQL{label})", [w * 1000 for w in wake], "ms")
                     wake = wakeup_latencies(url, args.wakeups, claimer_url=url2)
                     record(f"long-poll wake-up across 2 servers (PostgreSQL{label})", [w * 1000 for w in wake], "ms")
-                    record(
-                        f"cycles/s HTTP over PostgreSQL{label}",
-                        [cycles_per_s(url, args.http_cycles) for _ in range(args.runs)],
+                    record_cpu(
+                        f"HTTP over PostgreSQL{label}",
+                        [cycle_cpu(url, proc.pid, args.http_cycles) for _ in range(args.runs)],
                         "cycles/s",
                     )
                     for clients in (4, 8):  # a busy server has many agents
