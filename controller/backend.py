@@ -51,11 +51,6 @@ class Backend(abc.ABC):
     """Everything a client can ask of the control plane."""
 
     url: str = ""
-    #: True when the one-statement operations (enqueue, claim without waiting, status
-    #: reports, reading a task) return in well under a millisecond without network I/O:
-    #: the HTTP server then runs them on its event loop instead of a worker thread
-    #: (`controller.server.calls`). An embedded SQLite store says yes.
-    quick_calls: bool = False
 
     # ----------------------------------------------------------------- tasks
     @abc.abstractmethod

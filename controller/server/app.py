@@ -17,10 +17,8 @@ expired leases, the first time one default lease after start.
 
 One path per operation: every request goes through its FastAPI route (`routes_*.py`),
 whose request body is a pydantic model of `controller.server.schemas`; the route calls
-the Backend in FastAPI's threadpool (plain `def` routes), or for the hot one-statement
-operations on a store whose calls are quick (SQLite) on the event loop
-(`controller.server.calls`), and answers with the record serialized by pydantic
-(`controller.server.encode`).
+the Backend in FastAPI's threadpool (plain `def` routes) and answers with the record
+serialized by pydantic (`controller.server.encode`).
 """
 
 from __future__ import annotations

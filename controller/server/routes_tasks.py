@@ -22,7 +22,6 @@ from controller.models import (
     TaskStatus,
 )
 from controller.server import encode
-from controller.server.calls import store_call
 from controller.server.schemas import (
     AbortRequest,
     CloneRequest,
@@ -85,7 +84,6 @@ def add_task_routes(
     come first.
     """
     P = prefix
-    call = store_call(backend)  # the hot one-statement routes (see controller.server.calls)
     statuses_json = status_table().model_dump_json().encode()
     status_waiters: dict[str, anyio.CapacityLimiter] = {}  # made on the event loop
 
@@ -95,9 +93,8 @@ def add_task_routes(
         response_model=TaskRecord,
         summary="Change a task's status",
     )
-    async def set_status(task_id: str, body: StatusRequest) -> Response:
-        rec = await call(
-            backend.set_status,
+    def set_status(task_id: str, body: StatusRequest) -> Response:
+        rec = backend.set_status(
             task_id,
             body.status,
             reason=body.reason,
@@ -112,11 +109,9 @@ def add_task_routes(
         response_model=TaskRecord,
         summary="Put a task on a queue",
     )
-    async def enqueue(
-        task_id: str, body: Annotated[EnqueueRequest | None, Body()] = None
-    ) -> Response:
+    def enqueue(task_id: str, body: Annotated[EnqueueRequest | None, Body()] = None) -> Response:
         body = body or EnqueueRequest()
-        rec = await call(backend.enqueue, task_id, body.queue, priority=body.priority)
+        rec = backend.enqueue(task_id, body.queue, priority=body.priority)
         if notify_enqueues:
             waker.notify_threadsafe(None)
         return encode.record(rec)
@@ -143,8 +138,8 @@ def add_task_routes(
         return encode.no_content()
 
     @r.get(P + "/tasks/{task_id}", tags=TAGS, response_model=TaskRecord, summary="Get a task")
-    async def get_task(task_id: str) -> Response:
-        return encode.record(await call(backend.get_task, task_id))
+    def get_task(task_id: str) -> Response:
+        return encode.record(backend.get_task(task_id))
 
     @r.post(
         P + "/tasks/wait",

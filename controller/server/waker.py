@@ -17,9 +17,8 @@ a hundred idle agents do not all hit the store for every task:
 
 A claimer registers its future *before* it tries to claim, so an enqueue that commits
 during the attempt is not missed: the next wait returns at once. This is the server's
-one waiting mechanism for claims: the attempts are `backend.claim(wait_s=0)` calls (on
-the event loop for a store whose calls are quick, else in FastAPI's threadpool: see
-`controller.server.calls`), and a waiting claimer holds no thread.
+one waiting mechanism for claims: the attempts are `backend.claim(wait_s=0)` calls in
+FastAPI's threadpool, and a waiting claimer holds no thread.
 """
 
 from __future__ import annotations
@@ -28,9 +27,10 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from starlette.concurrency import run_in_threadpool
+
 from controller.backend import Backend
 from controller.models import TaskRecord
-from controller.server.calls import StoreCall, store_call
 
 #: Why a waiter was woken: one enqueued task, or possibly several (tick, baton).
 ENQUEUED = "enqueued"
@@ -149,21 +149,20 @@ async def long_poll_claim(
     wait_s: float,
     lease_s: float,
     is_disconnected: Callable[[], Awaitable[bool]],
-    call: StoreCall | None = None,
 ) -> TaskRecord | None:
     """Claim the next task of `queues`, waiting up to `wait_s` seconds for one.
 
-    Each attempt is a cheap non-blocking `backend.claim(wait_s=0)` made with `call`
-    (default `store_call(backend)`: on the event loop for a store whose calls are quick,
-    else in the threadpool); between attempts the claimer waits on the event loop for a wake-up (see the module
+    Each attempt is a cheap non-blocking `backend.claim(wait_s=0)` in the threadpool;
+    between attempts the claimer waits on the event loop for a wake-up (see the module
     doc), holding no thread. A client that went away gets no task: the claim would be
     lost until its lease expired.
     """
 
     async def attempt() -> TaskRecord | None:
-        return await call(backend.claim, queues, worker_id, wait_s=0, lease_s=lease_s)
+        return await run_in_threadpool(
+            backend.claim, queues, worker_id, wait_s=0, lease_s=lease_s
+        )
 
-    call = call or store_call(backend)
     if wait_s <= 0:
         return await attempt()
     loop = asyncio.get_running_loop()

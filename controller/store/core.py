@@ -88,12 +88,6 @@ class StoreCore(Backend):
         self._last_sweep = 0.0
         self._known_queues: dict[str, float] = {}
 
-    @property
-    def quick_calls(self) -> bool:  # type: ignore[override]
-        """True on SQLite: a statement is a local file access, no network round trip
-        (see `Backend.quick_calls`)."""
-        return self.dialect == "sqlite"
-
     # ------------------------------------------------------------ plumbing
     @contextlib.contextmanager
     def _write(self) -> Iterator[sa.Connection]:
