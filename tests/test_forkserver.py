@@ -257,3 +257,49 @@ def test_what_a_fork_cannot_reproduce_starts_cold(servers: ForkServers, venv: Ve
     cold = run(servers, venv, tmp_path, "import os\nprint(oct(os.umask(0)))\n")
     assert any("umask changed" in x for x in cold.said) and not cold.forked
     assert cold.text() == [oct(previous)]
+
+
+def test_a_forked_step_ends_as_a_cold_one_does(servers: ForkServers, venv: VenvResult, tmp_path: Path) -> None:
+    step = run(servers, venv, tmp_path, """
+        import atexit, sys, threading, time
+        left_open = open("left-open.txt", "w")
+        left_open.write("kept")  # buffered, never closed: flushed at exit as a teardown would
+        atexit.register(lambda: print("exit handler ran", flush=True))
+
+        def late() -> None:
+            time.sleep(0.5)
+            print("non-daemon thread finished", flush=True)
+
+        threading.Thread(target=late).start()
+        sys.exit("stopped with a message")
+    """)
+    assert step.forked
+    assert step.outcome.exit_code == 1, step.text("stderr")
+    assert step.text() == ["non-daemon thread finished", "exit handler ran"]
+    assert step.text("stderr") == ["stopped with a message"]
+    assert (tmp_path / "left-open.txt").read_text() == "kept"
+    assert run(servers, venv, tmp_path, "raise SystemExit(300)\n").outcome.exit_code == 300 % 256
+
+
+def test_forked_steps_find_the_embedded_store_opened(
+        servers: ForkServers, venv: VenvResult, tmp_path: Path) -> None:
+    from controller.store import SqlBackend
+
+    url = f"sqlite:///{tmp_path / 'conveyor.db'}"
+    store = SqlBackend(url)
+    env = step_env(tmp_path, venv, CONVEYOR_API=url)
+    code = """
+        from controller.connect import get_backend
+        backend = get_backend()
+        task = backend.create_task({"name": "made by a forked step", "project": "p"})
+        backend.append_log(task.id, ["hello"])
+        print(task.id)
+    """
+    first, second = run(servers, venv, tmp_path, code, env=env), run(servers, venv, tmp_path, code, env=env)
+    assert first.forked and second.forked, first.said
+    assert first.outcome.reason == second.outcome.reason == StatusReason.completed, first.text("stderr")
+    for step in (first, second):
+        (task_id,) = step.text()
+        assert store.get_task(task_id).name == "made by a forked step"
+        assert [x.line for x in store.get_log(task_id)] == ["hello"]
+    store.close()

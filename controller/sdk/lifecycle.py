@@ -91,6 +91,16 @@ def freeze_at_exit() -> None:
     atexit.register(gc.freeze)
 
 
+def ends_without_teardown() -> None:
+    """This process ends with `os._exit` right after its exit handlers (a step forked by
+    an agent's fork server, `agent.forkserver`): there are no final collections to skip,
+    so `freeze_at_exit` does nothing here (it would hide the step's own objects from the
+    fork server's last flush of the files the step left open)."""
+    global _freeze_registered
+    with _lock:
+        _freeze_registered = True
+
+
 def settle() -> None:
     """The task's status is decided elsewhere (execute_remotely, close, mark_*)."""
     global _settled
