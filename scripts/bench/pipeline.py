@@ -44,13 +44,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from scripts.bench.stats import show  # noqa: E402
+from scripts.bench.trivial_steps import noop  # noqa: E402
 from tests.helpers_server import start_server, stop_server  # noqa: E402
 
 FORK_SERVER_VARIABLE = "CONVEYOR_FORK_SERVER"
-
-
-def noop(value: int = 0):
-    return value + 1
 
 
 def start_agent(home: Path, concurrency: int = 2) -> subprocess.Popen[bytes]:

@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from agent.environments.venv import ensure_venv  # noqa: E402
-from scripts.bench.pipeline import noop, run_pipeline, start_agent  # noqa: E402
+from scripts.bench.pipeline import run_pipeline, start_agent  # noqa: E402
 from scripts.bench.stats import show  # noqa: E402
+from scripts.bench.trivial_steps import noop  # noqa: E402
 from tests.helpers_server import start_server, stop_server  # noqa: E402
 
 #: Modules whose presence after an import says what the step paid for.
