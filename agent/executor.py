@@ -230,7 +230,8 @@ def execute_task(
     try:
         checkout = checkout_task_code(task.script, work_dir, settings.git_cache, task_log.agent)
         runtime["commit_used"] = checkout.commit_used
-        _record_runtime(backend, task.id, {"commit_used": checkout.commit_used})
+        if checkout.commit_used:  # a repository's commit, shown while the step runs; else only in the report
+            _record_runtime(backend, task.id, {"commit_used": checkout.commit_used})
         if image:
             outcome = run_in_container(backend, task, image, work_dir, checkout.path_to_run_in,
                                        settings, task_log, should_abort, step_output)
@@ -326,10 +327,10 @@ def prepare_environment(
     requirements_file = requirements_file_for(task, run_dir)
     if requirements_file is not None:
         say(f"installing from {requirements_file.name}")
-    progress = build_progress_line(task, requirements_file)
 
     def say_and_report_builds(message: str) -> None:
         if message.startswith("building virtualenv"):  # ensure_venv builds (no cache hit)
+            progress = build_progress_line(task, requirements_file)  # looks for uv: only for a build
             log.info("task %s: %s", task.id, progress)
             say(progress)
         say(message)

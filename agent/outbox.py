@@ -9,7 +9,8 @@ small JSON file per task under `CONVEYOR_HOME/outbox/<worker id>/<task id>.json`
    each with the batch id it got when it was formed (`form_chunks`): the store appends
    a chunk once however often it is sent, so a chunk stored by a server that died
    before it answered is not doubled by the retry; once acknowledged the entry is
-   rewritten without the chunk;
+   rewritten without the chunk, unless it was the last one (a retry would resend it,
+   appending nothing: most reports have one chunk, and this saves their second fsync);
 2. the runtime figures (`edit_task(..., force=True)`, idempotent);
 3. the status, as the worker that holds the task (`set_status(..., worker_id=...)`).
 
@@ -177,6 +178,8 @@ class Outbox:
             chunk = report.log_chunks[0]
             backend.append_log(report.task_id, chunk["lines"], batch_id=chunk["batch_id"])
             report.log_chunks = report.log_chunks[1:]
+            if not report.log_chunks:
+                break  # resending the last one would append nothing: no rewrite (an fsync) for it
             try:
                 self.save(report)  # a retry need not send this chunk again
             except OSError as exc:
