@@ -240,17 +240,25 @@ def execute_task(
                 argv = build_argv(task, venv.python_path if venv else Path(settings.python))
                 env = build_env(task, settings, venv.path if venv else None)
                 task_log.agent(f"running: {shlex.join(argv)} (in {checkout.path_to_run_in})")
-                task_log.flush()
-                outcome = run_step(
-                    argv,
-                    checkout.path_to_run_in,
-                    env,
-                    task.execution.time_limit_s,
-                    step_output,
-                    should_abort,
-                    grace_s=settings.stop_grace_s,
-                    launch=warm_launcher(settings, venv.python_path, task_log.agent) if venv else None,
-                )
+                # The lines so far are sent once the step has run AGENT_LOG_FLUSH_S (or with
+                # its first output): a shorter step sends them with its final report instead
+                # of one more store write on its way to start.
+                early_flush = threading.Timer(AGENT_LOG_FLUSH_S, task_log.flush)
+                early_flush.daemon = True
+                early_flush.start()
+                try:
+                    outcome = run_step(
+                        argv,
+                        checkout.path_to_run_in,
+                        env,
+                        task.execution.time_limit_s,
+                        step_output,
+                        should_abort,
+                        grace_s=settings.stop_grace_s,
+                        launch=warm_launcher(settings, venv.python_path, task_log.agent) if venv else None,
+                    )
+                finally:
+                    early_flush.cancel()
     except (CheckoutError, EnvironmentBuildError, ContainerError) as exc:
         task_log.agent(f"error: {exc}")
         return finish(TaskStatus.failed, StatusReason.setup_failed, str(exc))
