@@ -101,7 +101,9 @@ class TaskLog:
     """Buffers a task's log lines and sends them in batches, keeping what cannot be sent.
 
     Agent messages are batched every AGENT_LOG_FLUSH_S; step output arrives in batches
-    from the supervisor's delivery thread. While the control plane is unreachable,
+    from the supervisor's delivery thread, except the lines still pending when the
+    step ended, which are kept (`keep`) for the final report, the same store write as
+    the agent's last lines. While the control plane is unreachable,
     lines stay here in order (a new attempt at most every few seconds, with backoff),
     and whatever is still unsent when the task ends goes into its final report
     (`take_unsent`), so no line is lost to an outage. Every chunk carries a batch id
@@ -151,6 +153,12 @@ class TaskLog:
             done = self._send(chunks)
             with self._lock:
                 del self._chunks[:done]
+
+    def keep(self, batch: list[dict[str, Any]]) -> None:
+        """Record the step's last batch of output without sending it: the final report
+        (`take_unsent`) carries it, in the same store write as the agent's last lines."""
+        with self._lock:
+            self._pending.extend(batch)
 
     def take_unsent(self) -> list[dict[str, Any]]:
         """The chunks not delivered yet (`{"batch_id", "lines"}`, oldest first); they are
@@ -256,6 +264,7 @@ def execute_task(
                         should_abort,
                         grace_s=settings.stop_grace_s,
                         launch=warm_launcher(settings, venv.python_path, task_log.agent) if venv else None,
+                        on_final_output=exception.watching(task_log.keep),
                     )
                 finally:
                     early_flush.cancel()

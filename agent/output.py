@@ -15,7 +15,9 @@ Decisions:
   delivered when the stream ends.
 - **Delivery.** A delivery thread calls `on_output(batch)` every `flush_interval_s`
   (0.25 s), in batches of at most 10,000 lines and ~4 MiB, with dicts `{"line",
-  "stream", "timestamp"}` (fields of `controller.models.LogLine`). A failing or slow
+  "stream", "timestamp"}` (fields of `controller.models.LogLine`). The lines still
+  pending once the streams ended may go to another callback (`on_final_output`: the
+  agent keeps them for the task's final report instead of one more store write). A failing or slow
   callback never delays the time limit or aborts (the supervising thread does those);
   an exception is remembered and reported once the step ends. If the callback falls
   far behind (`max_pending_chars`), readers pause (`wait_for_room`), so the step
@@ -142,13 +144,16 @@ def deliver_batches(
     interval_s: float,
     readers_done: threading.Event,
     errors: list[str],
+    on_final_output: OutputCallback | None = None,
 ) -> None:
-    """Delivery thread: hand batches to `on_output` until readers are done and drained."""
+    """Delivery thread: hand batches to `on_output` until readers are done and drained;
+    what is taken once they are done goes to `on_final_output` when given."""
     while True:
         finished = readers_done.wait(interval_s)
+        deliver = on_final_output if finished and on_final_output is not None else on_output
         for chunk in chunk_batch(output.take()):
             try:
-                on_output(chunk)
+                deliver(chunk)
             except Exception as exc:  # keep the step running; report at the end
                 errors.append(f"{type(exc).__name__}: {exc}")
         if finished and not output.pending:

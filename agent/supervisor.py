@@ -343,6 +343,7 @@ def run_step(
     max_line_chars: int = MAX_LOG_LINE_CHARS,
     max_pending_chars: int = DEFAULT_MAX_PENDING_CHARS,
     launch: Launcher | None = None,
+    on_final_output: OutputCallback | None = None,
 ) -> StepOutcome:
     """Run `argv` in `cwd` until it ends, its time limit passes or `should_abort()` says so.
 
@@ -351,6 +352,8 @@ def run_step(
     failures; returns a StepOutcome (reason `setup_failed` if it cannot start).
     `launch` may start it instead (a fork server, `agent.forkserver`); when it returns
     None the step starts as a child process of this one (a cold start).
+    `on_final_output` (default: `on_output`) gets the lines still undelivered when the
+    step's streams ended.
     """
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
@@ -392,7 +395,7 @@ def run_step(
         threading.Thread(target=reader, name=f"step-{proc.pid}-reader", daemon=True),
         threading.Thread(
             target=deliver_batches,
-            args=(output, on_output, flush_interval_s, reader_done, errors),
+            args=(output, on_output, flush_interval_s, reader_done, errors, on_final_output),
             name=f"step-{proc.pid}-delivery",
             daemon=True,
         ),
@@ -444,7 +447,7 @@ def run_step(
         leftover = output.take()  # delivery gave up on them (it took too long): hand them over
         if leftover:
             try:
-                on_output(leftover)
+                (on_final_output or on_output)(leftover)
             except Exception as exc:  # noqa: BLE001 - reported like any delivery error
                 errors.append(f"{type(exc).__name__}: {exc}")
 

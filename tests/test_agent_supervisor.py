@@ -111,6 +111,24 @@ def test_output_streams_while_running(tmp_path: Path) -> None:
     assert out.text()[-1] == "late"
 
 
+def test_lines_pending_when_the_step_ended_go_to_the_final_callback(tmp_path: Path) -> None:
+    final = Collector()
+    outcome, out = run_py(
+        """
+        import sys, time
+        print("while running", flush=True)
+        time.sleep(1.0)
+        print("last out")
+        print("last err", file=sys.stderr)
+    """,
+        tmp_path,
+        on_final_output=final,
+    )
+    assert outcome.reason == StatusReason.completed
+    assert out.text() == ["while running"]  # delivered while the step ran
+    assert final.text() == ["last out"] and final.text("stderr") == ["last err"]
+
+
 def test_very_long_line_is_split(tmp_path: Path) -> None:
     outcome, out = run_py(
         """
