@@ -40,8 +40,9 @@ Decisions:
   differences: `__del__` methods of objects still alive at exit do not run, and a
   daemon thread's unflushed work is lost sooner.
 - **Store opened once.** For the embedded SQLite store, the server opens it as a step's
-  `get_backend()` would (engines, schema check, one statement), then closes its
-  connections; steps find it opened and make their own connections. The agent daemon
+  `get_backend()` would (engines, schema check, then a read, an edit and a status
+  change of a task that does not exist: the first connection and statements of each
+  engine), then closes its connections; steps find it opened and make their own connections. The agent daemon
   opened and checked the same store before it started the server.
 - **Exit status.** The server reaps its children (SIGCHLD wakes its selector) and sends
   each exit code (negative: the signal) on the step's own reply socket; `ForkedStep`
