@@ -150,3 +150,51 @@ def test_stores_in_other_schemas_of_the_database_are_not_heard(postgres_url: str
         neighbour.close()
         with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
             admin.execute(f"DROP SCHEMA {other_schema} CASCADE")
+
+
+def test_a_claim_on_sqlite_wakes_on_an_enqueue_by_another_process(sqlite_url: str) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    store = SqlBackend(sqlite_url)
+    try:
+        task = store.create_task({"name": "t"})
+        code = textwrap.dedent(f"""
+            import time
+            from controller.store import SqlBackend
+            time.sleep(0.3)
+            SqlBackend({sqlite_url!r}).enqueue({task.id!r})
+        """)
+        other = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            claimed = store.claim(["default"], "w1", wait_s=30)
+        finally:
+            other.wait(60)
+        assert claimed is not None and claimed.id == task.id
+    finally:
+        store.close()
+
+
+def test_an_idle_waiter_on_sqlite_does_not_query_the_database_on_a_timer(sqlite_url: str) -> None:
+    """Waiting costs the database nothing while nothing changes: the waiters are woken
+    by the data_version thread, whose reads do not go through SQLAlchemy statements."""
+    store = SqlBackend(sqlite_url)
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # noqa: ANN001
+        statements.append(statement)
+
+    try:
+        task = store.create_task({"name": "t"})
+        sa.event.listen(sa.engine.Engine, "before_cursor_execute", count)
+        try:
+            assert store.wait_for_status_change({task.id: "created"}, wait_s=0.8) == []
+            assert store.claim(["default"], "w1", wait_s=0.8) is None
+        finally:
+            sa.event.remove(sa.engine.Engine, "before_cursor_execute", count)
+        # each: the first check, and one re-check when the data_version thread starts
+        # reading; a 10 ms poll would have made some 160
+        assert len(statements) <= 8, statements
+    finally:
+        store.close()

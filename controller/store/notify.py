@@ -7,8 +7,14 @@ Every status change is published as a `StatusEvent` (task id, new status, queue)
 - on PostgreSQL a trigger sends a NOTIFY for every status change in the database
   (`schema.NOTIFY_CHANNEL`), and one LISTEN thread per process publishes those made by
   other processes (the echoes of this process's own connections are skipped);
-- on SQLite other processes cannot be heard: waiters also re-check the database every
-  `SQLITE_POLL_INTERVAL_S`.
+- on SQLite, which has no NOTIFY, one thread per process (`_watch_sqlite`, only while
+  something waits) reads `PRAGMA data_version` on a connection of its own every
+  `SQLITE_POLL_INTERVAL_S`: SQLite changes that number on a connection whenever another
+  connection committed, so one read of a few microseconds tells whether anything
+  changed, in this process or another. When it changed, every watcher is woken and
+  re-checks the database once; nothing changed costs the waiters nothing (they do not
+  query the database on a timer). Waiters still re-check every `SQLITE_RECHECK_S` by
+  themselves, should that thread have lost its connection.
 
 Waiters watch keys (a queue name for claims, task ids for status waits) and are woken
 when an event names one of them. Enqueue listeners (the API server's `ClaimWaker`) are
@@ -20,18 +26,27 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from controller.store.engine import is_sqlite, normalize_url, psycopg_connect_args
 from controller.store.schema import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
-#: How often a waiter on SQLite re-checks the database (other processes' changes).
-SQLITE_POLL_INTERVAL_S = 0.01
+#: How often, on SQLite, `PRAGMA data_version` is read while something waits (other
+#: connections' commits: other processes, and this process's own connections).
+SQLITE_POLL_INTERVAL_S = 0.005
+#: Longest a waiter on SQLite sleeps before re-checking the database by itself (only
+#: matters if the data_version thread cannot read the database).
+SQLITE_RECHECK_S = 1.0
+#: How long the data_version thread goes on reading after the last waiter left (a
+#: waiter that comes back soon, like a claim loop, finds it still running).
+SQLITE_IDLE_AFTER_S = 2.0
 #: Pause before the LISTEN connection is opened again after it was lost.
 LISTEN_RECONNECT_S = 1.0
 _QUEUED = "queued"
@@ -80,14 +95,18 @@ class Notifier:
     def __init__(self, url: str) -> None:
         self._url = normalize_url(url)
         self.cross_process = not is_sqlite(self._url)
-        #: Seconds a waiter may sleep before re-checking the database itself: short on
-        #: SQLite (other processes are not heard), unbounded where they are.
-        self.poll_interval_s = SQLITE_POLL_INTERVAL_S if not self.cross_process else float("inf")
+        #: Seconds a waiter may sleep before re-checking the database itself: a safety
+        #: net on SQLite (see `_watch_sqlite`), unbounded on PostgreSQL (LISTEN).
+        self.poll_interval_s = SQLITE_RECHECK_S if not self.cross_process else float("inf")
         self._lock = threading.Lock()
         self._watches: dict[str, set[Watch]] = {}
         self._enqueue_listeners: list[Callable[[str], None]] = []
         self._thread: threading.Thread | None = None
+        #: The process that started `_thread` (a forked child starts its own).
+        self._thread_pid = 0
         self._stopping = threading.Event()
+        #: Set while a watch is registered (the SQLite thread reads only then).
+        self._watched = threading.Event()
         #: PostgreSQL backend PIDs of this process's own connections: their changes were
         #: already published here, so their NOTIFY echoes are skipped.
         self.own_backend_pids: set[int] = set()
@@ -98,10 +117,11 @@ class Notifier:
         """Register a watch on `keys` for the block (register, then check the database,
         then wait: an event between the check and the wait is not lost)."""
         watch = Watch(frozenset(keys))
-        self.listen()
         with self._lock:
             for key in watch.keys:
                 self._watches.setdefault(key, set()).add(watch)
+            self._watched.set()
+        self.listen()
         try:
             yield watch
         finally:
@@ -112,6 +132,8 @@ class Notifier:
                         watchers.discard(watch)
                         if not watchers:
                             del self._watches[key]
+                if not self._watches:
+                    self._watched.clear()
 
     def add_enqueue_listener(self, callback: Callable[[str], None], *, listen: bool = True) -> None:
         """Call `callback(queue_name)` for every task enqueued (other processes too on
@@ -154,20 +176,75 @@ class Notifier:
 
     # ------------------------------------------------------ other processes
     def listen(self) -> None:
-        """Start hearing other processes' changes (PostgreSQL; idempotent).
+        """Start hearing other processes' changes (idempotent): the LISTEN thread on
+        PostgreSQL, the data_version thread on SQLite.
 
         Only processes that wait listen: every listening connection is woken by every
         status change in the database."""
-        if self._thread is not None or not self.cross_process:
+        if self._thread is not None and self._thread_pid == os.getpid():
             return
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._listen, name="conveyor-pg-listen", daemon=True)
+            if self._thread is None or self._thread_pid != os.getpid():  # none, or the parent's
+                if self.cross_process:
+                    target, name = self._listen, "conveyor-pg-listen"
+                else:
+                    target, name = self._watch_sqlite, "conveyor-sqlite-watch"
+                self._thread_pid = os.getpid()
+                self._thread = threading.Thread(target=target, name=name, daemon=True)
                 self._thread.start()
 
     def close(self) -> None:
-        """Stop the LISTEN thread."""
+        """Stop the LISTEN / data_version thread."""
         self._stopping.set()
+        self._watched.set()  # let an idle data_version thread see the stop
+
+    def _watch_sqlite(self) -> None:
+        """Wake every watcher when another connection committed (see the module
+        docstring): `PRAGMA data_version` every SQLITE_POLL_INTERVAL_S while something
+        waits, on a connection of this thread's own that never writes."""
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self._url, poolclass=sa.pool.NullPool)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._follow_data_version(engine)
+                except Exception as exc:  # a lost or unreadable database: waiters re-check
+                    if self._stopping.is_set():
+                        return
+                    log.warning("cannot read the SQLite store's data_version (%s); retrying", exc)
+                    self.wake_all()
+                    self._stopping.wait(LISTEN_RECONNECT_S)
+        finally:
+            engine.dispose()
+
+    def _follow_data_version(self, engine: Any) -> None:
+        connection = engine.raw_connection()  # a DBAPI connection, autocommit: no snapshot kept
+        try:
+            cursor = connection.cursor()
+            while not self._stopping.is_set():
+                # Asleep while nobody waits; a waiter registers, then checks the database,
+                # then waits: a change between its check and the first read below is caught
+                # by the wake-up that follows that read.
+                self._watched.wait()
+                if self._stopping.is_set():
+                    return
+                version = cursor.execute(_DATA_VERSION).fetchone()[0]
+                self.wake_all()
+                idle_since: float | None = None
+                while not self._stopping.wait(SQLITE_POLL_INTERVAL_S):
+                    current = cursor.execute(_DATA_VERSION).fetchone()[0]
+                    if current != version:
+                        version = current
+                        self.wake_all()
+                    if self._watched.is_set():
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since >= SQLITE_IDLE_AFTER_S:
+                        break  # back to sleep until someone waits
+        finally:
+            connection.close()
 
     def _listen(self) -> None:
         import psycopg
@@ -199,6 +276,9 @@ class Notifier:
 
 
 _ELSEWHERE = StatusEvent("", "", None)
+#: Changes whenever another connection committed to the database (SQLite's documented
+#: way to notice other connections' writes; unchanged by this connection's own).
+_DATA_VERSION = "PRAGMA data_version"
 
 
 def _parse(payload: str, own_schema: str) -> StatusEvent | None:

@@ -308,18 +308,18 @@ class TaskOperations(StoreCore):
                 watch.wait(min(remaining, self._notifier.poll_interval_s))
 
     def _changed_statuses(self, wanted: Mapping[str, str]) -> list[TaskRecord]:
-        """The tasks of `wanted` whose status differs from the one given."""
-        with self._read() as conn:
-            current = {r.id: r.status for r in conn.execute(
-                sa.select(T.c.id, T.c.status).where(T.c.id.in_(list(wanted))))}
+        """The tasks of `wanted` whose status differs from the one given: one small
+        SELECT of (id, status) when nothing changed (the common case of a re-check),
+        the changed tasks' records read only when there are some."""
+        with self._direct() as conn:
+            current = {r.id: r.status for r in conn.execute(_SELECT_STATUSES, {"ids": list(wanted)})}
             missing = sorted(set(wanted) - set(current))
             if missing:
                 raise NotFoundError(f"no task with id {missing[0]!r}", field="known")
             changed = [task_id for task_id, status in current.items() if status != wanted[task_id]]
             if not changed:
                 return []
-            query = sa.select(*schema.RECORD_COLUMNS).where(T.c.id.in_(changed))
-            return [row_to_record(r) for r in conn.execute(query)]
+            return [row_to_record(r) for r in conn.execute(_SELECT_RECORDS, {"ids": changed})]
 
 
 def _check_known(known: Any) -> dict[str, str]:
@@ -365,3 +365,5 @@ def _merge_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[
 
 
 _SELECT_TASK_WITH_HISTORY = sa.select(T).where(T.c.id == sa.bindparam("id"))
+_SELECT_STATUSES = sa.select(T.c.id, T.c.status).where(T.c.id.in_(sa.bindparam("ids", expanding=True)))
+_SELECT_RECORDS = sa.select(*schema.RECORD_COLUMNS).where(T.c.id.in_(sa.bindparam("ids", expanding=True)))
