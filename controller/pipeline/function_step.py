@@ -17,6 +17,7 @@ objects it receives, pandas for a DataFrame), pinned to the versions installed h
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 import textwrap
@@ -152,15 +153,19 @@ def module_imports(function: Callable[..., Any]) -> list[str]:
         source = inspect.getsource(module) if module is not None else ""
     except (OSError, TypeError):
         return []
-    statements = []
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Import | ast.ImportFrom) and not (
-            isinstance(node, ast.ImportFrom) and node.module == "__future__"
-        ):
-            segment = ast.get_source_segment(source, node)
-            if segment:
-                statements.append(segment)
-    return statements
+    return list(_imports_of_source(source))
+
+
+@functools.lru_cache(maxsize=64)
+def _imports_of_source(source: str) -> tuple[str, ...]:
+    """The top-level import statements of a module's source (parsed once per source:
+    the steps of a pipeline mostly come from one module)."""
+    return tuple(
+        ast.unparse(node)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        and not (isinstance(node, ast.ImportFrom) and node.module == "__future__")
+    )
 
 
 def function_packages(sources: Sequence[str]) -> list[str]:
