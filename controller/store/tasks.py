@@ -3,6 +3,7 @@ reports, abort, reset and waiting for status changes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -53,28 +54,26 @@ class TaskOperations(StoreCore):
         with self._write() as conn:
             if spec.parent:
                 self._row(conn, spec.parent)  # the parent must exist
-            conn.execute(
-                T.insert().values(
-                    id=task_id,
-                    name=spec.name,
-                    project=spec.project,
-                    type=spec.type.value,
-                    parent=spec.parent,
-                    status=TaskStatus.created.value,
-                    status_reason=StatusReason.created,
-                    status_message="",
-                    attempt=0,
-                    log_lines=0,
-                    created_at=now,
-                    updated_at=now,
-                    queue=spec.execution.queue or None,
-                    priority=spec.execution.priority,
-                    body=dumps(body),
-                    history=schema.history_line(TaskStatus.created.value, StatusReason.created, "", now),
-                )
-            )
+            row = conn.execute(_INSERT_TASK, {
+                "id": task_id,
+                "name": spec.name,
+                "project": spec.project,
+                "type": spec.type.value,
+                "parent": spec.parent,
+                "status": TaskStatus.created.value,
+                "status_reason": StatusReason.created,
+                "status_message": "",
+                "attempt": 0,
+                "log_lines": 0,
+                "created_at": now,
+                "updated_at": now,
+                "queue": spec.execution.queue or None,
+                "priority": spec.execution.priority,
+                "body": dumps(body),
+                "history": schema.history_line(TaskStatus.created.value, StatusReason.created, "", now),
+            }).one()
             self._write_tags(conn, task_id, spec.tags)
-            return self._fetch(conn, task_id)
+            return row_to_record(row)
 
     def _write_tags(self, conn: sa.Connection, task_id: str, tags: Sequence[str]) -> None:
         conn.execute(schema.task_tags.delete().where(schema.task_tags.c.task_id == task_id))
@@ -165,27 +164,18 @@ class TaskOperations(StoreCore):
             if spec.parent and spec.parent != row.parent:
                 self._row(conn, spec.parent)
             data = record.model_dump(mode="json")
-            conn.execute(
-                T.update()
-                .where(T.c.id == task_id)
-                .values(
-                    name=spec.name,
-                    project=spec.project,
-                    type=spec.type.value,
-                    parent=spec.parent,
-                    updated_at=time.time(),
-                    body=dumps(body_of(data)),
-                    # A queued task (forced edit) keeps its place; others take the new queue.
-                    **(
-                        {}
-                        if row.status == TaskStatus.queued.value
-                        else dict(queue=spec.execution.queue or None, priority=spec.execution.priority)
-                    ),
-                )
-            )
+            # A queued task (forced edit) keeps its place; others take the new queue.
+            keeps_place = row.status == TaskStatus.queued.value
+            params = {
+                "_id": task_id, "v_name": spec.name, "v_project": spec.project,
+                "v_type": spec.type.value, "v_parent": spec.parent, "v_updated_at": time.time(),
+                "v_body": dumps(body_of(data)),
+            }
+            if not keeps_place:
+                params.update(v_queue=spec.execution.queue or None, v_priority=spec.execution.priority)
             if "tags" in changes:
                 self._write_tags(conn, task_id, spec.tags)
-            return self._fetch(conn, task_id)
+            return row_to_record(conn.execute(_edit_update(keeps_place), params).one())
 
     def clone_task(
         self,
@@ -365,5 +355,24 @@ def _merge_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[
 
 
 _SELECT_TASK_WITH_HISTORY = sa.select(T).where(T.c.id == sa.bindparam("id"))
+#: A new task (parameters named as the columns), returning its row.
+_INSERT_TASK = T.insert().returning(*schema.RECORD_COLUMNS)
+
+
+@functools.cache
+def _edit_update(keeps_place: bool) -> sa.Executable:
+    """The UPDATE of an edit, returning the task's new row (`keeps_place`: a queued
+    task's queue and priority stay as they are)."""
+    columns = ["name", "project", "type", "parent", "updated_at", "body"]
+    if not keeps_place:
+        columns += ["queue", "priority"]
+    return (
+        T.update()
+        .where(T.c.id == sa.bindparam("_id"))
+        .values({c: sa.bindparam(f"v_{c}") for c in columns})
+        .returning(*schema.RECORD_COLUMNS)
+    )
+
+
 _SELECT_STATUSES = sa.select(T.c.id, T.c.status).where(T.c.id.in_(sa.bindparam("ids", expanding=True)))
 _SELECT_RECORDS = sa.select(*schema.RECORD_COLUMNS).where(T.c.id.in_(sa.bindparam("ids", expanding=True)))
