@@ -143,7 +143,7 @@ class PipelineController(DefinitionMixin, RunningMixin, PipelineStateMixin):
         return dict(self._nodes)
 
     def update_execution_plot(self) -> None:
-        """Record the DAG state on the pipeline task now (it is also recorded on every change)."""
+        """Record the DAG state on the pipeline task now (the loop also records it after changes)."""
         self._record_state()
 
     @property

@@ -138,7 +138,9 @@ class PipelineStateMixin:
     _resume_from: tuple[dict[str, Any], str] | None = None
     #: Recorded nodes not in the DAG yet (decorator components are added as they are called).
     _recorded_nodes: dict[str, dict[str, Any]] | None = None
-    #: A state write failed while the control plane was unreachable: write it again.
+    #: The recorded state is behind: a change not written yet (the loop writes it before
+    #: it waits, see `PipelineRunner`), or a write that failed while the control plane
+    #: was unreachable.
     _state_unsaved = False
     #: This resume, as recorded in runtime.pipeline["resumes"] (see `_restore_recorded_run`).
     _this_resume: tuple[dict[str, Any], ...] = ()
@@ -246,10 +248,13 @@ class PipelineStateMixin:
 
         While the control plane is unreachable the write is marked unsaved and the
         loop writes the state again (see `PipelineRunner`); other errors are logged.
+        A change made while this writes marks the state unsaved again (the flag is
+        cleared before the nodes are read).
         """
         if not self._task_id:
             return
         with self._state_lock:
+            self._state_unsaved = False
             nodes: dict[str, Any] = dict(self._recorded_nodes or {})  # decorator calls not made yet
             for name, node in list(self._nodes.items()):
                 nodes[name] = {**node.state(), **({"call_key": call_key_of(node)} if node.function_spec else {})}
@@ -266,7 +271,6 @@ class PipelineStateMixin:
             }
             try:
                 self._backend.edit_task(self._task_id, {"runtime": {"pipeline": state}}, force=True)
-                self._state_unsaved = False
             except BackendUnavailableError as exc:
                 if not self._state_unsaved:
                     log.warning("cannot record the pipeline state yet (%s); it is written again "
