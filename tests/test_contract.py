@@ -114,6 +114,36 @@ def test_edit_is_refused_unless_created_and_changes_nothing(backend: Backend) ->
     assert forced.status == TaskStatus.in_progress
 
 
+def test_concurrent_edits_of_one_task_are_all_kept(backend: Backend, backend_url: str) -> None:
+    """Edits from several clients at once each merge into what the others wrote (none
+    is lost), while the task's status changes meanwhile."""
+    from controller.connect import backend_from_url
+
+    task = backend.create_task({"name": "t"})
+    clients = [backend_from_url(backend_url) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def edit(n: int) -> None:
+        try:
+            for i in range(10):
+                clients[n].edit_task(task.id, {"hyperparams": {f"c{n}": {f"k{i}": i}}}, force=True)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=edit, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    backend.enqueue(task.id)
+    for thread in threads:
+        thread.join()
+    for client in clients:
+        client.close()
+    assert errors == []
+    record = backend.get_task(task.id)
+    assert record.status == TaskStatus.queued
+    assert {s: len(p) for s, p in record.hyperparams.items() if s.startswith("c")} == {"c0": 10, "c1": 10, "c2": 10}
+
+
 def test_edit_rejects_unknown_and_invalid_fields(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})
     with pytest.raises(InvalidInputError, match="status"):

@@ -36,6 +36,8 @@ from controller.transitions import Operation, report_transition, transition
 
 T = schema.tasks
 MAX_QUERY_LIMIT = 10_000
+#: Reads an edit makes before giving up when the task keeps changing meanwhile.
+EDIT_ATTEMPTS = 20
 # Definition parts merged key by key on edit (the rest is replaced whole).
 _MERGED_FIELDS = ("script", "container", "execution", "runtime", "configuration", "artifacts")
 
@@ -149,8 +151,13 @@ class TaskOperations(StoreCore):
                 f"{', '.join(sorted(EDITABLE_FIELDS))}",
                 field=unknown[0],
             )
-        with self._write() as conn:
-            row = self._row(conn, task_id, for_update=True)
+        # Optimistic: read, merge and validate outside any transaction, then one UPDATE
+        # that applies only if the task's status and body are still those read (else
+        # read again). No write lock is held while Python validates (on SQLite the
+        # lock is the whole database's: other processes' writes would wait for it).
+        for _attempt in range(EDIT_ATTEMPTS):
+            with self._direct() as conn:
+                row = self._row(conn, task_id)
             if row.status != TaskStatus.created.value and not force:
                 raise ConflictError(
                     f"task {task_id} is {row.status}: only a task in status created can be "
@@ -161,21 +168,27 @@ class TaskOperations(StoreCore):
             merged = _merge_changes(current, changes)
             spec = validate(TaskSpec, {k: merged[k] for k in TaskSpec.model_fields})
             record = validate(TaskRecord, {**merged, **spec.model_dump(mode="json")})
-            if spec.parent and spec.parent != row.parent:
-                self._row(conn, spec.parent)
             data = record.model_dump(mode="json")
             # A queued task (forced edit) keeps its place; others take the new queue.
             keeps_place = row.status == TaskStatus.queued.value
             params = {
-                "_id": task_id, "v_name": spec.name, "v_project": spec.project,
-                "v_type": spec.type.value, "v_parent": spec.parent, "v_updated_at": time.time(),
-                "v_body": dumps(body_of(data)),
+                "_id": task_id, "_status": row.status, "_body": row.body,
+                "v_name": spec.name, "v_project": spec.project, "v_type": spec.type.value,
+                "v_parent": spec.parent, "v_updated_at": time.time(), "v_body": dumps(body_of(data)),
             }
             if not keeps_place:
                 params.update(v_queue=spec.execution.queue or None, v_priority=spec.execution.priority)
-            if "tags" in changes:
-                self._write_tags(conn, task_id, spec.tags)
-            return row_to_record(conn.execute(_edit_update(keeps_place), params).one())
+            new_parent = bool(spec.parent) and spec.parent != row.parent
+            # one statement, unless the tags table or the new parent is involved too
+            with (self._write() if new_parent or "tags" in changes else self._direct()) as conn:
+                if new_parent:
+                    self._row(conn, spec.parent)  # the parent must exist
+                updated = conn.execute(_edit_update(keeps_place), params).first()
+                if updated is not None:
+                    if "tags" in changes:
+                        self._write_tags(conn, task_id, spec.tags)
+                    return row_to_record(updated)
+        raise ConflictError(f"task {task_id} kept changing while it was edited: try again", field="task_id")
 
     def clone_task(
         self,
@@ -361,14 +374,16 @@ _INSERT_TASK = T.insert().returning(*schema.RECORD_COLUMNS)
 
 @functools.cache
 def _edit_update(keeps_place: bool) -> sa.Executable:
-    """The UPDATE of an edit, returning the task's new row (`keeps_place`: a queued
-    task's queue and priority stay as they are)."""
+    """The UPDATE of an edit, applied only if the task's status and body are still
+    those the edit read (`_status`, `_body`), returning the task's new row
+    (`keeps_place`: a queued task's queue and priority stay as they are)."""
     columns = ["name", "project", "type", "parent", "updated_at", "body"]
     if not keeps_place:
         columns += ["queue", "priority"]
     return (
         T.update()
-        .where(T.c.id == sa.bindparam("_id"))
+        .where(T.c.id == sa.bindparam("_id"), T.c.status == sa.bindparam("_status"),
+               T.c.body == sa.bindparam("_body"))
         .values({c: sa.bindparam(f"v_{c}") for c in columns})
         .returning(*schema.RECORD_COLUMNS)
     )
