@@ -22,7 +22,8 @@ acknowledged or refused, so both are `_running`); the store ends any other task 
 holds for this worker. Their answer names tasks to abort (an abort requested through
 the API), which the step supervisor notices within its 0.2 s poll. A heartbeat runs
 every `HEARTBEAT_BUSY_S` while tasks run, so an abort is seen within 1 s, and every
-`HEARTBEAT_IDLE_S` otherwise; after each, at most every `LEASE_SWEEP_EVERY_S`, the
+`HEARTBEAT_IDLE_S` otherwise (a claim brings an idle wait forward, it does not send a
+heartbeat of its own: the claim itself set the task's lease); after each, at most every `LEASE_SWEEP_EVERY_S`, the
 daemon asks the store to fail tasks whose lease expired (`expire_leases`), so lost
 agents are found even on an embedded store with no idle agent claiming.
 
@@ -533,10 +534,25 @@ class AgentDaemon:
                 self._sweep_leases()
             else:
                 failures += 1
-            period_s = HEARTBEAT_BUSY_S if current else HEARTBEAT_IDLE_S
+            self._wait_for_next_heartbeat(time.monotonic(), failures)
+
+    def _wait_for_next_heartbeat(self, sent_at: float, failures: int) -> None:
+        """Sleep until the next heartbeat is due: HEARTBEAT_BUSY_S after `sent_at` while
+        tasks run, HEARTBEAT_IDLE_S otherwise (backing off after failures). A claim
+        wakes this wait to shorten an idle period, not to send at once: a burst of
+        short tasks costs one heartbeat per HEARTBEAT_BUSY_S, not one per task."""
+        while True:
+            with self._lock:
+                busy = bool(self._running)
+            if self._stop.is_set() and not busy:
+                return
+            period_s = HEARTBEAT_BUSY_S if busy else HEARTBEAT_IDLE_S
             if failures:
                 period_s = min(period_s * 2**failures, max(period_s, HEARTBEAT_MAX_BACKOFF_S))
-            self._heartbeat_wake.wait(period_s)
+            remaining_s = sent_at + period_s - time.monotonic()
+            if remaining_s <= 0:
+                return
+            self._heartbeat_wake.wait(remaining_s)
             self._heartbeat_wake.clear()
 
     def _sweep_leases(self) -> None:
