@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -232,6 +233,38 @@ class TaskSpec(_Record):
 
 #: Fields `edit_task` may change (the definition; never status or identity).
 EDITABLE_FIELDS = frozenset(TaskSpec.model_fields) | {"runtime", "artifacts", "models"}
+#: Parts of a task merged key by key by an edit (the other fields are replaced whole).
+MERGED_FIELDS = ("script", "container", "execution", "runtime", "configuration", "artifacts")
+
+
+def merge_task_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply edit changes to a json-mode task (a record or a spec), as `edit_task` does:
+    the parts of MERGED_FIELDS are merged key by key, hyperparams section by section,
+    the other fields replaced. A key set to None inside a merged part (an artifact, a
+    configuration entry) or a hyperparams section set to None removes it."""
+    merged = dict(current)
+    for key, value in changes.items():
+        if key in MERGED_FIELDS and isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            part = dict(merged[key])
+            for k, v in value.items():
+                if v is None and key in ("artifacts", "configuration"):
+                    part.pop(k, None)
+                else:
+                    part[k] = v
+            merged[key] = part
+        elif key == "hyperparams" and isinstance(value, Mapping):
+            sections = {s: dict(p) for s, p in merged.get("hyperparams", {}).items()}
+            for section, params in value.items():
+                if params is None:
+                    sections.pop(section, None)
+                elif isinstance(params, Mapping):
+                    sections.setdefault(section, {}).update(params)
+                else:
+                    sections[section] = params  # let validation name the bad section
+            merged["hyperparams"] = sections
+        else:
+            merged[key] = value
+    return merged
 
 
 class StatusChange(_Record):

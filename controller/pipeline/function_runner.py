@@ -23,16 +23,20 @@ def run_function_step(
 ) -> Any:
     """Call `function` with the step's kwargs; upload its results as artifacts."""
     from controller import Task
+    from controller.sdk.artifacts import Artifacts
 
     if not os.environ.get("CONVEYOR_TASK_ID"):
         raise RuntimeError("a function step runs under an agent (CONVEYOR_TASK_ID is not set)")
     task = Task.init()
     record = task.data
     kwargs = dict(record.hyperparams.get(KWARGS_SECTION, {}))
+    sources: dict[str, Artifacts] = {}  # each source task read once (its record as fetched)
     for name, marker in (record.hyperparams.get(KWARGS_ARTIFACTS_SECTION) or {}).items():
         source_id, _, artifact_name = str(marker).partition(".")
-        source = Task.get_task(task_id=source_id)
-        kwargs[name] = source.artifacts[artifact_name].get(deserialization_function=deserialization_function)
+        if source_id not in sources:
+            source = Task.get_task(task_id=source_id)
+            sources[source_id] = Artifacts(source.id, source.data.artifacts)
+        kwargs[name] = sources[source_id][artifact_name].get(deserialization_function=deserialization_function)
     result = function(**kwargs)
     if not return_names:
         return result

@@ -1,10 +1,10 @@
 """Turning a ready node into an enqueued task: resolve references, clone, override, cache.
 
 `Resolver.resolve_node` resolves every `${...}` of a node against the current state of
-its parents (one place for all reference kinds); `create_step_task` clones the base task
-(or creates a function step's task); `task_override_changes` turns task_overrides into an
-edit; `cache_key` hashes what defines the step's result so `cache_executed_step` can
-reuse a completed task. The loop that calls them is `controller.pipeline.running`.
+its parents (one place for all reference kinds); `function_step_spec` makes a function
+step's task spec, `clone_step_task` clones a base task; `task_override_changes` turns
+task_overrides into edit changes; `cache_key` hashes what defines the step's result so
+`cache_executed_step` can reuse a completed task. The loop that calls them is `controller.pipeline.running`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from controller.backend import Backend
 from controller.errors import NotFoundError
-from controller.models import TaskRecord, TaskStatus
+from controller.models import EDITABLE_FIELDS, TaskRecord, TaskStatus
 from controller.pipeline import references
 from controller.pipeline.function_step import input_packages, merge_packages, repository_fields
 from controller.pipeline.node import Node
@@ -69,19 +69,37 @@ class Resolver:
         backend: Backend,
         nodes: Mapping[str, Node],
         pipeline_parameters: Mapping[str, Any],
+        known_records: Mapping[str, TaskRecord] | None = None,
     ) -> None:
+        """`known_records`: records of finished step tasks by task id, as the wait that
+        saw them end returned them (read instead of asking the store again; they lack
+        only the status history, which a reference to it reads from the store)."""
         self.backend = backend
         self.nodes = nodes
         self.pipeline_parameters = pipeline_parameters
+        self.known_records = known_records or {}
         self._records: dict[str, dict[str, Any]] = {}
 
-    def _record(self, step: str) -> dict[str, Any] | None:
+    def task_json(self, task_id: str, *, with_history: bool = False) -> dict[str, Any]:
+        """A task's record (json mode), read from the store once per resolver."""
+        if with_history and task_id in self._records and not self._records[task_id].get("status_history"):
+            del self._records[task_id]  # a known record: no history in it
+        if task_id not in self._records:
+            known = None if with_history else self.known_records.get(task_id)
+            record = known if known is not None else self.backend.get_task(task_id)
+            self._records[task_id] = record.model_dump(mode="json")
+        return self._records[task_id]
+
+    def _record(self, step: str, *, with_history: bool = False) -> dict[str, Any] | None:
         node = self.nodes[step]
         if not node.executed or not node.is_successful:
             return None  # a failed parent whose children still run: its values are None
-        if step not in self._records:
-            self._records[step] = self.backend.get_task(node.executed).model_dump(mode="json")
-        return self._records[step]
+        return self.task_json(node.executed, with_history=with_history)
+
+    def artifact_of(self, marker: str) -> dict[str, Any] | None:
+        """The artifact (json mode) an input marker "<task id>.<artifact name>" names."""
+        task_id, _, name = str(marker).partition(".")
+        return self.task_json(task_id).get("artifacts", {}).get(name)
 
     def value(self, ref: references.Reference, out: ResolvedStep | None = None) -> Any:
         """The value a reference stands for (None for a parent that did not succeed)."""
@@ -92,7 +110,7 @@ class Resolver:
             return self.pipeline_parameters[name]
         if ref.step not in self.nodes:
             raise references.ReferenceError_(f"{ref.text}: unknown step '{ref.step}'")
-        record = self._record(ref.step)
+        record = self._record(ref.step, with_history=ref.path[:1] == ("status_history",))
         if record is None:
             return None
         node = self.nodes[ref.step]
@@ -145,28 +163,35 @@ class Resolver:
         return out
 
 
-def create_step_task(
+def function_step_spec(
+    node: Node, *, pipeline_task_id: str | None, tags: list[str], project: str
+) -> dict[str, Any]:
+    """The task spec of a function step (json mode): made from its function, a child of
+    the pipeline task, in `project` unless the step names its own, with `tags`."""
+    assert node.function_spec is not None
+    spec = dict(node.function_spec["task_spec"])
+    script = dict(spec["script"])
+    script.update(repository_fields(*node.function_spec.get("repo", (None, None, None))))
+    if node.function_spec.get("working_dir"):
+        script["working_dir"] = node.function_spec["working_dir"]
+    spec["script"] = script
+    spec.update(name=node.function_spec["task_name"], parent=pipeline_task_id,
+                project=node.function_spec.get("project") or project,
+                type=node.function_spec["task_type"], tags=tags,
+                container=node.function_spec["container"])
+    return spec
+
+
+def clone_step_task(
     backend: Backend, node: Node, *, pipeline_task_id: str | None, tags: list[str], project: str,
     keep_base_project: bool,
 ) -> TaskRecord:
-    """The task a node will run: a clone of its base task, or made from its function.
+    """The task a step made from a base task will run: a clone of it.
 
     The task is a child of the pipeline task, in `project` (a clone stays in its base
     task's project with `keep_base_project`), with `tags` added. With
     `clone_base_task=False` the base task itself (a draft) is used.
     """
-    if node.function_spec is not None:
-        spec = dict(node.function_spec["task_spec"])
-        script = dict(spec["script"])
-        script.update(repository_fields(*node.function_spec.get("repo", (None, None, None))))
-        if node.function_spec.get("working_dir"):
-            script["working_dir"] = node.function_spec["working_dir"]
-        spec["script"] = script
-        spec.update(name=node.function_spec["task_name"], parent=pipeline_task_id,
-                    project=node.function_spec.get("project") or project,
-                    type=node.function_spec["task_type"], tags=tags,
-                    container=node.function_spec["container"])
-        return backend.create_task(spec)
     if node.base_task_factory is not None:
         made = node.base_task_factory(node)
         task_id = getattr(made, "id", None) or (made if isinstance(made, str) else None)
@@ -187,18 +212,13 @@ def create_step_task(
     return clone
 
 
-def packages_for_inputs(backend: Backend, node: Node, kwargs_artifacts: Mapping[str, str],
+def packages_for_inputs(resolver: Resolver, node: Node, kwargs_artifacts: Mapping[str, str],
                         packages: list[str]) -> list[str] | None:
     """A function step's packages with those its artifact inputs need added (None: no
     change; only when its packages were inferred from its imports, not given)."""
     if not node.function_spec or not node.function_spec.get("packages_inferred") or not kwargs_artifacts:
         return None
-    artifacts = []
-    for marker in kwargs_artifacts.values():
-        task_id, _, name = str(marker).partition(".")
-        artifact = backend.get_task(task_id).artifacts.get(name)
-        if artifact is not None:
-            artifacts.append(artifact.model_dump(mode="json"))
+    artifacts = [a for a in map(resolver.artifact_of, kwargs_artifacts.values()) if a is not None]
     merged = merge_packages(packages, input_packages(artifacts))
     return merged if merged != packages else None
 
@@ -214,9 +234,8 @@ def hyperparams_from_overrides(parameters: Mapping[str, Any]) -> dict[str, dict[
     return sections
 
 
-def task_override_changes(record: TaskRecord, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def task_override_changes(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """edit_task changes for task_overrides given as dotted paths ("script.branch": "main")."""
-    data = record.model_dump(mode="json")
     changes: dict[str, Any] = {}
     for raw_key, value in overrides.items():
         key = TASK_OVERRIDE_ALIASES.get(raw_key, raw_key)
@@ -227,7 +246,7 @@ def task_override_changes(record: TaskRecord, overrides: Mapping[str, Any]) -> d
                 value = [line.strip() for line in value.splitlines() if line.strip()]
             changes["packages"] = list(value or [])
             continue
-        if top not in data or top in ("id", "status", "created_at", "updated_at"):
+        if top not in EDITABLE_FIELDS:
             raise StepLaunchError(f"task_overrides: unknown task field {raw_key!r}")
         if len(parts) == 1:
             changes[top] = value

@@ -58,7 +58,7 @@ from controller.errors import (
     ConveyorError,
     IllegalTransitionError,
 )
-from controller.models import DEFAULT_LEASE_S, TaskRecord, TaskStatus
+from controller.models import DEFAULT_LEASE_S, TaskRecord, TaskStatus, merge_task_changes
 from controller.pipeline.launch import (
     KWARGS_ARTIFACTS_SECTION,
     KWARGS_SECTION,
@@ -66,7 +66,8 @@ from controller.pipeline.launch import (
     Resolver,
     StepLaunchError,
     cache_key,
-    create_step_task,
+    clone_step_task,
+    function_step_spec,
     hyperparams_from_overrides,
     packages_for_inputs,
     task_override_changes,
@@ -98,6 +99,9 @@ log = logging.getLogger("conveyor.pipeline")
 MAX_WAIT_S = 1.0
 #: Wait while launches are in flight (their tasks join the watch list when done).
 LAUNCHING_WAIT_S = 0.01
+#: A step that started running is shown so in the recorded state at most this much
+#: later (at once with any other change): a short step costs no state write of its own.
+STATE_RUNNING_DELAY_S = 0.5
 LAUNCH_THREADS = 8
 CACHE_TAG_PREFIX = "cache:"
 #: During an outage of the control plane, how often a waiting call says so in the log.
@@ -437,6 +441,9 @@ class PipelineRunner:
         self._lock = threading.RLock()
         self._outage_since: float | None = None
         self._outage_next_log = 0.0
+        #: Records of completed step tasks by id, as the wait that saw them end returned
+        #: them: what the references of the steps after them read.
+        self._completed_records: dict[str, TaskRecord] = {}
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -462,7 +469,7 @@ class PipelineRunner:
                 self._launch_ready()
                 if self._finished():
                     break
-                if pipe._state_unsaved and not self._in_flight:
+                if not self._in_flight and (pipe._state_unsaved or self._running_change_due() == 0):
                     pipe._record_state()  # (a launch records the state itself)
                 self._wait_and_apply(deadline)
         finally:
@@ -512,6 +519,9 @@ class PipelineRunner:
         if self.pipe._task_id:
             known[self.pipe._task_id] = TaskStatus.in_progress.value
         wait_s = LAUNCHING_WAIT_S if self._in_flight else MAX_WAIT_S
+        due_s = self._running_change_due()
+        if due_s is not None and not self._in_flight:  # (a launch writes the state itself)
+            wait_s = min(wait_s, due_s)
         if deadline is not None:
             wait_s = max(0.0, min(wait_s, deadline - time.monotonic()))
         if not known:
@@ -551,6 +561,14 @@ class PipelineRunner:
             node = self._node_of_task(record.id)
             if node is not None:
                 self._apply_task_status(node, record)
+
+    def _running_change_due(self) -> float | None:
+        """Seconds until a started step must be written to the recorded state (0: now);
+        None when no such change waits."""
+        since = self.pipe._state_behind_since
+        if since is None:
+            return None
+        return max(0.0, since + STATE_RUNNING_DELAY_S - time.monotonic())
 
     def _task_status_of(self, node: Node) -> str:
         if node.status == QUEUED:
@@ -628,47 +646,30 @@ class PipelineRunner:
         return retry_through_outage(what, call, self.pipe._stop_event)
 
     def _launch(self, node: Node) -> None:
-        """Resolve, create (clone) the step task, apply overrides, cache, callback, enqueue.
+        """Resolve, create (clone) the step task with its overrides, cache, callback, enqueue.
 
         Every call waits through an outage of the control plane; a creation retried
         after one first looks for the task it may have made (see `_create_once`)."""
         pipe = self.pipe
+        resolver = Resolver(self.backend, self.nodes, pipe._parameters, self._completed_records)
 
         def resolve() -> Any:
             try:
-                return Resolver(self.backend, self.nodes, pipe._parameters).resolve_node(node)
+                return resolver.resolve_node(node)
             except ValueError as exc:
                 raise StepLaunchError(str(exc)) from None
 
         resolved = self._through_outage(f"resolve step '{node.name}'", resolve)
         node.resolved_parameters = dict(resolved.parameters)
         node.resolved_overrides = dict(resolved.task_overrides)
-        task = self._create_once(node)
+        task = self._create_once(node, resolved, resolver)
         node.executed = task.id  # recorded from here on: a resume finds (or deletes) it
         pipe._record_state()
-        changes: dict[str, Any] = {}
-        hyperparams = hyperparams_from_overrides(resolved.parameters)
-        if node.function_spec:
-            hyperparams[KWARGS_SECTION] = {k: to_json_value(v) for k, v in resolved.kwargs.items()}
-            hyperparams[KWARGS_ARTIFACTS_SECTION] = resolved.kwargs_artifacts
-        output_uri = node.output_uri if node.output_uri is not None else pipe._output_uri
-        if isinstance(output_uri, str) and output_uri:  # where the step's SDK stores outputs
-            hyperparams.setdefault("Environment", {})["CONVEYOR_OUTPUT_URI"] = output_uri
-        if hyperparams:
-            changes["hyperparams"] = hyperparams
-        if resolved.configurations:
-            changes["configuration"] = resolved.configurations
-        packages = packages_for_inputs(self.backend, node, resolved.kwargs_artifacts, list(task.packages))
-        if packages is not None:  # what unpickling its inputs needs (a DataFrame: pandas)
-            changes["packages"] = packages
-        if resolved.task_overrides:
-            changes.update(task_override_changes(task, resolved.task_overrides))
-        execution = {"queue": node.queue or pipe._default_queue or "default"}
-        if node.timeout:
-            execution["time_limit_s"] = float(node.timeout)
-        changes["execution"] = {**changes.get("execution", {}), **execution}
-        task = self._through_outage(f"set up the task of step '{node.name}'", lambda: self.backend.edit_task(
-            task.id, changes, force=not node.clone_task))
+        if node.function_spec is None:  # a clone: its overrides are an edit (a function step is created with them)
+            changes = self._step_changes(node, resolved, resolver, task.model_dump(mode="json"))
+            task = self._through_outage(f"set up the task of step '{node.name}'", lambda: self.backend.edit_task(
+                task.id, changes, force=not node.clone_task))
+        execution_queue = task.execution.queue
         if node.cache_executed_step:
             key = cache_key(task, resolved)
             if key is not None:
@@ -690,16 +691,49 @@ class PipelineRunner:
         if pipe._run_steps_locally:
             self._run_locally(node, task)
         else:
-            self._enqueue_once(node, task.id, execution["queue"])
+            self._enqueue_once(node, task.id, execution_queue)
         self._set(node, QUEUED)
 
-    def _create_once(self, node: Node) -> TaskRecord:
+    def _step_changes(self, node: Node, resolved: ResolvedStep, resolver: Resolver,
+                      fields: dict[str, Any]) -> dict[str, Any]:
+        """What the step's task gets on top of `fields` (its spec or its clone's record,
+        json mode): resolved parameters and arguments, configuration, the packages its
+        inputs need, task_overrides, queue and time limit."""
+        pipe = self.pipe
+        changes: dict[str, Any] = {}
+        hyperparams = hyperparams_from_overrides(resolved.parameters)
+        if node.function_spec:
+            hyperparams[KWARGS_SECTION] = {k: to_json_value(v) for k, v in resolved.kwargs.items()}
+            hyperparams[KWARGS_ARTIFACTS_SECTION] = resolved.kwargs_artifacts
+        output_uri = node.output_uri if node.output_uri is not None else pipe._output_uri
+        if isinstance(output_uri, str) and output_uri:  # where the step's SDK stores outputs
+            hyperparams.setdefault("Environment", {})["CONVEYOR_OUTPUT_URI"] = output_uri
+        if hyperparams:
+            changes["hyperparams"] = hyperparams
+        if resolved.configurations:
+            changes["configuration"] = resolved.configurations
+        packages = packages_for_inputs(resolver, node, resolved.kwargs_artifacts, list(fields.get("packages") or []))
+        if packages is not None:  # what unpickling its inputs needs (a DataFrame: pandas)
+            changes["packages"] = packages
+        if resolved.task_overrides:
+            changes.update(task_override_changes(resolved.task_overrides))
+        execution: dict[str, Any] = {"queue": node.queue or pipe._default_queue or "default"}
+        if node.timeout:
+            execution["time_limit_s"] = float(node.timeout)
+        changes["execution"] = {**changes.get("execution", {}), **execution}
+        return changes
+
+    def _create_once(self, node: Node, resolved: ResolvedStep, resolver: Resolver) -> TaskRecord:
         """The step's task, created once even when the control plane fails mid-call: a
         retry after an outage first takes a task of the step that is still a draft
-        (created by the attempt whose answer was lost) instead of making another."""
+        (created by the attempt whose answer was lost) instead of making another.
+
+        A function step's task is created whole, its resolved arguments and overrides
+        included (one store call); a clone is edited after (`_launch`)."""
         pipe = self.pipe
         target = pipe._target_project
         tags = [*node.tags, *([f"pipe: {pipe._task_id}"] if pipe._add_pipeline_tags and pipe._task_id else [])]
+        project = target if isinstance(target, str) and target else pipe._project
         attempts = 0
 
         def create() -> TaskRecord:
@@ -710,11 +744,12 @@ class PipelineRunner:
                 if found is not None:
                     log.info("step %s: reusing task %s created before the outage", node.name, found.id)
                     return found
-            return create_step_task(
-                self.backend, node, pipeline_task_id=pipe._task_id, tags=tags,
-                project=target if isinstance(target, str) and target else pipe._project,
-                keep_base_project=target in (True, None),
-            )
+            if node.function_spec is not None:
+                spec = function_step_spec(node, pipeline_task_id=pipe._task_id, tags=tags, project=project)
+                return self.backend.create_task(
+                    merge_task_changes(spec, self._step_changes(node, resolved, resolver, spec)))
+            return clone_step_task(self.backend, node, pipeline_task_id=pipe._task_id, tags=tags,
+                                   project=project, keep_base_project=target in (True, None))
 
         return self._through_outage(f"create the task of step '{node.name}'", create)
 
@@ -778,6 +813,7 @@ class PipelineRunner:
                 self._set(node, status)
             return
         if status == COMPLETED:
+            self._completed_records[record.id] = record
             self._finish(node, COMPLETED, record.status_message)
             return
         if status == FAILED and self._should_retry(node):
@@ -854,7 +890,11 @@ class PipelineRunner:
             with self.pipe._node_finished:
                 self.pipe._node_finished.notify_all()
         log.info("step %s: %s%s", node.name, status, f" ({message})" if message else "")
-        self.pipe._state_unsaved = True  # written by the loop before it waits, or by a launch
+        if status == RUNNING:  # shown within STATE_RUNNING_DELAY_S, or with the next other change
+            if self.pipe._state_behind_since is None:
+                self.pipe._state_behind_since = time.monotonic()
+        else:
+            self.pipe._state_unsaved = True  # written by the loop before it waits, or by a launch
         callback = node.status_change_callback
         if callback is not None:
             self._callback(callback, self.pipe, event_node, previous)

@@ -142,6 +142,9 @@ class PipelineStateMixin:
     #: it waits, see `PipelineRunner`), or a write that failed while the control plane
     #: was unreachable.
     _state_unsaved = False
+    #: When a step was seen running and the recorded state does not show it yet (the
+    #: loop writes it STATE_RUNNING_DELAY_S later, or with the next other change).
+    _state_behind_since: float | None = None
     #: This resume, as recorded in runtime.pipeline["resumes"] (see `_restore_recorded_run`).
     _this_resume: tuple[dict[str, Any], ...] = ()
 
@@ -255,6 +258,7 @@ class PipelineStateMixin:
             return
         with self._state_lock:
             self._state_unsaved = False
+            self._state_behind_since = None
             nodes: dict[str, Any] = dict(self._recorded_nodes or {})  # decorator calls not made yet
             for name, node in list(self._nodes.items()):
                 nodes[name] = {**node.state(), **({"call_key": call_key_of(node)} if node.function_spec else {})}

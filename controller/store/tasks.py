@@ -27,6 +27,7 @@ from controller.models import (
     TaskRecord,
     TaskSpec,
     TaskStatus,
+    merge_task_changes,
 )
 from controller.store import schema
 from controller.store.core import StoreCore, check_status
@@ -38,8 +39,6 @@ T = schema.tasks
 MAX_QUERY_LIMIT = 10_000
 #: Reads an edit makes before giving up when the task keeps changing meanwhile.
 EDIT_ATTEMPTS = 20
-# Definition parts merged key by key on edit (the rest is replaced whole).
-_MERGED_FIELDS = ("script", "container", "execution", "runtime", "configuration", "artifacts")
 
 
 class TaskOperations(StoreCore):
@@ -165,7 +164,7 @@ class TaskOperations(StoreCore):
                     field="status",
                 )
             current = row_to_record(row).model_dump(mode="json")
-            merged = _merge_changes(current, changes)
+            merged = merge_task_changes(current, changes)
             spec = validate(TaskSpec, {k: merged[k] for k in TaskSpec.model_fields})
             record = validate(TaskRecord, {**merged, **spec.model_dump(mode="json")})
             data = record.model_dump(mode="json")
@@ -335,36 +334,6 @@ def _check_known(known: Any) -> dict[str, str]:
         return {str(task_id): TaskStatus(status).value for task_id, status in known.items()}
     except ValueError as exc:
         raise InvalidInputError(f"known: {exc}", field="known") from None
-
-
-def _merge_changes(current: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """Apply edit changes to a json-mode record: nested parts merged, others replaced.
-
-    A key set to None inside a merged part (e.g. an artifact) removes it.
-    """
-    merged = dict(current)
-    for key, value in changes.items():
-        if key in _MERGED_FIELDS and isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            part = dict(merged[key])
-            for k, v in value.items():
-                if v is None and key in ("artifacts", "configuration"):
-                    part.pop(k, None)
-                else:
-                    part[k] = v
-            merged[key] = part
-        elif key == "hyperparams" and isinstance(value, Mapping):
-            sections = {s: dict(p) for s, p in merged.get("hyperparams", {}).items()}
-            for section, params in value.items():
-                if params is None:
-                    sections.pop(section, None)
-                elif isinstance(params, Mapping):
-                    sections.setdefault(section, {}).update(params)
-                else:
-                    sections[section] = params  # let validation name the bad section
-            merged["hyperparams"] = sections
-        else:
-            merged[key] = value
-    return merged
 
 
 _SELECT_TASK_WITH_HISTORY = sa.select(T).where(T.c.id == sa.bindparam("id"))
