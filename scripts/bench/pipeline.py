@@ -106,8 +106,9 @@ def tree_cpu_s(pid: int) -> dict[str, float]:
     return split
 
 
-def run_pipeline(kind: str, size: int) -> tuple[float, list[float]]:
-    """Run one pipeline; returns (wall seconds, edge latencies in ms)."""
+def run_pipeline(kind: str, size: int) -> tuple[float, list[float], float]:
+    """Run one pipeline; returns (wall seconds, edge latencies in ms, the slowest step's
+    run in ms: started → finished)."""
     from controller.automation import PipelineController
     from controller.connect import get_backend
 
@@ -138,28 +139,44 @@ def run_pipeline(kind: str, size: int) -> tuple[float, list[float]]:
     if kind != "chain":
         edges = [e for name, node in dag.items() if name == "sink" for e in [
             (tasks["sink"].started_at - max(tasks[p].finished_at for p in node.parents)) * 1000]]
-    return wall, edges
+    slowest_step_ms = max((t.finished_at - t.started_at) * 1000 for t in tasks.values())
+    return wall, edges, slowest_step_ms
 
 
-def chain_figures(agent: subprocess.Popen[bytes], size: int, runs: int, label: str) -> None:
-    """Figure 1 for one agent."""
+def process_cpu_s(pid: int | None) -> float:
+    """CPU seconds of one process so far (0 without one)."""
+    if pid is None:
+        return 0.0
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def chain_figures(agent: subprocess.Popen[bytes], size: int, runs: int, label: str,
+                  server_pid: int | None = None) -> None:
+    """Figure 1 for one agent (and the API server's CPU, with `server_pid`)."""
     run_pipeline("chain", 2)  # warm up: the steps' venv (and its fork server)
-    walls, edges, agent_cpu, steps_cpu, own_cpu = [], [], [], [], []
+    walls, edges, agent_cpu, steps_cpu, own_cpu, server_cpu = [], [], [], [], [], []
     for _ in range(runs):
         cpu_before, own_before = tree_cpu_s(agent.pid), time.process_time()
-        wall, latencies = run_pipeline("chain", size)
+        server_before = process_cpu_s(server_pid)
+        wall, latencies, slowest_step_ms = run_pipeline("chain", size)
         cpu_after = tree_cpu_s(agent.pid)
         own_cpu.append((time.process_time() - own_before) / size * 1000)
+        server_cpu.append((process_cpu_s(server_pid) - server_before) / size * 1000)
         agent_cpu.append((cpu_after["agent"] - cpu_before["agent"]) / size * 1000)
         steps_cpu.append((cpu_after["steps"] - cpu_before["steps"]) / size * 1000)
         walls.append(wall)
         edges.extend(latencies)
+        print(f"[{label}]   run {len(walls)}: {wall:.2f} s, slowest edge {max(latencies):.1f} ms, "
+              f"slowest step {slowest_step_ms:.0f} ms", flush=True)
     show(f"[{label}] wall time, chain of {size} function steps", walls, "s")
     show(f"[{label}]   per step (wall / steps)", [w / size * 1000 for w in walls], "ms")
     show(f"[{label}]   DAG edge (parent finished → child started)", edges, "ms")
     show(f"[{label}]   CPU per step: the agent daemon", agent_cpu, "ms")
     show(f"[{label}]   CPU per step: step processes (+ fork server, watchdog)", steps_cpu, "ms")
     show(f"[{label}]   CPU per step: the pipeline controller (this process)", own_cpu, "ms")
+    if server_pid is not None:
+        show(f"[{label}]   CPU per step: the API server", server_cpu, "ms")
 
 
 def probe_figures(probes: int, label: str) -> None:
@@ -236,13 +253,13 @@ def main() -> None:
         for warm in modes:
             label = "warm" if warm else "cold"
             with fork_servers(warm), agent_running(home) as agent:
-                chain_figures(agent, args.chain, args.runs, label)
+                chain_figures(agent, args.chain, args.runs, label, server.pid if server is not None else None)
                 if args.probes:
                     probe_figures(args.probes, label)
                 if args.fan:
                     fan_walls, joins = [], []
                     for _ in range(args.runs):
-                        wall, lat = run_pipeline("fan", args.fan)
+                        wall, lat, _ = run_pipeline("fan", args.fan)
                         fan_walls.append(wall)
                         joins.extend(lat)
                     show(f"[{label}] wall time, fan-out/fan-in of {args.fan} (--concurrency 2)", fan_walls, "s")

@@ -262,7 +262,7 @@ def main() -> None:
                 run_pipeline("chain", 2)  # warm up: the steps' venv
                 walls, edges = [], []
                 for _ in range(args.chain_runs):
-                    wall, latencies = run_pipeline("chain", args.chain)
+                    wall, latencies, _ = run_pipeline("chain", args.chain)
                     walls.append(wall)
                     edges.extend(latencies)
                 show(f"wall time, chain of {args.chain} function steps", walls, "s")
