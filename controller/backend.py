@@ -131,6 +131,39 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
+    def finish_task(
+        self,
+        task_id: str,
+        status: TaskStatus | str,
+        *,
+        reason: str = "",
+        message: str = "",
+        worker_id: str | None = None,
+        runtime: Mapping[str, Any] | None = None,
+        log_lines: Sequence[LogLine | Mapping[str, Any] | str] = (),
+        log_batch_id: str | None = None,
+    ) -> TaskRecord:
+        """A run's final report in one store operation: append `log_lines`, merge
+        `runtime` into the task's runtime and move it to the finished `status`
+        (completed, failed or stopped); returns the task as it is then.
+
+        Each part is what its own call would do, in one transaction: the lines as
+        `append_log(task_id, log_lines, batch_id=log_batch_id)` (a batch id already
+        stored appends nothing), the runtime as
+        `edit_task(task_id, {"runtime": runtime}, force=True)` (merged key by key), the
+        status as `set_status(task_id, status, reason=..., message=..., worker_id=...)`.
+        All or nothing: a refused status change (IllegalTransitionError, ConflictError
+        for another worker, NotFoundError) or invalid input (InvalidInputError naming
+        `log_lines`, `log_batch_id`, `runtime` or `status`) writes nothing.
+
+        A retry is safe: a report whose `log_batch_id` is stored and whose status,
+        reason, message (and worker) the task already has was applied, by an attempt
+        whose answer was lost; it is answered with the task as it is, writing nothing.
+        Without a batch id a second report of a finished status is refused
+        (IllegalTransitionError), as a second `set_status` is.
+        """
+
+    @abc.abstractmethod
     def wait_for_status_change(
         self, known: Mapping[str, TaskStatus | str], *, wait_s: float = 0.0
     ) -> list[TaskRecord]:

@@ -319,6 +319,36 @@ class HttpBackend(Backend):
             self._call("POST", f"/tasks/{_p(task_id)}/status", body)
         )
 
+    def finish_task(
+        self,
+        task_id: str,
+        status: TaskStatus | str,
+        *,
+        reason: str = "",
+        message: str = "",
+        worker_id: str | None = None,
+        runtime: Mapping[str, Any] | None = None,
+        log_lines: Sequence[LogLine | Mapping[str, Any] | str] = (),
+        log_batch_id: str | None = None,
+    ) -> TaskRecord:
+        """A run's final report (log lines, runtime, finished status) in one request,
+        written all or nothing (`Backend.finish_task`)."""
+        if isinstance(log_lines, (str, bytes)):
+            log_lines = [log_lines]
+        body: dict[str, Any] = {
+            "status": status.value if isinstance(status, TaskStatus) else status,
+            "reason": reason,
+            "message": message,
+            "worker_id": worker_id,
+            "runtime": self._plain(runtime) if runtime is not None else None,
+            "log_lines": [self._plain(line) for line in log_lines],
+        }
+        if log_batch_id is not None:
+            body["log_batch_id"] = log_batch_id
+        return TaskRecord.model_validate_json(
+            self._call("POST", f"/tasks/{_p(task_id)}/finish", body)
+        )
+
     # ----------------------------------------------------------- logs/metrics
     def append_log(
         self,

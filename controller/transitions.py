@@ -141,6 +141,14 @@ def report_transition(target: TaskStatus) -> Transition | None:
     return _BY_KEY.get((Operation.report, target))
 
 
+def finish_transition(target: TaskStatus) -> Transition | None:
+    """What a final report (`finish_task(target)`) does: the same report transition as
+    `set_status(target)`, for a finished status only (None for any other)."""
+    if target not in _TERMINAL:
+        return None
+    return _BY_KEY[(Operation.report, target)]
+
+
 #: status → the statuses it may change to, by any operation (for clients and docs).
 LEGAL_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     status: frozenset(t.target for t in TRANSITIONS if status in t.sources) for status in TaskStatus

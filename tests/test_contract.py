@@ -288,6 +288,141 @@ def test_status_created_takes_a_queued_task_off_its_queue(backend: Backend) -> N
     assert backend.queue_length("default") == 0
 
 
+# ------------------------------------------------------------------ final reports
+def _history(backend: Backend, task_id: str) -> list[str]:
+    return [h.status.value for h in backend.get_task(task_id).status_history]
+
+
+def _lines(backend: Backend, task_id: str) -> list[str]:
+    return [x.line for x in backend.get_log(task_id)]
+
+
+def test_final_report_writes_log_runtime_and_status(backend: Backend) -> None:
+    task_id = _running(backend)
+    backend.append_log(task_id, ["early"])
+    backend.edit_task(task_id, {"runtime": {"commit_used": "abc123", "resources": {"gpu": 1}}}, force=True)
+    done = backend.finish_task(
+        task_id, "failed", reason="exit_code", message="exited with code 3", worker_id="w1",
+        runtime={"exit_code": 3, "duration_s": 1.5},
+        log_lines=["out", {"line": "Traceback", "stream": "stderr", "timestamp": 2.5}],
+        log_batch_id="last-chunk",
+    )
+    assert done.status == TaskStatus.failed and done.finished_at is not None
+    assert done.status_reason == "exit_code" and done.status_message == "exited with code 3"
+    assert done.lease_expires_at is None
+    got = backend.get_task(task_id)
+    assert got.runtime.exit_code == 3 and got.runtime.duration_s == 1.5  # merged into what was there
+    assert got.runtime.commit_used == "abc123" and got.runtime.resources == {"gpu": 1}
+    assert got.runtime.worker == "w1" and got.runtime.attempt == 1
+    lines = backend.get_log(task_id)
+    assert [(x.n, x.line, x.stream) for x in lines] == [
+        (0, "early", "stdout"), (1, "out", "stdout"), (2, "Traceback", "stderr")
+    ]
+    assert lines[2].timestamp == 2.5
+    assert _history(backend, task_id) == ["created", "queued", "in_progress", "failed"]
+
+
+def test_final_report_without_lines_or_runtime_is_a_status_report(backend: Backend) -> None:
+    task_id = _running(backend)
+    done = backend.finish_task(task_id, TaskStatus.completed, worker_id="w1")
+    assert done.status == TaskStatus.completed and done.status_reason == "completed"
+    assert backend.get_log(task_id) == [] and backend.get_task(task_id).runtime.exit_code is None
+
+
+@pytest.mark.parametrize("case", ["not running", "other worker", "finished", "lease expired"])
+def test_refused_final_report_writes_nothing(backend: Backend, case: str) -> None:
+    if case == "not running":
+        task_id, error = backend.create_task({"name": "t"}).id, IllegalTransitionError
+        report = {"status": "completed"}
+    elif case == "other worker":
+        task_id, error = _running(backend, worker="w1"), ConflictError
+        report = {"status": "completed", "worker_id": "w2"}
+    elif case == "finished":
+        task_id, error = _running(backend), IllegalTransitionError
+        backend.set_status(task_id, "stopped", reason="aborted", message="aborted", worker_id="w1")
+        report = {"status": "completed", "worker_id": "w1"}
+    else:
+        task = backend.create_task({"name": "t"})
+        backend.enqueue(task.id)
+        backend.claim(["default"], "lost-host:3", lease_s=0.2)
+        time.sleep(0.4)
+        assert backend.expire_leases() == [task.id]
+        task_id, error = task.id, ConflictError
+        report = {"status": "completed", "worker_id": "lost-host:3"}
+    before = backend.get_task(task_id)
+    with pytest.raises(error):
+        backend.finish_task(task_id, **report, runtime={"exit_code": 0, "duration_s": 2.0},
+                            log_lines=["late"], log_batch_id="refused-chunk")
+    after = backend.get_task(task_id)
+    assert after.status == before.status and after.status_history == before.status_history
+    assert after.runtime == before.runtime and after.runtime.exit_code is None
+    assert backend.get_log(task_id) == []
+    # the chunk's batch id was not stored either: the same chunk can still be appended
+    assert backend.append_log(task_id, ["late"], batch_id="refused-chunk") == 1
+
+
+def test_retried_final_report_appends_its_lines_once(backend: Backend) -> None:
+    task_id = _running(backend)
+    report = dict(reason="completed", message="exit 0", worker_id="w1",
+                  runtime={"exit_code": 0}, log_lines=["a", "b"], log_batch_id="final-1")
+    first = backend.finish_task(task_id, "completed", **report)
+    # the first answer was lost: the same report again is acknowledged, writing nothing
+    again = backend.finish_task(task_id, "completed", **report)
+    assert again.status == TaskStatus.completed and again.finished_at == first.finished_at
+    assert _lines(backend, task_id) == ["a", "b"]
+    assert _history(backend, task_id) == ["created", "queued", "in_progress", "completed"]
+    # a different report (another outcome) of the finished task is refused as set_status is
+    with pytest.raises(IllegalTransitionError):
+        backend.finish_task(task_id, "failed", **{**report, "reason": "exit_code"})
+    assert _lines(backend, task_id) == ["a", "b"]
+
+
+def test_final_report_after_its_chunk_was_stored_appends_it_once(backend: Backend) -> None:
+    """The chunk went out with append_log (the answer was lost, or an older agent sent
+    it): the final report carrying it again adds the status only."""
+    task_id = _running(backend)
+    backend.append_log(task_id, ["a", "b"], batch_id="chunk-9")
+    done = backend.finish_task(task_id, "completed", worker_id="w1", log_lines=["a", "b"], log_batch_id="chunk-9")
+    assert done.status == TaskStatus.completed
+    assert _lines(backend, task_id) == ["a", "b"]
+
+
+def test_final_report_reported_twice_without_batch_id_is_refused_like_set_status(backend: Backend) -> None:
+    task_id = _running(backend)
+    backend.finish_task(task_id, "completed", worker_id="w1", log_lines=["a"])
+    with pytest.raises(IllegalTransitionError):
+        backend.finish_task(task_id, "completed", worker_id="w1", log_lines=["a"])
+    assert _lines(backend, task_id) == ["a"]
+
+
+@pytest.mark.parametrize(
+    "report, field",
+    [
+        ({"status": "queued"}, "status"),
+        ({"status": "in_progress"}, "status"),
+        ({"status": "exploded"}, "status"),
+        ({"status": "completed", "runtime": {"exit_code": "zero"}}, "runtime.exit_code"),
+        ({"status": "completed", "runtime": [1]}, "runtime"),
+        ({"status": "completed", "log_lines": [{"line": 1}]}, "log_lines.0.line"),
+        ({"status": "completed", "log_lines": ["x"] * 10_001}, "log_lines"),
+        ({"status": "completed", "log_batch_id": "has space"}, "log_batch_id"),
+        ({"status": "completed", "worker_id": "has space"}, "worker_id"),
+    ],
+)
+def test_bad_final_reports_are_refused_naming_the_field(backend: Backend, report: dict, field: str) -> None:
+    task_id = _running(backend)
+    with pytest.raises(InvalidInputError) as info:
+        backend.finish_task(task_id, **{"log_lines": ["x"], "log_batch_id": "b1", **report})
+    assert info.value.field == field, info.value
+    assert backend.get_task(task_id).status == TaskStatus.in_progress
+    assert backend.get_log(task_id) == []
+
+
+def test_final_report_of_unknown_task_is_not_found(backend: Backend) -> None:
+    with pytest.raises(NotFoundError):
+        backend.finish_task("missing", "completed", log_lines=["x"], log_batch_id="b1")
+
+
 # ------------------------------------------------------------------- logs, scalars
 def test_log_lines_append_in_batches_and_read_by_offset_or_tail(backend: Backend) -> None:
     task = backend.create_task({"name": "t"})

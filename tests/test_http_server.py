@@ -261,6 +261,7 @@ def test_openapi_lists_every_endpoint(open_server: tuple[str, str]) -> None:
         ("DELETE", f"{API}/tasks/{{task_id}}"),
         ("POST", f"{API}/tasks/{{task_id}}/clone"),
         ("POST", f"{API}/tasks/{{task_id}}/status"),
+        ("POST", f"{API}/tasks/{{task_id}}/finish"),
         ("POST", f"{API}/tasks/{{task_id}}/log"),
         ("GET", f"{API}/tasks/{{task_id}}/log"),
         ("POST", f"{API}/tasks/{{task_id}}/scalars"),
@@ -305,7 +306,8 @@ def test_malformed_json_is_422_and_creates_nothing(open_server: tuple[str, str])
 
 
 def test_malformed_json_on_agent_endpoints(server: str) -> None:
-    for path in (f"{API}/claim", f"{API}/tasks/abc/status", f"{API}/workers/w/heartbeat"):
+    for path in (f"{API}/claim", f"{API}/tasks/abc/status", f"{API}/tasks/abc/finish",
+                 f"{API}/workers/w/heartbeat"):
         resp = requests.post(
             server + path,
             data=b"{nope",
@@ -334,6 +336,10 @@ def test_wrong_types_name_the_field(server: str) -> None:
         (f"{API}/claim", {"queues": ["default"], "worker_id": "has space"}, "body.worker_id"),
         (f"{API}/tasks/abc/status", {"status": "bogus"}, "body.status"),
         (f"{API}/tasks/abc/log", {"lines": [{"line": 1}]}, "body.lines.0.line"),
+        (f"{API}/tasks/abc/finish", {"status": "bogus"}, "body.status"),
+        (f"{API}/tasks/abc/finish", {"status": "completed", "log_lines": [{"line": 1}]}, "body.log_lines.0.line"),
+        (f"{API}/tasks/abc/finish", {"status": "completed", "runtime": "fast"}, "body.runtime"),
+        (f"{API}/tasks/abc/finish", {"status": "completed", "log_batch_id": "a/b"}, "body.log_batch_id"),
         (f"{API}/workers/w/heartbeat", {"lease_s": -1}, "body.lease_s"),
     ]
     before = task_count(server)

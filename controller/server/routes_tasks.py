@@ -1,4 +1,5 @@
-"""Task endpoints: create, read, query, edit, clone, delete, status, logs, scalars, enqueue."""
+"""Task endpoints: create, read, query, edit, clone, delete, status, final report, logs,
+scalars, enqueue."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from controller.server.schemas import (
     CloneRequest,
     EditRequest,
     EnqueueRequest,
+    FinishRequest,
     LogAppendReply,
     LogAppendRequest,
     ScalarsRequest,
@@ -80,8 +82,8 @@ def add_task_routes(
 
     Routes are added straight to the app's router (no `include_router`): FastAPI matches
     routes one by one, and nested routers make every request pay for that twice. For the
-    same reason the calls agents make all the time (status, enqueue, log, scalars, get)
-    come first.
+    same reason the calls agents make all the time (status, final report, enqueue, log,
+    scalars, get) come first.
     """
     P = prefix
     statuses_json = status_table().model_dump_json().encode()
@@ -100,6 +102,25 @@ def add_task_routes(
             reason=body.reason,
             message=body.message,
             worker_id=body.worker_id,
+        )
+        return encode.record(rec)
+
+    @r.post(
+        P + "/tasks/{task_id}/finish",
+        tags=TAGS,
+        response_model=TaskRecord,
+        summary="Report a run's end: log lines, runtime and finished status at once",
+    )
+    def finish_task(task_id: str, body: FinishRequest) -> Response:
+        rec = backend.finish_task(
+            task_id,
+            body.status,
+            reason=body.reason,
+            message=body.message,
+            worker_id=body.worker_id,
+            runtime=body.runtime,
+            log_lines=body.log_lines,
+            log_batch_id=body.log_batch_id,
         )
         return encode.record(rec)
 

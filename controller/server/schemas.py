@@ -76,6 +76,22 @@ class LogAppendRequest(_Body):
     batch_id: LogBatchId | None = None
 
 
+class FinishRequest(_Body):
+    """POST /tasks/{id}/finish: a run's final report, written at once or not at all: the
+    finished status (completed, failed or stopped) with its reason and message, as the
+    worker that holds the task; runtime figures merged into the task's runtime; the last
+    log lines (records or plain strings) with their chunk's batch id (a batch id already
+    appended to this task appends nothing: a resent report)."""
+
+    status: TaskStatus
+    reason: str = ""
+    message: str = ""
+    worker_id: WorkerId | None = None
+    runtime: dict[str, Any] | None = None
+    log_lines: list[LogLineInput] = Field(default_factory=list)
+    log_batch_id: LogBatchId | None = None
+
+
 class LogAppendReply(BaseModel):
     """The log's new length in lines."""
 

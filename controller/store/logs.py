@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,63 +44,9 @@ class LogOperations(StoreCore):
         With `batch_id`, a chunk already appended under that id appends nothing and
         returns the current length (see `Backend.append_log`).
         """
-        if isinstance(lines, str | bytes) or not isinstance(lines, Sequence):
-            raise InvalidInputError("lines must be a list", field="lines")
-        if len(lines) > MAX_LOG_LINES_PER_CALL:
-            raise InvalidInputError(
-                f"at most {MAX_LOG_LINES_PER_CALL} log lines per call, got {len(lines)}",
-                field="lines",
-            )
-        if batch_id is not None:
-            try:
-                check_log_batch_id(batch_id)
-            except ValueError as exc:
-                raise InvalidInputError(str(exc), field="batch_id") from exc
-        now = time.time()
-        parsed = [
-            validate(LogLine, {"line": item} if isinstance(item, str) else item, what=f"lines.{i}")
-            for i, item in enumerate(lines)
-        ]
+        parsed = parse_log_lines(lines, batch_id)
         with self._write() as conn:
-            if batch_id is not None:
-                # Lock the task's row first (SQLite: the write transaction already
-                # serializes writers), so the check and the insert of the batch id cannot
-                # race a concurrent append of the same chunk.
-                length = conn.execute(
-                    sa.select(T.c.log_lines).where(T.c.id == task_id).with_for_update()
-                ).scalar()
-                if length is None:
-                    raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
-                seen = conn.execute(
-                    sa.select(B.c.batch_id).where(B.c.task_id == task_id, B.c.batch_id == batch_id)
-                ).first()
-                if seen is not None:
-                    return int(length)
-                conn.execute(B.insert().values(task_id=task_id, batch_id=batch_id))
-            total = conn.execute(
-                T.update()
-                .where(T.c.id == task_id)
-                .values(log_lines=T.c.log_lines + len(parsed))
-                .returning(T.c.log_lines)
-            ).scalar()
-            if total is None:
-                raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
-            if parsed:
-                first = total - len(parsed)
-                conn.execute(
-                    schema.log_lines.insert(),
-                    [
-                        dict(
-                            task_id=task_id,
-                            n=first + i,
-                            timestamp=item.timestamp or now,
-                            stream=item.stream[:16],
-                            line=item.line,
-                        )
-                        for i, item in enumerate(parsed)
-                    ],
-                )
-            return int(total)
+            return write_log_lines(conn, task_id, parsed, batch_id).length
 
     def get_log(
         self, task_id: str, *, offset: int = 0, limit: int | None = None, tail: int | None = None
@@ -157,3 +104,88 @@ class LogOperations(StoreCore):
                        value=math.nan if r.value is None else r.value, timestamp=r.timestamp)
                 for r in conn.execute(query)
             ]
+
+
+def parse_log_lines(
+    lines: Any,
+    batch_id: str | None,
+    *,
+    lines_field: str = "lines",
+    batch_field: str = "batch_id",
+) -> list[LogLine]:
+    """Check the input of a log append (at most MAX_LOG_LINES_PER_CALL lines, a usable
+    batch id) and parse the lines; InvalidInputError naming `lines_field` (line by line:
+    `lines.3.line`) or `batch_field` otherwise. Done before any transaction starts."""
+    if isinstance(lines, str | bytes) or not isinstance(lines, Sequence):
+        raise InvalidInputError(f"{lines_field} must be a list", field=lines_field)
+    if len(lines) > MAX_LOG_LINES_PER_CALL:
+        raise InvalidInputError(
+            f"at most {MAX_LOG_LINES_PER_CALL} log lines per call, got {len(lines)}",
+            field=lines_field,
+        )
+    if batch_id is not None:
+        try:
+            check_log_batch_id(batch_id)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc), field=batch_field) from exc
+    return [
+        validate(LogLine, {"line": item} if isinstance(item, str) else item, what=f"{lines_field}.{i}")
+        for i, item in enumerate(lines)
+    ]
+
+
+@dataclass(frozen=True)
+class LogAppend:
+    """What `write_log_lines` did: the log's length after it, and whether it appended
+    (False: the batch id was stored already, so the chunk was not appended again)."""
+
+    length: int
+    appended: bool
+
+
+def write_log_lines(
+    conn: sa.Connection, task_id: str, parsed: Sequence[LogLine], batch_id: str | None
+) -> LogAppend:
+    """Append `parsed` to a task's log inside the write transaction `conn` (the one
+    place that does): with `batch_id`, a chunk already stored under that id appends
+    nothing. NotFoundError if the task does not exist."""
+    now = time.time()
+    if batch_id is not None:
+        # Lock the task's row first (SQLite: the write transaction already
+        # serializes writers), so the check and the insert of the batch id cannot
+        # race a concurrent append of the same chunk.
+        length = conn.execute(
+            sa.select(T.c.log_lines).where(T.c.id == task_id).with_for_update()
+        ).scalar()
+        if length is None:
+            raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+        seen = conn.execute(
+            sa.select(B.c.batch_id).where(B.c.task_id == task_id, B.c.batch_id == batch_id)
+        ).first()
+        if seen is not None:
+            return LogAppend(int(length), appended=False)
+        conn.execute(B.insert().values(task_id=task_id, batch_id=batch_id))
+    total = conn.execute(
+        T.update()
+        .where(T.c.id == task_id)
+        .values(log_lines=T.c.log_lines + len(parsed))
+        .returning(T.c.log_lines)
+    ).scalar()
+    if total is None:
+        raise NotFoundError(f"no task with id {task_id!r}", field="task_id")
+    if parsed:
+        first = total - len(parsed)
+        conn.execute(
+            schema.log_lines.insert(),
+            [
+                dict(
+                    task_id=task_id,
+                    n=first + i,
+                    timestamp=item.timestamp or now,
+                    stream=item.stream[:16],
+                    line=item.line,
+                )
+                for i, item in enumerate(parsed)
+            ],
+        )
+    return LogAppend(int(total), appended=True)

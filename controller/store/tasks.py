@@ -1,5 +1,6 @@
 """Task operations of the store: create, read, query, edit, clone, delete, status
-reports, abort, reset and waiting for status changes."""
+reports, final reports (log, runtime and status at once), abort, reset and waiting for
+status changes."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from controller.errors import (
 from controller.models import (
     EDITABLE_FIELDS,
     MAX_INT64,
+    LogLine,
     StatusChange,
     StatusReason,
     TaskRecord,
@@ -30,10 +32,11 @@ from controller.models import (
     merge_task_changes,
 )
 from controller.store import schema
-from controller.store.core import StoreCore, check_status
+from controller.store.core import StoreCore, check_status, check_worker
+from controller.store.logs import parse_log_lines, write_log_lines
 from controller.store.notify import task_key
 from controller.store.records import body_of, corrupt_record_error, dumps, row_to_record, validate
-from controller.transitions import Operation, report_transition, transition
+from controller.transitions import Operation, finish_transition, report_transition, transition
 
 T = schema.tasks
 MAX_QUERY_LIMIT = 10_000
@@ -163,11 +166,7 @@ class TaskOperations(StoreCore):
                     "edited (reset it first)",
                     field="status",
                 )
-            current = row_to_record(row).model_dump(mode="json")
-            merged = merge_task_changes(current, changes)
-            spec = validate(TaskSpec, {k: merged[k] for k in TaskSpec.model_fields})
-            record = validate(TaskRecord, {**merged, **spec.model_dump(mode="json")})
-            data = record.model_dump(mode="json")
+            spec, data = _edited(row, changes)
             # A queued task (forced edit) keeps its place; others take the new queue.
             keeps_place = row.status == TaskStatus.queued.value
             params = {
@@ -261,6 +260,61 @@ class TaskOperations(StoreCore):
             )
         return row_to_record(row)
 
+    def finish_task(
+        self,
+        task_id: str,
+        status: TaskStatus | str,
+        *,
+        reason: str = "",
+        message: str = "",
+        worker_id: str | None = None,
+        runtime: Mapping[str, Any] | None = None,
+        log_lines: Sequence[LogLine | Mapping[str, Any] | str] = (),
+        log_batch_id: str | None = None,
+    ) -> TaskRecord:
+        """A run's final report: log lines, runtime and finished status in one
+        transaction, all or nothing (see `Backend.finish_task`).
+
+        The lines go through the log's own writer (`write_log_lines`: batch ids), the
+        runtime through the edit's merge and validation (`_edited`), the status through
+        the state machine's one writer (`_change_status`, the transition `set_status`
+        makes), which also writes the merged body. Input is checked, and the runtime
+        merged and validated, before the transaction starts; the transaction then
+        applies it only if the task's body is still the one merged into (else it is
+        read and merged again), so no write lock is held while Python validates.
+        """
+        status = check_status(status)
+        step = finish_transition(status)
+        if step is None:
+            raise InvalidInputError(
+                f"a final report ends a task: status must be completed, failed or stopped, "
+                f"not {status.value!r}",
+                field="status",
+            )
+        if worker_id is not None:
+            check_worker(worker_id)
+        if runtime is not None and not isinstance(runtime, Mapping):
+            raise InvalidInputError("runtime must be an object of name: value", field="runtime")
+        parsed = parse_log_lines(log_lines, log_batch_id, lines_field="log_lines", batch_field="log_batch_id")
+        reason = reason or status.value
+        for _attempt in range(EDIT_ATTEMPTS):
+            merged_into, body = None, None
+            if runtime:
+                with self._direct() as conn:
+                    row = self._row(conn, task_id)
+                merged_into = row.body
+                body = body_of(_edited(row, {"runtime": runtime})[1])
+            with self._write() as conn:
+                current = self._row(conn, task_id, for_update=True)
+                if merged_into is not None and current.body != merged_into:
+                    continue  # changed since it was read: merge into the new body
+                logged = write_log_lines(conn, task_id, parsed, log_batch_id)
+                if not logged.appended and _reported_already(current, status, reason, message, worker_id):
+                    return row_to_record(current)  # a retry of a report that was applied
+                row = self._change_status(conn, task_id, step, reason, message, body=body, worker_id=worker_id)
+                return row_to_record(row)
+        raise ConflictError(f"task {task_id} kept changing while it was reported: try again", field="task_id")
+
     def abort_task(self, task_id: str, *, message: str = "") -> TaskRecord:
         """Abort: created/queued → stopped; in_progress → stopping; stopping stays."""
         with self._write() as conn:
@@ -334,6 +388,31 @@ def _check_known(known: Any) -> dict[str, str]:
         return {str(task_id): TaskStatus(status).value for task_id, status in known.items()}
     except ValueError as exc:
         raise InvalidInputError(f"known: {exc}", field="known") from None
+
+
+def _reported_already(
+    row: sa.Row, status: TaskStatus, reason: str, message: str, worker_id: str | None
+) -> bool:
+    """True if the task of `row` holds the outcome of this report already: its status,
+    reason and message (and the reporting worker, if named). With its log batch id
+    already stored, that report was applied before (an answer lost, a retry)."""
+    return (
+        row.status == status.value
+        and row.status_reason == reason
+        and row.status_message == message
+        and (worker_id is None or row.worker == worker_id)
+    )
+
+
+def _edited(row: sa.Row, changes: Mapping[str, Any]) -> tuple[TaskSpec, dict[str, Any]]:
+    """The task of `row` with `changes` merged in (`merge_task_changes`) and validated:
+    its definition and its whole record as json-mode data (`body_of` gives its body).
+    What an edit writes, and what a final report merges its runtime with."""
+    current = row_to_record(row).model_dump(mode="json")
+    merged = merge_task_changes(current, changes)
+    spec = validate(TaskSpec, {k: merged[k] for k in TaskSpec.model_fields})
+    record = validate(TaskRecord, {**merged, **spec.model_dump(mode="json")})
+    return spec, record.model_dump(mode="json")
 
 
 _SELECT_TASK_WITH_HISTORY = sa.select(T).where(T.c.id == sa.bindparam("id"))
