@@ -3,16 +3,30 @@
 A task's final report (status, reason, message, runtime figures such as the exit code,
 and the log lines not yet delivered) is written to the outbox before it is sent, one
 small JSON file per task under `CONVEYOR_HOME/outbox/<worker id>/<task id>.json`
-(temp file, fsync, `os.replace`, fsync of the directory), then delivered in this order:
+(temp file, fsync, `os.replace`, fsync of the directory), then delivered:
 
-1. the unsent log lines (`append_log`), in the chunks the task's log formed them in,
-   each with the batch id it got when it was formed (`form_chunks`): the store appends
-   a chunk once however often it is sent, so a chunk stored by a server that died
-   before it answered is not doubled by the retry; once acknowledged the entry is
-   rewritten without the chunk, unless it was the last one (a retry would resend it,
-   appending nothing: most reports have one chunk, and this saves their second fsync);
-2. the runtime figures (`edit_task(..., force=True)`, idempotent);
-3. the status, as the worker that holds the task (`set_status(..., worker_id=...)`).
+1. all log chunks but the last (rare: a report has several chunks only when the step's
+   last output was large or the control plane was unreachable for a while), oldest
+   first, with `append_log`, each with the batch id it got when it was formed
+   (`form_chunks`): the store appends a chunk once however often it is sent, so a chunk
+   stored by a server that died before it answered is not doubled by the retry; once
+   acknowledged the entry is rewritten without the chunk;
+2. the rest in ONE store operation (`finish_task`: one HTTP request, one transaction):
+   the last chunk with its batch id, the runtime figures (merged into the task's
+   runtime) and the status, as the worker that holds the task (`worker_id`). It is
+   written all or nothing: a refused status change stores neither the lines nor the
+   runtime.
+
+Every report has a last chunk, empty if no line was left (`FinalReport` adds one, also
+to an entry an older agent wrote without any), so every final report carries a batch
+id: a retry of a report that the store applied before its answer was lost finds that
+batch id stored and the task already in the reported status, and is acknowledged
+without writing anything again. (The empty chunk of an older entry gets its id when the
+entry is read: a replay in a later start after a lost answer is refused as a second
+report of a finished status would be, and dropped, having been stored.) Chunks stay as
+they were formed; they are not merged into the final call, since each was sized to fit
+one call (`agent.output.chunk_batch`) and the store deduplicates by one batch id per
+call.
 
 Delivery retries with backoff (0.5 s doubling to 5 s) while the control plane is
 unreachable (`BackendUnavailableError`, or any error that is not a Conveyor answer);
@@ -71,7 +85,8 @@ class FinalReport:
     reason: str
     message: str
     runtime: dict[str, Any] = field(default_factory=dict)
-    #: Undelivered log chunks, oldest first: `{"batch_id": str, "lines": [...]}`.
+    #: Undelivered log chunks, oldest first: `{"batch_id": str, "lines": [...]}`; at
+    #: least one (the last goes with the status: its batch id identifies the report).
     log_chunks: list[dict[str, Any]] = field(default_factory=list)
     written_at: float = field(default_factory=time.time)
     #: Unchunked lines of an entry written by an older agent (chunked when read).
@@ -81,6 +96,8 @@ class FinalReport:
         if self.log_lines:
             self.log_chunks = [*self.log_chunks, *form_chunks(self.log_lines)]
             self.log_lines = []
+        if not self.log_chunks:  # the final call's batch id: a retry is recognised by it
+            self.log_chunks = [{"batch_id": uuid.uuid4().hex, "lines": []}]
 
 
 def outbox_dir(home: Path, worker_id: str) -> Path:
@@ -174,21 +191,19 @@ class Outbox:
             wait_s = min(wait_s * 2, MAX_RETRY_S)
 
     def _send(self, backend: Backend, report: FinalReport) -> TaskStatus:
-        while report.log_chunks:
+        while len(report.log_chunks) > 1:
             chunk = report.log_chunks[0]
             backend.append_log(report.task_id, chunk["lines"], batch_id=chunk["batch_id"])
             report.log_chunks = report.log_chunks[1:]
-            if not report.log_chunks:
-                break  # resending the last one would append nothing: no rewrite (an fsync) for it
             try:
                 self.save(report)  # a retry need not send this chunk again
             except OSError as exc:
                 log.error("task %s: cannot update %s: %s", report.task_id, self.path, exc)
-        if report.runtime:
-            backend.edit_task(report.task_id, {"runtime": report.runtime}, force=True)
+        last = report.log_chunks[0]
         status = TaskStatus(report.status)
-        backend.set_status(report.task_id, status, reason=report.reason, message=report.message,
-                           worker_id=report.worker_id)
+        backend.finish_task(report.task_id, status, reason=report.reason, message=report.message,
+                            worker_id=report.worker_id, runtime=report.runtime or None,
+                            log_lines=last["lines"], log_batch_id=last["batch_id"])
         self.remove(report.task_id)
         log.info("task %s: report %s delivered", report.task_id, report.status)
         return status

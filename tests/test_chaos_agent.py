@@ -7,6 +7,7 @@ line the step printed, and no step process left behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -201,6 +202,59 @@ def test_a_chunk_stored_before_the_answer_was_lost_is_not_appended_again(
     assert [c["batch_id"] for c in replayed.log_chunks] == [c["batch_id"] for c in chunks]
     assert outbox.deliver(store, replayed) == TaskStatus.completed
     assert [line.line for line in store.get_log(task.id)] == ["line 0", "line 1", "line 2", "last"]
+    assert outbox.pending() == []
+
+
+@pytest.mark.parametrize("lines", [["a", "b"], []], ids=["with lines", "without lines"])
+def test_a_final_report_stored_before_the_answer_was_lost_is_acknowledged_when_resent(
+    store: Backend, tmp_path: Path, lines: list[str]
+) -> None:
+    """The server stored the whole final report (lines, runtime, status) and died before
+    answering: the replayed entry is acknowledged, and nothing is written twice."""
+    task = store.create_task({"name": "t"})
+    store.enqueue(task.id)
+    store.claim(["default"], "chaos-lost-answer")
+    outbox = Outbox(tmp_path, "chaos-lost-answer")
+    chunks = form_chunks([{"line": line, "stream": "stdout"} for line in lines])
+    entry = make_report(task.id, "chaos-lost-answer", TaskStatus.completed, "completed", "exit 0",
+                        {"exit_code": 0, "duration_s": 0.5}, chunks)
+    outbox.save(entry)
+    (sent,) = outbox.pending()
+    (last,) = sent.log_chunks  # the call the first attempt made, stored, answer lost:
+    store.finish_task(task.id, TaskStatus.completed, reason="completed", message="exit 0",
+                      worker_id="chaos-lost-answer", runtime=sent.runtime,
+                      log_lines=last["lines"], log_batch_id=last["batch_id"])
+    (replayed,) = outbox.pending()
+    assert outbox.deliver(store, replayed) == TaskStatus.completed
+    done = store.get_task(task.id)
+    assert done.status == TaskStatus.completed and done.runtime.exit_code == 0
+    assert [h.status.value for h in done.status_history] == ["created", "queued", "in_progress", "completed"]
+    assert [line.line for line in store.get_log(task.id)] == lines
+    assert outbox.pending() == []
+
+
+def test_an_entry_written_by_the_previous_agent_version_replays(store: Backend, tmp_path: Path) -> None:
+    """Entries of the previous version (no log chunk at all, or unchunked `log_lines` of
+    an older one) are delivered: lines, runtime and status."""
+    outbox = Outbox(tmp_path, "chaos-old-entry")
+    ids = []
+    for extra in ({"log_chunks": []}, {"log_lines": [{"line": "old line", "stream": "stderr"}]}):
+        task = store.create_task({"name": "t"})
+        store.enqueue(task.id)
+        store.claim(["default"], "chaos-old-entry")
+        ids.append(task.id)
+        entry = {"task_id": task.id, "worker_id": "chaos-old-entry", "status": "failed",
+                 "reason": "exit_code", "message": "exited with code 2",
+                 "runtime": {"exit_code": 2, "duration_s": 0.1}, "written_at": time.time(), **extra}
+        (outbox.path / f"{task.id}.json").parent.mkdir(parents=True, exist_ok=True)
+        (outbox.path / f"{task.id}.json").write_text(json.dumps(entry))
+    for report in outbox.pending():
+        assert outbox.deliver(store, report) == TaskStatus.failed
+    for task_id, lines in zip(ids, [[], ["old line"]], strict=True):
+        done = store.get_task(task_id)
+        assert done.status == TaskStatus.failed and done.status_reason == "exit_code"
+        assert done.runtime.exit_code == 2 and done.runtime.duration_s == 0.1
+        assert [line.line for line in store.get_log(task_id)] == lines
     assert outbox.pending() == []
 
 
