@@ -15,7 +15,9 @@ small JSON file per task under `CONVEYOR_HOME/outbox/<worker id>/<task id>.json`
    the last chunk with its batch id, the runtime figures (merged into the task's
    runtime) and the status, as the worker that holds the task (`worker_id`). It is
    written all or nothing: a refused status change stores neither the lines nor the
-   runtime.
+   runtime; the lines are then appended alone (`append_log`, by their batch ids), so a
+   late report (the task was failed as lost meanwhile) still leaves the step's last
+   output in the log.
 
 Every report has a last chunk, empty if no line was left (`FinalReport` adds one, also
 to an entry an older agent wrote without any), so every final report carries a batch
@@ -53,7 +55,7 @@ from urllib.parse import quote
 
 from agent.output import chunk_batch
 from controller.backend import Backend
-from controller.errors import BackendUnavailableError, ConveyorError
+from controller.errors import BackendUnavailableError, ConflictError, ConveyorError
 from controller.models import TaskStatus
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,8 @@ class Outbox:
                 if not isinstance(exc, BackendUnavailableError):
                     log.warning("task %s: report %s refused, dropped: %s: %s",
                                 report.task_id, report.status, type(exc).__name__, exc)
+                    if isinstance(exc, ConflictError):  # (IllegalTransitionError is one)
+                        self._keep_lines_of_refused(backend, report)
                     self.remove(report.task_id)
                     return None
                 error = exc
@@ -189,6 +193,21 @@ class Outbox:
             while time.monotonic() < deadline and not give_up():
                 time.sleep(min(0.1, wait_s))
             wait_s = min(wait_s * 2, MAX_RETRY_S)
+
+    @staticmethod
+    def _keep_lines_of_refused(backend: Backend, report: FinalReport) -> None:
+        """A late report's status was refused (the task was failed as lost meanwhile, or
+        another run holds it): its last lines still go into the task's log, as the
+        step printed them (each chunk once, by its batch id). One attempt each."""
+        for chunk in report.log_chunks:
+            if not chunk["lines"]:
+                continue
+            try:
+                backend.append_log(report.task_id, chunk["lines"], batch_id=chunk["batch_id"])
+            except Exception as exc:  # noqa: BLE001 - the report is dropped either way
+                log.warning("task %s: cannot keep the refused report's log lines: %s: %s",
+                            report.task_id, type(exc).__name__, exc)
+                return
 
     def _send(self, backend: Backend, report: FinalReport) -> TaskStatus:
         while len(report.log_chunks) > 1:

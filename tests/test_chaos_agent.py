@@ -233,6 +233,26 @@ def test_a_final_report_stored_before_the_answer_was_lost_is_acknowledged_when_r
     assert outbox.pending() == []
 
 
+def test_a_late_report_refused_keeps_the_steps_last_lines(store: Backend, tmp_path: Path) -> None:
+    """The task was failed as lost (lease expired) before the agent's report arrived:
+    the report's status is refused, but the lines the step printed last are in the log."""
+    task = store.create_task({"name": "t"})
+    store.enqueue(task.id)
+    store.claim(["default"], "chaos-late", lease_s=1)
+    time.sleep(1.1)
+    assert task.id in store.expire_leases()
+    outbox = Outbox(tmp_path, "chaos-late")
+    chunks = form_chunks([{"line": "the last words", "stream": "stdout"}])
+    outbox.save(make_report(task.id, "chaos-late", TaskStatus.completed, "completed", "exit 0",
+                            {"exit_code": 0}, chunks))
+    (report,) = outbox.pending()
+    assert outbox.deliver(store, report) is None
+    done = store.get_task(task.id)
+    assert done.status == TaskStatus.failed and done.status_reason == "lease_expired"
+    assert "the last words" in [line.line for line in store.get_log(task.id)]
+    assert outbox.pending() == []
+
+
 def test_an_entry_written_by_the_previous_agent_version_replays(store: Backend, tmp_path: Path) -> None:
     """Entries of the previous version (no log chunk at all, or unchunked `log_lines` of
     an older one) are delivered: lines, runtime and status."""
