@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # The uv that installs into .venv (shell code): the one in it if any, else the one on PATH.
 UV := $$([ -x $(BIN)/uv ] && echo $(BIN)/uv || command -v uv)
 
-.PHONY: install install-runtime test demo bench lint clean
+.PHONY: install install-runtime bytecode test demo bench lint clean
 
 install: $(VENV)/.installed
 
@@ -27,20 +27,27 @@ $(VENV)/.installed-runtime: pyproject.toml
 	    { $(BIN)/python -m ensurepip -q && $(BIN)/python -m pip install -q uv; }; }; \
 	fi
 	@echo "installing conveyor into $(VENV) (uv pip install -e .)"
-	@$(UV) pip install -q --python $(BIN)/python pip -e .
+	@$(UV) pip install -q --compile-bytecode --python $(BIN)/python pip -e .
 	@touch $@
 
 # ... plus the test extras (pytest, numpy, pandas, scikit-learn, Playwright, ...).
 $(VENV)/.installed: $(VENV)/.installed-runtime
 	@echo "installing the test extras into $(VENV) (uv pip install -e '.[test]')"
-	@$(UV) pip install -q --python $(BIN)/python -e '.[test]'
+	@$(UV) pip install -q --compile-bytecode --python $(BIN)/python -e '.[test]'
 	@touch $@
 
-test: install
+test: install bytecode
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-demo: install-runtime
+demo: install-runtime bytecode
 	$(BIN)/python examples/demo.py
+
+# Bytecode of the project's own packages (the installs above compile the dependencies'):
+# every process that starts cold -- a step without a fork server, an agent, the CLI --
+# then loads it instead of compiling, also where the tree is read-only to it or
+# PYTHONDONTWRITEBYTECODE is set. Only changed files are compiled again.
+bytecode: install-runtime
+	@$(BIN)/python -m compileall -q controller agent
 
 bench: install
 	$(BIN)/python scripts/bench/store.py
