@@ -46,6 +46,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -227,11 +228,11 @@ def server_public_url(api_url: str | None = None) -> str:
         from controller.http_session import failure_reason
 
         info_url = api + "/api/v1/info"
-        with _http_session(info_url) as session:
-            try:
-                response = session.get(info_url, timeout=(HTTP_CONNECT_TIMEOUT_S, 30.0))
-            except requests.RequestException as exc:
-                raise StorageError(f"asking {info_url} failed: {failure_reason(exc)}") from exc
+        session = _http_session(info_url)
+        try:
+            response = session.get(info_url, timeout=(HTTP_CONNECT_TIMEOUT_S, 30.0))
+        except requests.RequestException as exc:
+            raise StorageError(f"asking {info_url} failed: {failure_reason(exc)}") from exc
         if response.status_code >= 400:
             raise _http_error("asking", info_url, response)
         _public_urls[api] = str(response.json().get("public_url") or "").rstrip("/") or api
@@ -276,11 +277,24 @@ def api_token_for(url: str) -> str | None:
     return None
 
 
+#: Sessions for transfers by (scheme, host, token), kept for the process: a step's
+#: download and upload reuse one connection instead of opening one each.
+_sessions: dict[tuple[str, str, str | None], requests.Session] = {}
+_sessions_lock = threading.Lock()
+
+
 def _http_session(url: str) -> requests.Session:
-    """A session for one transfer to or from `url` (the API client's session builder)."""
+    """The session for transfers to or from `url`'s server (the API client's session
+    builder), one per server and token in the process, shared by its threads."""
     from controller.http_session import build_session
 
-    return build_session(url, api_token_for(url), retries=HTTP_RETRIES)
+    token = api_token_for(url)
+    key = (*_origin(url), token)
+    with _sessions_lock:
+        session = _sessions.get(key)
+        if session is None:
+            session = _sessions[key] = build_session(url, token, retries=HTTP_RETRIES)
+    return session
 
 
 def _http_error(what: str, url: str, response: requests.Response) -> StorageError:
@@ -372,7 +386,8 @@ def _put_http(source: Path, url: str, size: int, digest: str) -> None:
         "Content-Type": "application/octet-stream",
         "Content-Length": str(size),
     }
-    with _http_session(url) as session, open(source, "rb") as body:
+    session = _http_session(url)
+    with open(source, "rb") as body:
         try:
             response = session.put(
                 url, data=body, headers=headers,
@@ -450,22 +465,22 @@ def _fetch(url: str, out: BinaryIO) -> str:
 
         from controller.http_session import failure_reason
 
-        with _http_session(url) as session:
-            try:
-                response = session.get(
-                    url, stream=True,
-                    timeout=(HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S),
-                )
-                with response:
-                    if response.status_code == 404:
-                        raise FileNotFoundError(f"no such file: {url} (HTTP 404)")
-                    if response.status_code >= 400:
-                        raise _http_error("download of", url, response)
-                    for chunk in response.iter_content(CHUNK_BYTES):
-                        digest.update(chunk)
-                        out.write(chunk)
-            except requests.RequestException as exc:
-                raise StorageError(f"download of {url} failed: {failure_reason(exc)}") from exc
+        session = _http_session(url)
+        try:
+            response = session.get(
+                url, stream=True,
+                timeout=(HTTP_CONNECT_TIMEOUT_S, HTTP_READ_TIMEOUT_S),
+            )
+            with response:
+                if response.status_code == 404:
+                    raise FileNotFoundError(f"no such file: {url} (HTTP 404)")
+                if response.status_code >= 400:
+                    raise _http_error("download of", url, response)
+                for chunk in response.iter_content(CHUNK_BYTES):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except requests.RequestException as exc:
+            raise StorageError(f"download of {url} failed: {failure_reason(exc)}") from exc
         return digest.hexdigest()
     try:
         with _fsspec_open(url, "rb") as src:
