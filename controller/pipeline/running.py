@@ -99,9 +99,10 @@ log = logging.getLogger("conveyor.pipeline")
 MAX_WAIT_S = 1.0
 #: Wait while launches are in flight (their tasks join the watch list when done).
 LAUNCHING_WAIT_S = 0.01
-#: A step that started running is shown so in the recorded state at most this much
-#: later (at once with any other change): a short step costs no state write of its own.
-STATE_RUNNING_DELAY_S = 0.5
+#: A step's move to queued or running is shown in the recorded state at most this much
+#: later (at once with any other change): a short step costs no state write of its own
+#: (its launch recorded its task before enqueuing it; a resume follows it from there).
+STATE_PROGRESS_DELAY_S = 0.5
 LAUNCH_THREADS = 8
 CACHE_TAG_PREFIX = "cache:"
 #: During an outage of the control plane, how often a waiting call says so in the log.
@@ -563,12 +564,12 @@ class PipelineRunner:
                 self._apply_task_status(node, record)
 
     def _running_change_due(self) -> float | None:
-        """Seconds until a started step must be written to the recorded state (0: now);
-        None when no such change waits."""
+        """Seconds until a step's move to queued or running must be written to the
+        recorded state (0: now); None when no such change waits."""
         since = self.pipe._state_behind_since
         if since is None:
             return None
-        return max(0.0, since + STATE_RUNNING_DELAY_S - time.monotonic())
+        return max(0.0, since + STATE_PROGRESS_DELAY_S - time.monotonic())
 
     def _task_status_of(self, node: Node) -> str:
         if node.status == QUEUED:
@@ -890,7 +891,7 @@ class PipelineRunner:
             with self.pipe._node_finished:
                 self.pipe._node_finished.notify_all()
         log.info("step %s: %s%s", node.name, status, f" ({message})" if message else "")
-        if status == RUNNING:  # shown within STATE_RUNNING_DELAY_S, or with the next other change
+        if status in (QUEUED, RUNNING):  # shown within STATE_PROGRESS_DELAY_S, or with the next other change
             if self.pipe._state_behind_since is None:
                 self.pipe._state_behind_since = time.monotonic()
         else:

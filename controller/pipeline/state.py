@@ -142,8 +142,8 @@ class PipelineStateMixin:
     #: it waits, see `PipelineRunner`), or a write that failed while the control plane
     #: was unreachable.
     _state_unsaved = False
-    #: When a step was seen running and the recorded state does not show it yet (the
-    #: loop writes it STATE_RUNNING_DELAY_S later, or with the next other change).
+    #: Since when a step's move to queued or running is not in the recorded state yet
+    #: (the loop writes it STATE_PROGRESS_DELAY_S later, or with the next other change).
     _state_behind_since: float | None = None
     #: This resume, as recorded in runtime.pipeline["resumes"] (see `_restore_recorded_run`).
     _this_resume: tuple[dict[str, Any], ...] = ()
