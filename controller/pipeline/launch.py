@@ -81,11 +81,12 @@ class Resolver:
         self._records: dict[str, dict[str, Any]] = {}
 
     def task_json(self, task_id: str, *, with_history: bool = False) -> dict[str, Any]:
-        """A task's record (json mode), read from the store once per resolver."""
-        if with_history and task_id in self._records and not self._records[task_id].get("status_history"):
-            del self._records[task_id]  # a known record: no history in it
+        """A task's record (json mode): a known record, else read from the store once
+        per resolver; `with_history` always reads the store (known records have none)."""
+        if with_history:
+            return self.backend.get_task(task_id).model_dump(mode="json")
         if task_id not in self._records:
-            known = None if with_history else self.known_records.get(task_id)
+            known = self.known_records.get(task_id)
             record = known if known is not None else self.backend.get_task(task_id)
             self._records[task_id] = record.model_dump(mode="json")
         return self._records[task_id]

@@ -470,7 +470,7 @@ class PipelineRunner:
                 self._launch_ready()
                 if self._finished():
                     break
-                if not self._in_flight and (pipe._state_unsaved or self._running_change_due() == 0):
+                if not self._in_flight and (pipe._state_unsaved or self._progress_write_due() == 0):
                     pipe._record_state()  # (a launch records the state itself)
                 self._wait_and_apply(deadline)
         finally:
@@ -520,7 +520,7 @@ class PipelineRunner:
         if self.pipe._task_id:
             known[self.pipe._task_id] = TaskStatus.in_progress.value
         wait_s = LAUNCHING_WAIT_S if self._in_flight else MAX_WAIT_S
-        due_s = self._running_change_due()
+        due_s = self._progress_write_due()
         if due_s is not None and not self._in_flight:  # (a launch writes the state itself)
             wait_s = min(wait_s, due_s)
         if deadline is not None:
@@ -563,7 +563,7 @@ class PipelineRunner:
             if node is not None:
                 self._apply_task_status(node, record)
 
-    def _running_change_due(self) -> float | None:
+    def _progress_write_due(self) -> float | None:
         """Seconds until a step's move to queued or running must be written to the
         recorded state (0: now); None when no such change waits."""
         since = self.pipe._state_behind_since
